@@ -1,0 +1,45 @@
+"""The application builder `serve run configs/serve.yaml` imports: `serve_app.app:build_app`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray import serve
+
+from serve_app.deployments.detector import Detector
+from serve_app.deployments.segmenter import Segmenter
+from serve_app.ingress.app import Ingress
+from serve_app.settings import Settings
+
+logger = logging.getLogger("ray.serve")
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def use_gpus(settings: Settings) -> bool:
+    """`auto` means GPU fractions when the cluster has GPUs now; autoscaling clusters that start with
+    no GPU node should say ACCELERATOR=gpu so replicas ask for GPUs and the autoscaler adds them."""
+    if settings.accelerator == "auto":
+        return cluster_has_gpus()
+    return settings.accelerator == "gpu"
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    settings = Settings.load(args)
+    gpus = use_gpus(settings)
+    logger.info("building grounded-serve: %s GPUs, settings %s", "with" if gpus else "without", settings.to_dict())
+
+    detector = Detector.options(ray_actor_options={
+        "num_cpus": settings.detector_cpus, "num_gpus": settings.detector_gpus if gpus else 0,
+    }).bind(settings.grounding_dino_model, settings.device)
+    segmenter = None
+    if settings.sam_enabled:
+        segmenter = Segmenter.options(ray_actor_options={
+            "num_cpus": settings.segmenter_cpus, "num_gpus": settings.segmenter_gpus if gpus else 0,
+        }).bind(settings.segmenter_checkpoint, settings.segmenter_model_type, settings.device)
+    return Ingress.bind(settings.to_dict(), detector, segmenter)

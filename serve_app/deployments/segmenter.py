@@ -1,0 +1,38 @@
+"""Ray Serve deployment around SamSegmenter: one image-encoder pass per batch of images."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ray import serve
+from ray.serve.metrics import Histogram
+
+from serve_app.deployments.batching import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, BatchConfig, \
+    apply_batch_config
+from serve_app.deployments.detector import BATCH_BOUNDARIES
+from serve_app.models.device import set_cpu_threads
+from serve_app.models.segmenter import Masks, SamSegmenter, SegmentationRequest
+
+
+@serve.deployment(name="Segmenter", max_ongoing_requests=16)
+class Segmenter:
+    def __init__(self, checkpoint: str, model_type: str = "auto", device: str = "auto"):
+        self.model = SamSegmenter.load(checkpoint, model_type, device)
+        self.batch_size_histogram = Histogram(
+            "grounded_serve_segmenter_batch_size", description="Images per SAM image-encoder pass",
+            boundaries=BATCH_BOUNDARIES)
+
+    def reconfigure(self, user_config: dict) -> None:
+        config = BatchConfig.from_user_config(user_config)
+        apply_batch_config(self.segment, config)
+        self.model.encoder_batch_size = config.max_batch_size
+        set_cpu_threads(config.torch_threads)
+
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
+    async def segment(self, requests: list[SegmentationRequest]) -> list[tuple[Masks, int]]:
+        self.batch_size_histogram.observe(len(requests))
+        results = await asyncio.to_thread(self.model.segment, requests)
+        return [(result, len(requests)) for result in results]
+
+    def ready(self) -> bool:
+        return True

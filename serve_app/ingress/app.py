@@ -1,0 +1,266 @@
+"""The ingress deployment: Label Studio's ML backend HTTP API over the model deployments."""
+
+# FastAPI must see real annotations (Request) on the ingress methods: no postponed evaluation.
+
+import asyncio
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.ingress.errors import BadRequest
+from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy, decode_image
+from serve_app.ingress.label_config import THRESHOLD_NUMBERS, ProjectConfig, parse_label_config
+from serve_app.ingress.metrics import ServiceMetrics
+from serve_app.ingress.prompts import Prompt, parse_prompt, prompt_from_labels, prompt_text_from_context
+from serve_app.ingress.results import build_prediction, empty_prediction
+from serve_app.models.grounding_dino import DetectionRequest
+from serve_app.models.segmenter import SegmentationRequest
+from serve_app.settings import Settings
+
+logger = logging.getLogger("ray.serve")
+
+MODEL_CLASS = "GroundedSam"
+READINESS_POLL_S = 2.0
+
+api = FastAPI(title="grounded-serve", description="Label Studio ML backend: Grounding DINO + SAM on Ray Serve")
+
+
+def model_version_for(settings: Settings) -> str:
+    """Stable name of the models: Label Studio skips tasks that have a prediction of this version."""
+    if settings.model_version:
+        return settings.model_version
+    dino = os.path.basename(settings.grounding_dino_model.rstrip("/")) or settings.grounding_dino_model
+    version = f"grounded-serve:{dino}"
+    if settings.sam_enabled:
+        checkpoint = os.path.splitext(os.path.basename(settings.segmenter_checkpoint))[0]
+        version += f"+{'mobile_sam' if settings.use_mobile_sam else 'sam'}:{checkpoint}"
+    return version
+
+
+def _threshold(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise BadRequest(f"{name} must be a number between 0 and 1, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise BadRequest(f"{name} must be a number between 0 and 1, got {value!r}") from None
+    if not 0.0 <= number <= 1.0:
+        raise BadRequest(f"{name} must be between 0 and 1, got {number}")
+    return number
+
+
+def resolve_thresholds(settings: Settings, config: ProjectConfig, context: Any) -> dict[str, float]:
+    """Environment defaults < the config's Number tags' defaultValue < numbers sent in the context."""
+    thresholds = {"box_threshold": settings.box_threshold, "text_threshold": settings.text_threshold}
+    thresholds.update(config.thresholds)
+    results = context.get("result") if isinstance(context, dict) else None
+    for item in results if isinstance(results, list) else []:
+        if isinstance(item, dict) and item.get("type") == "number" and item.get("from_name") in THRESHOLD_NUMBERS:
+            value = (item.get("value") or {}).get("number")
+            thresholds[item["from_name"]] = _threshold(value, item["from_name"])
+    return thresholds
+
+
+def _json_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"status": "error", "error": message}, status_code=status)
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=64)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, settings: dict, detector: DeploymentHandle, segmenter: DeploymentHandle | None = None):
+        self.settings = Settings(**settings)
+        self.detector = detector
+        self.segmenter = segmenter
+        self.model_version = model_version_for(self.settings)
+        self.metrics = ServiceMetrics()
+        self._setup_hostname = ""
+        self._setup_token = ""
+        self.fetcher = self._make_fetcher()
+        self.models_ready = {"detector": False, **({"segmenter": False} if segmenter else {})}
+        self._readiness_task = asyncio.get_event_loop().create_task(self._watch_readiness())
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _make_fetcher(self) -> ImageFetcher:
+        s = self.settings
+        # Secrets come from the replica's environment, never from Serve config args.
+        token = os.environ.get("LABEL_STUDIO_API_KEY") or os.environ.get("LABEL_STUDIO_ACCESS_TOKEN") or ""
+        policy = ImageSourcePolicy(
+            max_bytes=s.max_download_bytes, timeout_s=s.download_timeout_s, max_pixels=s.max_image_pixels,
+            label_studio_url=s.label_studio_url or self._setup_hostname,
+            label_studio_token=token or self._setup_token,
+            host_allowlist=frozenset(h.strip().lower() for h in s.image_host_allowlist.split(",") if h.strip()),
+        )
+        return ImageFetcher(policy)
+
+    async def _watch_readiness(self) -> None:
+        """Health must answer within Label Studio's 1 s even while model replicas load, so poll here."""
+        handles = {"detector": self.detector, "segmenter": self.segmenter}
+        while not all(self.models_ready.values()):
+            for name in self.models_ready:
+                if not self.models_ready[name]:
+                    try:
+                        self.models_ready[name] = await handles[name].ready.remote()
+                    except Exception:  # noqa: BLE001 - still starting
+                        pass
+            await asyncio.sleep(READINESS_POLL_S)
+
+    @staticmethod
+    async def _read_json(request: Request) -> Any:
+        body = await request.body()
+        if not body:
+            raise BadRequest("the request body is empty; expected JSON")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+
+    # -- routes ---------------------------------------------------------------------------------
+
+    @api.get("/")
+    @api.get("/health")
+    async def health(self) -> dict[str, Any]:
+        return {"status": "UP", "model_class": MODEL_CLASS, "model_version": self.model_version,
+                "models_ready": dict(self.models_ready)}
+
+    @api.post("/setup")
+    async def setup(self, request: Request) -> JSONResponse:
+        try:
+            body = await self._read_json(request)
+            if not isinstance(body, dict):
+                raise BadRequest("the /setup body must be a JSON object")
+            if body.get("schema"):
+                parse_label_config(body["schema"])  # a config we cannot serve fails at connect time
+            hostname, token = body.get("hostname") or "", body.get("access_token") or ""
+            if (hostname, token) != (self._setup_hostname, self._setup_token) and isinstance(hostname, str):
+                self._setup_hostname, self._setup_token = hostname, str(token)
+                old, self.fetcher = self.fetcher, self._make_fetcher()
+                asyncio.get_running_loop().create_task(old.aclose())
+        except BadRequest as exc:
+            logger.warning("/setup refused: %s", exc)
+            return _json_error(exc.status_code, exc.message)
+        return JSONResponse({"model_version": self.model_version})
+
+    @api.post("/webhook")
+    async def webhook(self, request: Request) -> JSONResponse:
+        try:
+            body = await self._read_json(request)
+        except BadRequest as exc:
+            return _json_error(exc.status_code, exc.message)
+        action = body.get("action") if isinstance(body, dict) else None
+        self.metrics.count(f"webhook_{action or 'unknown'}")
+        return JSONResponse({"status": "ok", "action": action, "trained": False,
+                             "message": "zero-shot models: events are acknowledged, nothing is trained"})
+
+    @api.get("/metrics")
+    async def get_metrics(self) -> dict[str, Any]:
+        return {"model_version": self.model_version, "models_ready": dict(self.models_ready),
+                **self.metrics.snapshot()}
+
+    @api.post("/predict")
+    async def predict(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        self.metrics.count("predict_requests")
+        try:
+            body = await self._read_json(request)
+            response = await self._predict(body)
+        except BadRequest as exc:
+            self.metrics.count("predict_request_errors")
+            logger.warning("/predict refused (%d): %s", exc.status_code, exc)
+            return _json_error(exc.status_code, exc.message)
+        finally:
+            self.metrics.observe_latency("predict", time.perf_counter() - started)
+        return JSONResponse(response)
+
+    # -- prediction -----------------------------------------------------------------------------
+
+    async def _predict(self, body: Any) -> dict[str, Any]:
+        s = self.settings
+        if not isinstance(body, dict):
+            raise BadRequest("the /predict body must be a JSON object")
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise BadRequest("'tasks' must be a list of Label Studio tasks")
+        if not tasks:
+            raise BadRequest("'tasks' is empty")
+        if len(tasks) > s.max_tasks_per_request:
+            raise BadRequest(f"{len(tasks)} tasks in one request; the limit is {s.max_tasks_per_request} "
+                             "(MAX_TASKS_PER_REQUEST)", status_code=413)
+        config = parse_label_config(body.get("label_config"))
+        params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        context = params.get("context")
+        text = prompt_text_from_context(context, config)
+        if text is None:
+            prompt = prompt_from_labels(config, s.max_phrases)
+        else:
+            prompt = parse_prompt(text, config, s.max_prompt_chars, s.max_phrases)
+        thresholds = resolve_thresholds(s, config, context)
+        for warning in prompt.warnings:
+            logger.info("prompt: %s", warning)
+
+        limit = asyncio.Semaphore(s.task_concurrency)
+
+        async def bounded(task: Any) -> dict[str, Any]:
+            async with limit:
+                return await self._predict_task(task, config, prompt, thresholds)
+
+        results = await asyncio.gather(*(bounded(task) for task in tasks))
+        self.metrics.count("predict_tasks", len(tasks))
+        response: dict[str, Any] = {"results": list(results), "model_version": self.model_version}
+        if prompt.warnings:
+            response["warnings"] = list(prompt.warnings)
+        return response
+
+    async def _predict_task(self, task: Any, config: ProjectConfig, prompt: Prompt,
+                            thresholds: dict[str, float]) -> dict[str, Any]:
+        task_id = task.get("id") if isinstance(task, dict) else None
+        try:
+            return await asyncio.wait_for(self._run_task(task, config, prompt, thresholds),
+                                          timeout=self.settings.task_timeout_s)
+        except BadRequest as exc:
+            self.metrics.count("task_errors")
+            logger.warning("task %s: %s", task_id, exc)
+        except asyncio.TimeoutError:
+            self.metrics.count("task_errors")
+            logger.error("task %s: no result within %g s (TASK_TIMEOUT_S)", task_id, self.settings.task_timeout_s)
+        except Exception:  # noqa: BLE001 - one broken task must not lose the others
+            self.metrics.count("task_errors")
+            logger.exception("task %s failed", task_id)
+        return empty_prediction(self.model_version)
+
+    async def _run_task(self, task: Any, config: ProjectConfig, prompt: Prompt,
+                        thresholds: dict[str, float]) -> dict[str, Any]:
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise BadRequest("the task has no 'data' object")
+        url = task["data"].get(config.image_key)
+        if url is None:
+            raise BadRequest(f"the task's data has no {config.image_key!r} key (from the Image tag's value)")
+        resolved = self.fetcher.resolve(url, self._setup_hostname)
+        data = await self.fetcher.fetch(resolved)
+        image = await asyncio.to_thread(decode_image, data, self.settings.max_image_pixels)
+        if not prompt.phrases:
+            return build_prediction(config, prompt.phrases, [], [], [], None, image.width, image.height,
+                                    self.model_version)
+
+        detections, batch_size = await self.detector.detect.remote(DetectionRequest(
+            image=image.pixels, phrases=[p.text for p in prompt.phrases],
+            box_threshold=thresholds["box_threshold"], text_threshold=thresholds["text_threshold"],
+            max_detections=self.settings.max_detections))
+        self.metrics.observe_batch("Detector", batch_size)
+
+        masks = None
+        if self.segmenter is not None and config.masks is not None and len(detections):
+            segmented, batch_size = await self.segmenter.segment.remote(
+                SegmentationRequest(image=image.pixels, boxes=detections.boxes))
+            self.metrics.observe_batch("Segmenter", batch_size)
+            masks = segmented.masks
+        return build_prediction(config, prompt.phrases, detections.boxes, detections.scores, detections.phrase_ids,
+                                masks, image.width, image.height, self.model_version)

@@ -1,0 +1,205 @@
+"""Fetching and decoding task images, with every cost bounded.
+
+Sources: `data:` URLs, http(s) URLs, and Label Studio relative URLs (`/data/...`) resolved
+against the Label Studio host. Never local files. Hosts that resolve to loopback, private,
+link-local or metadata addresses are refused unless they are the Label Studio host or listed
+in IMAGE_HOST_ALLOWLIST; the check is repeated for every redirect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import ipaddress
+import logging
+import socket
+import warnings
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes, urljoin, urlsplit
+
+import httpx
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from serve_app.ingress.errors import ImageError
+
+logger = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 3
+
+
+@dataclass(frozen=True)
+class ImageSourcePolicy:
+    max_bytes: int
+    timeout_s: float
+    max_pixels: int
+    label_studio_url: str = ""  # base for relative URLs; its host is always allowed
+    label_studio_token: str = ""  # sent only to the Label Studio host
+    host_allowlist: frozenset[str] = frozenset()  # host names or host:port allowed even if private
+
+
+@dataclass
+class LoadedImage:
+    pixels: np.ndarray  # H x W x 3 uint8 RGB, EXIF orientation applied
+    width: int
+    height: int
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return (parts.hostname or "").lower(), port
+
+
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+class ImageFetcher:
+    def __init__(self, policy: ImageSourcePolicy, client: httpx.AsyncClient | None = None):
+        self.policy = policy
+        self._client = client or httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        self._ls_host = _host_port(policy.label_studio_url) if policy.label_studio_url else None
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _allowed_without_ip_check(self, url: str) -> bool:
+        host, port = _host_port(url)
+        allow = self.policy.host_allowlist
+        return (host, port) == self._ls_host or host in allow or f"{host}:{port}" in allow
+
+    async def _check_host(self, url: str) -> None:
+        if self._allowed_without_ip_check(url):
+            return
+        host, port = _host_port(url)
+        if not host:
+            raise ImageError(f"image URL has no host: {url[:200]}")
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ImageError(f"cannot resolve image host {host!r}: {exc}") from None
+        blocked = sorted({info[4][0] for info in infos if not _is_public(info[4][0])})
+        if blocked:
+            raise ImageError(
+                f"image host {host!r} resolves to a non-public address ({', '.join(blocked)}); "
+                "add it to IMAGE_HOST_ALLOWLIST to allow it", status_code=403)
+
+    def resolve(self, url: str, label_studio_url: str = "") -> str:
+        if not isinstance(url, str) or not url.strip():
+            raise ImageError("the task has no image URL")
+        url = url.strip()
+        scheme = urlsplit(url).scheme.lower()
+        if scheme in ("http", "https", "data"):
+            return url
+        if not scheme and url.startswith("/"):
+            base = self.policy.label_studio_url or label_studio_url
+            if not base:
+                raise ImageError(f"{url[:200]} is relative to Label Studio; set LABEL_STUDIO_URL to fetch it")
+            return urljoin(base.rstrip("/") + "/", url.lstrip("/"))
+        raise ImageError(f"unsupported image URL scheme {scheme or 'none'!r}: only http, https and data URLs "
+                         "and Label Studio /data/ paths are fetched")
+
+    async def fetch(self, url: str) -> bytes:
+        if url.startswith("data:"):
+            return self._decode_data_url(url)
+        try:
+            return await asyncio.wait_for(self._download(url), timeout=self.policy.timeout_s)
+        except asyncio.TimeoutError:
+            raise ImageError(f"downloading {url[:200]} took longer than {self.policy.timeout_s:g} s "
+                             "(DOWNLOAD_TIMEOUT_S)", status_code=504) from None
+        except httpx.HTTPError as exc:
+            raise ImageError(f"cannot download {url[:200]}: {exc.__class__.__name__}: {exc}", status_code=502) from None
+
+    async def _download(self, url: str) -> bytes:
+        for _ in range(MAX_REDIRECTS + 1):
+            await self._check_host(url)
+            headers = {}
+            if self.policy.label_studio_token and self._ls_host and _host_port(url) == self._ls_host:
+                headers["Authorization"] = f"Token {self.policy.label_studio_token}"
+            async with self._client.stream("GET", url, headers=headers) as response:
+                if response.is_redirect:
+                    url = urljoin(url, response.headers.get("location", ""))
+                    if urlsplit(url).scheme not in ("http", "https"):
+                        raise ImageError("image redirect to a non-http URL refused", status_code=403)
+                    continue
+                if response.status_code != 200:
+                    raise ImageError(f"image URL answered HTTP {response.status_code}: {url[:200]}",
+                                     status_code=502 if response.status_code >= 500 else 422)
+                declared = response.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > self.policy.max_bytes:
+                    raise ImageError(self._too_big(int(declared)), status_code=413)
+                chunks, size = [], 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > self.policy.max_bytes:
+                        raise ImageError(self._too_big(size), status_code=413)
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        raise ImageError(f"more than {MAX_REDIRECTS} redirects for {url[:200]}")
+
+    def _too_big(self, size: int) -> str:
+        return f"image is larger than {self.policy.max_bytes} bytes ({size}+; MAX_DOWNLOAD_BYTES)"
+
+    def _decode_data_url(self, url: str) -> bytes:
+        header, sep, payload = url.partition(",")
+        if not sep:
+            raise ImageError("malformed data URL: no ',' separator")
+        # base64 inflates by 4/3: refuse before decoding anything large
+        if len(payload) > self.policy.max_bytes * 4 // 3 + 4:
+            raise ImageError(self._too_big(len(payload) * 3 // 4), status_code=413)
+        if header.endswith(";base64"):
+            try:
+                return base64.b64decode(payload, validate=False)
+            except (binascii.Error, ValueError) as exc:
+                raise ImageError(f"malformed base64 in data URL: {exc}") from None
+        return unquote_to_bytes(payload)
+
+
+def decode_image(data: bytes, max_pixels: int) -> LoadedImage:
+    """Decode to RGB uint8 with EXIF orientation applied, refusing oversized images before decoding."""
+    if not data:
+        raise ImageError("the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
+                                 "(MAX_IMAGE_PIXELS)", status_code=413)
+            image.seek(0)  # first frame of animations
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            pixels = _to_rgb(image)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"not a decodable image: {exc}") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt files
+        raise ImageError(f"cannot decode the image: {exc}") from None
+    return LoadedImage(pixels=pixels, width=pixels.shape[1], height=pixels.shape[0])
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grey: scale to 8 bits instead of clipping (PIL's convert clips at 255)
+        grey = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or grey.max() > 255 else 255.0
+        grey = np.clip(grey / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if image.mode == "F":
+        grey = np.asarray(image, dtype=np.float64)
+        span = float(grey.max() - grey.min()) or 1.0
+        grey = ((grey - grey.min()) / span * 255.0 + 0.5).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8).copy()

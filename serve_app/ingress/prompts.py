@@ -1,0 +1,101 @@
+"""From Label Studio's prompt box (or the config's labels) to phrases with labels.
+
+Syntax, as in the prompt box of Label Studio's Grounding DINO example: phrases separated by
+".", each optionally suffixed "_<label>". "brown cat_cats. house" looks for "brown cat" and
+labels it `cats`, and looks for "house" and labels it `house`.
+
+Rule for phrases without a suffix: the phrase must equal (case-insensitively) a label value or
+one of a label's `predicted_values`. If it matches nothing and the config has exactly one label,
+that label is used; otherwise the phrase is dropped and named in the response's `warnings`,
+because Label Studio rejects labels its config lacks. A suffix that names no label is dropped
+the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from serve_app.ingress.errors import BadRequest
+from serve_app.ingress.label_config import ProjectConfig
+
+
+@dataclass(frozen=True)
+class Phrase:
+    text: str  # what the detector looks for
+    label: str  # the config's label value results carry
+
+
+@dataclass(frozen=True)
+class Prompt:
+    phrases: tuple[Phrase, ...]
+    source: str  # "prompt" when typed by a user, "labels" when built from the config
+    warnings: tuple[str, ...] = ()
+
+
+def prompt_text_from_context(context: Any, config: ProjectConfig) -> str | None:
+    """The TextArea text in `params.context.result`, or None when there is no TextArea result."""
+    if not isinstance(context, dict):
+        return None
+    results = context.get("result")
+    if not isinstance(results, list):
+        return None
+    texts, found = [], False
+    for item in results:
+        if not isinstance(item, dict) or item.get("type") != "textarea":
+            continue
+        if config.prompt_name and item.get("from_name") not in (None, config.prompt_name):
+            continue
+        found = True
+        value = item.get("value") or {}
+        text = value.get("text") if isinstance(value, dict) else None
+        if isinstance(text, str):
+            texts.append(text)
+        elif isinstance(text, list):
+            texts.extend(t for t in text if isinstance(t, str))
+        else:
+            raise BadRequest("the prompt result's value.text must be a string or a list of strings")
+    return ". ".join(texts) if found else None
+
+
+def parse_prompt(text: str, config: ProjectConfig, max_chars: int, max_phrases: int) -> Prompt:
+    if len(text) > max_chars:
+        raise BadRequest(f"the prompt has {len(text)} characters; the limit is {max_chars} (MAX_PROMPT_CHARS)")
+    parts = [p.strip() for p in text.replace("\n", ".").split(".")]
+    parts = [p for p in parts if p]
+    if not parts:
+        raise BadRequest("the prompt is empty: type phrases separated by '.', e.g. 'brown cat_cats. house'")
+
+    phrases: dict[Phrase, None] = {}
+    warnings = []
+    only_label = config.labels[0] if len(config.labels) == 1 else None
+    for part in parts:
+        words, label = part, None
+        if "_" in part:
+            words, suffix = (s.strip() for s in part.rsplit("_", 1))
+            label = config.aliases.get(suffix.lower())
+            if label is None:
+                warnings.append(f"{part!r}: no label {suffix!r} in the labeling config "
+                                f"(labels: {', '.join(config.labels)})")
+                continue
+        else:
+            label = config.aliases.get(part.lower(), only_label)
+            if label is None:
+                warnings.append(f"{part!r} matches no label; add a suffix such as '{part}_{config.labels[0]}' "
+                                f"(labels: {', '.join(config.labels)})")
+                continue
+        if words:
+            phrases[Phrase(words.lower(), label)] = None
+    if len(phrases) > max_phrases:
+        raise BadRequest(f"the prompt has {len(phrases)} phrases; the limit is {max_phrases} (MAX_PHRASES)")
+    return Prompt(tuple(phrases), "prompt", tuple(warnings))
+
+
+def prompt_from_labels(config: ProjectConfig, max_phrases: int) -> Prompt:
+    """Batch "Retrieve predictions" sends no prompt: look for every label and predicted value."""
+    phrases = tuple(Phrase(alias, label) for alias, label in config.aliases.items())
+    warnings = ()
+    if len(phrases) > max_phrases:
+        warnings = (f"the config has {len(phrases)} labels and predicted values; only the first "
+                    f"{max_phrases} are searched (MAX_PHRASES)",)
+    return Prompt(phrases[:max_phrases], "labels", warnings)

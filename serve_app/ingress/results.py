@@ -1,0 +1,70 @@
+"""Detections and masks to Label Studio prediction results."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import numpy as np
+
+from serve_app.ingress.label_config import ProjectConfig
+from serve_app.ingress.prompts import Phrase
+from serve_app.ingress.rle import mask_to_rle
+
+
+def _region_id() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def empty_prediction(model_version: str) -> dict[str, Any]:
+    return {"result": [], "score": 0.0, "model_version": model_version}
+
+
+def build_prediction(
+    config: ProjectConfig,
+    phrases: tuple[Phrase, ...],
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    phrase_ids: np.ndarray,
+    masks: np.ndarray | None,
+    width: int,
+    height: int,
+    model_version: str,
+) -> dict[str, Any]:
+    """One prediction: a rectangle per detection and, when masks are given, a brush region per detection.
+
+    Each kind is emitted only for labels its control declares and scores at or above the
+    control's `model_score_threshold`.
+    """
+    results: list[dict[str, Any]] = []
+    kept_scores: list[float] = []
+    common = {"original_width": int(width), "original_height": int(height), "image_rotation": 0}
+    for i, (box, score, phrase_id) in enumerate(zip(boxes, scores, phrase_ids)):
+        label = phrases[int(phrase_id)].label
+        score = float(score)
+        box_control, mask_control = config.boxes, config.masks
+        if box_control and label in box_control.labels and score >= (box_control.score_threshold or 0.0):
+            x0, y0, x1, y1 = (float(v) for v in box)
+            results.append({
+                "id": _region_id(), "from_name": box_control.name, "to_name": box_control.to_name,
+                "type": "rectanglelabels", "score": score, **common,
+                "value": {
+                    "x": 100.0 * x0 / width, "y": 100.0 * y0 / height,
+                    "width": 100.0 * (x1 - x0) / width, "height": 100.0 * (y1 - y0) / height,
+                    "rotation": 0, "rectanglelabels": [label],
+                },
+            })
+            kept_scores.append(score)
+        if (masks is not None and mask_control and label in mask_control.labels
+                and score >= (mask_control.score_threshold or 0.0)):
+            results.append({
+                "id": _region_id(), "from_name": mask_control.name, "to_name": mask_control.to_name,
+                "type": "brushlabels", "score": score, **common,
+                "value": {"format": "rle", "rle": mask_to_rle(masks[i]), "brushlabels": [label]},
+            })
+            kept_scores.append(score)
+    return {
+        "result": results,
+        "score": float(np.mean(kept_scores)) if kept_scores else 0.0,
+        "model_version": model_version,
+    }

@@ -1,0 +1,142 @@
+"""Every setting of the service, read once from the environment and the Serve config's `args`.
+
+Precedence: a non-null value in `configs/serve.yaml` `applications[].args` wins over the
+environment, which wins over the defaults here. Values are validated at start-up so a typo
+fails `serve run` with a clear message instead of failing requests later.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from serve_app.models.grounding_dino import DEFAULT_MODEL_ID
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+# Names the Label Studio ML backend examples use for the same setting.
+_ENV_ALIASES = {"label_studio_url": ("LABEL_STUDIO_HOST",)}
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Models
+    grounding_dino_model: str = DEFAULT_MODEL_ID  # GROUNDING_DINO_MODEL: hub id or local directory
+    use_sam: bool = False  # USE_SAM: add brush masks from SAM
+    use_mobile_sam: bool = False  # USE_MOBILE_SAM: use MobileSAM (vit_t) instead of SAM
+    sam_checkpoint: str = "sam_vit_h_4b8939.pth"  # SAM_CHECKPOINT
+    mobilesam_checkpoint: str = "mobile_sam.pt"  # MOBILESAM_CHECKPOINT
+    sam_model_type: str = "auto"  # SAM_MODEL_TYPE: vit_h, vit_l, vit_b, tiny or auto (from the checkpoint)
+    device: str = "auto"  # DEVICE: auto (cuda if the replica has a GPU), cpu, cuda
+    model_version: str = ""  # MODEL_VERSION: overrides the version derived from the model names
+    # Resources: set here rather than in ray_actor_options so one config runs on CPU-only and GPU clusters
+    accelerator: str = "auto"  # ACCELERATOR: auto (GPU fractions if the cluster has GPUs at deploy time), gpu, cpu
+    detector_cpus: float = 0.5  # DETECTOR_CPUS: logical CPUs per detector replica
+    detector_gpus: float = 0.5  # DETECTOR_GPUS: GPU fraction per detector replica, when GPUs are used
+    segmenter_cpus: float = 0.4  # SEGMENTER_CPUS
+    segmenter_gpus: float = 0.5  # SEGMENTER_GPUS
+    # Image sources
+    label_studio_url: str = ""  # LABEL_STUDIO_URL (or LABEL_STUDIO_HOST): base for /data/... task URLs
+    image_host_allowlist: str = ""  # IMAGE_HOST_ALLOWLIST: comma-separated hosts (or host:port) that may be private
+    # Detection defaults; a project can override them in its label config
+    box_threshold: float = 0.30  # BOX_THRESHOLD
+    text_threshold: float = 0.25  # TEXT_THRESHOLD
+    # Bounds on the work one request can cause
+    max_tasks_per_request: int = 10_000  # MAX_TASKS_PER_REQUEST
+    task_concurrency: int = 32  # TASK_CONCURRENCY: tasks of one request in flight at once
+    max_detections: int = 50  # MAX_DETECTIONS: boxes kept per task
+    max_prompt_chars: int = 2_000  # MAX_PROMPT_CHARS
+    max_phrases: int = 32  # MAX_PHRASES: phrases per prompt
+    max_image_pixels: int = 40_000_000  # MAX_IMAGE_PIXELS: width x height after decoding
+    max_download_bytes: int = 50 * 1024 * 1024  # MAX_DOWNLOAD_BYTES
+    download_timeout_s: float = 20.0  # DOWNLOAD_TIMEOUT_S: whole download, connect included
+    task_timeout_s: float = 90.0  # TASK_TIMEOUT_S: one task end to end (Label Studio gives /predict 100 s)
+
+    @property
+    def sam_enabled(self) -> bool:
+        return self.use_sam or self.use_mobile_sam
+
+    @property
+    def segmenter_checkpoint(self) -> str:
+        return self.mobilesam_checkpoint if self.use_mobile_sam else self.sam_checkpoint
+
+    @property
+    def segmenter_model_type(self) -> str:
+        return "vit_t" if self.use_mobile_sam else self.sam_model_type
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def load(cls, args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        args = dict(args or {})
+        unknown = set(args) - {f.name for f in fields(cls)}
+        if unknown:
+            raise SettingsError(f"unknown setting(s) in the Serve config args: {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = args.get(f.name)
+            source = f"args.{f.name}"
+            for env_name in (f.name.upper(), *_ENV_ALIASES.get(f.name, ())):
+                if raw is None and env.get(env_name, "") != "":
+                    raw, source = env[env_name], env_name
+            if raw is None:
+                continue
+            values[f.name] = _parse(f.name, f.type, raw, source)
+        settings = cls(**values)
+        settings._validate()
+        return settings
+
+    def _validate(self) -> None:
+        for name in ("box_threshold", "text_threshold"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise SettingsError(f"{name.upper()} must be between 0 and 1, got {value}")
+        for name in ("max_tasks_per_request", "task_concurrency", "max_detections", "max_prompt_chars",
+                     "max_phrases", "max_image_pixels", "max_download_bytes"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name.upper()} must be a positive integer, got {getattr(self, name)}")
+        for name in ("download_timeout_s", "task_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name.upper()} must be positive, got {getattr(self, name)}")
+        if self.accelerator not in ("auto", "gpu", "cpu"):
+            raise SettingsError(f"ACCELERATOR must be auto, gpu or cpu, got {self.accelerator!r}")
+        for name in ("detector_cpus", "detector_gpus", "segmenter_cpus", "segmenter_gpus"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name.upper()} must not be negative, got {getattr(self, name)}")
+        if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
+            raise SettingsError(f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise SettingsError(f"DEVICE must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+def _parse(name: str, type_name: Any, raw: Any, source: str) -> Any:
+    type_name = type_name if isinstance(type_name, str) else type_name.__name__
+    try:
+        if type_name == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError("expected true/false")
+        if type_name == "float":
+            value = float(raw)
+            if value != value:  # NaN
+                raise ValueError("NaN")
+            return value
+        if type_name == "int":
+            return int(str(raw).replace("_", ""))
+        return str(raw).strip()
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{source}={raw!r} is not a valid {type_name} ({exc})") from None
