@@ -1,0 +1,22 @@
+"""Labeling configs used across tests."""
+
+SEED_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <TextArea name="prompt" toName="image" editable="true" rows="2" maxSubmissions="1" showSubmitButton="true"/>
+  <RectangleLabels name="label" toName="image"><Label value="cats" background="yellow"/><Label value="house" background="blue"/></RectangleLabels>
+  <BrushLabels name="label2" toName="image"><Label value="cats" background="yellow"/><Label value="house" background="blue"/></BrushLabels>
+</View>"""
+
+PREDICTED_VALUES_CONFIG = """<View>
+  <Image name="img" value="$picture"/>
+  <Number name="box_threshold" toName="img" defaultValue="0.05"/>
+  <RectangleLabels name="boxes" toName="img" model_score_threshold="0.2">
+    <Label value="Cat" predicted_values="kitten,tabby cat"/>
+    <Label value="Car"/>
+  </RectangleLabels>
+</View>"""
+
+BOXES_ONLY_ONE_LABEL = """<View>
+  <Image name="image" value="$image"/>
+  <RectangleLabels name="label" toName="image"><Label value="object"/></RectangleLabels>
+</View>"""

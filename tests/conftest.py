@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny models saved and reloaded through the production code, real image files,
+and a loopback HTTP server that serves them."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.imaging import write_test_images
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+LS_FIXTURES = SHARED / "fixtures" / "label-studio"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps Ray on 127.0.0.1
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def load_ls_fixture(name: str) -> dict:
+    return json.loads((LS_FIXTURES / name).read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from serve_app.models.tiny import make_tiny_models
+
+    return make_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("images")
+    write_test_images(directory)
+    return directory
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest output readable
+        pass
+
+
+@pytest.fixture(scope="session")
+def image_server(image_dir) -> str:
+    """Serves `image_dir` on 127.0.0.1; yields the base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(image_dir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

@@ -1,0 +1,103 @@
+"""Runs the real service: `serve run` on a copy of configs/serve.yaml, on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_CONFIG = ROOT / "configs" / "serve.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServeProcess:
+    """`serve run` in its own session and Ray cluster; stopped by SIGINT like a person would."""
+
+    def __init__(self, env: dict[str, str], workdir: Path, config_overrides=None, startup_timeout_s: float = 240):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.log_path = workdir / "serve.log"
+        config = yaml.safe_load(SERVE_CONFIG.read_text())
+        config["http_options"]["port"] = self.port
+        if config_overrides:
+            config_overrides(config)
+        self.config_path = workdir / "serve.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        # Ray's unix sockets live under RAY_TMPDIR; keep the path short (108-byte socket path limit).
+        self.ray_tmp = tempfile.mkdtemp(prefix="gs-ray-", dir="/tmp")
+        self.env = {
+            **os.environ,
+            "RAY_TMPDIR": self.ray_tmp,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT),
+            **env,
+        }
+        self.env.pop("RAY_ADDRESS", None)
+        self.startup_timeout_s = startup_timeout_s
+        self.process: subprocess.Popen | None = None
+        self.startup_s: float | None = None
+
+    def start(self) -> "ServeProcess":
+        started = time.monotonic()
+        log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "serve"), "run", "--address", "local", str(self.config_path)],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        deadline = started + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve run exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                health = httpx.get(f"{self.url}/health", timeout=2).json()
+                if all(health.get("models_ready", {"": False}).values()):
+                    self.startup_s = time.monotonic() - started
+                    return self
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"service not ready after {self.startup_timeout_s} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 60) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(30)
+        # Ray's own processes were started in the same session: clean up any that outlived `serve run`.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process = None
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)

@@ -1,0 +1,117 @@
+import asyncio
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve_app.ingress.errors import ImageError
+from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy, decode_image
+from tests.imaging import data_url, jpeg_with_orientation, pattern, png_bytes
+
+MAX_PIXELS = 10_000_000
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_exif_orientation_is_applied():
+    stored = pattern(120, 160, seed=3)  # stored landscape
+    loaded = decode_image(jpeg_with_orientation(stored, 6), MAX_PIXELS)  # 6: rotate 90 clockwise for display
+    assert (loaded.width, loaded.height) == (120, 160)
+    expected = np.rot90(stored, k=-1)
+    assert np.abs(loaded.pixels.astype(int) - expected.astype(int)).mean() < 6  # JPEG noise only
+
+
+@pytest.mark.parametrize("name, make", [
+    ("rgba", lambda: encode(Image.fromarray(np.dstack([pattern(20, 30), np.full((20, 30), 128, np.uint8)])), "PNG")),
+    ("grayscale", lambda: encode(Image.fromarray(pattern(20, 30)[:, :, 0]), "PNG")),
+    ("cmyk jpeg", lambda: encode(Image.fromarray(pattern(20, 30)).convert("CMYK"), "JPEG")),
+    ("palette", lambda: encode(Image.fromarray(pattern(20, 30)).convert("P"), "PNG")),
+])
+def test_formats_become_rgb(name, make):
+    loaded = decode_image(make(), MAX_PIXELS)
+    assert loaded.pixels.shape == (20, 30, 3) and loaded.pixels.dtype == np.uint8
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped():
+    grey = np.linspace(0, 65535, 40 * 30).reshape(30, 40).astype(np.uint16)
+    loaded = decode_image(encode(Image.fromarray(grey), "PNG"), MAX_PIXELS)
+    assert loaded.pixels.shape == (30, 40, 3)
+    assert loaded.pixels[0, 0, 0] == 0 and loaded.pixels[-1, -1, 0] == 255
+    assert 120 < loaded.pixels[15, 20, 0] < 135  # mid-grey stays mid-grey
+
+
+def test_animated_gif_uses_the_first_frame():
+    frames = [Image.fromarray(np.full((10, 12, 3), v, np.uint8)) for v in (200, 10)]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert decode_image(data, MAX_PIXELS).pixels.mean() > 150
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty"),
+    (b"<html>sign in</html>", "not a decodable image"),
+    (png_bytes(pattern(50, 50))[:200], "cannot decode"),
+])
+def test_broken_images_are_image_errors(data, message):
+    with pytest.raises(ImageError, match=message):
+        decode_image(data, MAX_PIXELS)
+
+
+def test_pixel_cap_is_checked_before_decoding():
+    data = encode(Image.new("L", (5000, 5000)), "PNG")
+    with pytest.raises(ImageError, match="25000000 pixels; the limit is 1000000") as info:
+        decode_image(data, 1_000_000)
+    assert info.value.status_code == 413
+
+
+def fetcher(**overrides) -> ImageFetcher:
+    policy = dict(max_bytes=1_000_000, timeout_s=5, max_pixels=MAX_PIXELS)
+    policy.update(overrides)
+    return ImageFetcher(ImageSourcePolicy(**policy))
+
+
+def test_data_urls_are_decoded():
+    data = png_bytes(pattern(8, 8))
+    assert asyncio.run(fetcher().fetch(data_url(data))) == data
+
+
+def test_oversized_data_url_is_refused():
+    with pytest.raises(ImageError, match="MAX_DOWNLOAD_BYTES"):
+        asyncio.run(fetcher(max_bytes=100).fetch(data_url(b"x" * 1000)))
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "/etc/passwd", "ftp://example.com/a.png", "s3://b/k.png"])
+def test_local_files_and_other_schemes_are_refused(url):
+    with pytest.raises(ImageError):
+        fetcher().resolve(url)
+
+
+def test_relative_label_studio_urls_resolve_against_its_host():
+    assert fetcher(label_studio_url="http://ls:8080").resolve("/data/upload/1/a.png") == \
+        "http://ls:8080/data/upload/1/a.png"
+    assert fetcher().resolve("/data/upload/1/a.png", "http://from-setup:8080") == \
+        "http://from-setup:8080/data/upload/1/a.png"
+    with pytest.raises(ImageError, match="LABEL_STUDIO_URL"):
+        fetcher().resolve("/data/upload/1/a.png")
+
+
+def test_loopback_hosts_need_the_allowlist(image_server):
+    url = f"{image_server}/img0.png"
+    with pytest.raises(ImageError, match="non-public address") as info:
+        asyncio.run(fetcher().fetch(url))
+    assert info.value.status_code == 403
+    data = asyncio.run(fetcher(host_allowlist=frozenset({"127.0.0.1"})).fetch(url))
+    assert decode_image(data, MAX_PIXELS).width == 320
+
+
+def test_http_errors_and_size_cap(image_server):
+    allowed = frozenset({"127.0.0.1"})
+    with pytest.raises(ImageError, match="HTTP 404"):
+        asyncio.run(fetcher(host_allowlist=allowed).fetch(f"{image_server}/missing.png"))
+    with pytest.raises(ImageError, match="MAX_DOWNLOAD_BYTES") as info:
+        asyncio.run(fetcher(host_allowlist=allowed, max_bytes=100).fetch(f"{image_server}/img0.png"))
+    assert info.value.status_code == 413

@@ -1,0 +1,130 @@
+"""Model code without Ray: tiny random-weight models saved, then loaded back through the production loaders."""
+
+import numpy as np
+import pytest
+import torch
+
+from serve_app.models.grounding_dino import DetectionRequest, GroundingDinoDetector, build_caption
+from serve_app.models.sam_loading import CheckpointError, load_sam
+from serve_app.models.segmenter import SamSegmenter, SegmentationRequest
+from tests.imaging import pattern
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_models):
+    return GroundingDinoDetector.load(str(tiny_models["grounding_dino"]), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_models):
+    return SamSegmenter.load(str(tiny_models["sam"]), device="cpu")
+
+
+def test_detector_loads_the_saved_weights(detector, tiny_models):
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tiny_models["grounding_dino"] / "model.safetensors"))
+    loaded = detector.model.state_dict()
+    key = next(k for k in saved if k.endswith("bbox_embed.0.layers.0.weight"))
+    assert torch.equal(saved[key], loaded[key])
+    assert type(detector.model).__name__ == "GroundingDinoForObjectDetection"
+    assert detector.tokenizer.convert_tokens_to_ids([".", "[CLS]", "[SEP]"]) == [1012, 101, 102]
+
+
+def test_caption_spans():
+    caption, spans = build_caption(["Brown cat", "house"])
+    assert caption == "brown cat. house."
+    assert [caption[a:b] for a, b in spans] == ["brown cat", "house"]
+
+
+def test_detections_are_in_image_pixels_with_valid_phrases(detector):
+    image = pattern(300, 200, seed=1)
+    result = detector.detect([DetectionRequest(image, ["brown cat", "house"], 0.0, 0.0, max_detections=12)])[0]
+    assert len(result) == 12
+    assert set(result.phrase_ids.tolist()) <= {0, 1}
+    x0, y0, x1, y1 = result.boxes.T
+    assert (x0 >= 0).all() and (x1 <= 200).all() and (y0 >= 0).all() and (y1 <= 300).all()
+    assert (x1 >= x0).all() and (y1 >= y0).all()
+    assert np.all(np.diff(result.scores) <= 0)  # best first
+
+
+def test_each_item_keeps_its_own_thresholds(detector):
+    image = pattern(240, 320, seed=2)
+    loose, strict = detector.detect([
+        DetectionRequest(image, ["a cat"], 0.0, 0.0),
+        DetectionRequest(image, ["a cat"], 1.0, 0.0),
+    ])
+    assert len(loose) > 0 and len(strict) == 0
+    assert detector.detect([DetectionRequest(image, [], 0.0, 0.0)])[0].boxes.shape == (0, 4)
+
+
+def test_batching_does_not_change_any_item(detector):
+    """Different prompts (text padding) and image sizes: each item equals its own single-item run."""
+    requests = [
+        DetectionRequest(pattern(240, 320, seed=1), ["brown cat", "house"], 0.0, 0.0, 10),
+        DetectionRequest(pattern(240, 320, seed=2), ["a dog"], 0.0, 0.0, 10),
+        DetectionRequest(pattern(400, 300, seed=3), ["the car", "tree", "a person"], 0.0, 0.0, 10),
+        DetectionRequest(pattern(64, 64, seed=4), [], 0.0, 0.0, 10),
+    ]
+    batched = detector.detect(requests)
+    for request, together in zip(requests, batched):
+        alone = detector.detect([request])[0]
+        assert np.array_equal(alone.phrase_ids, together.phrase_ids)
+        np.testing.assert_allclose(alone.boxes, together.boxes, atol=1e-3)
+        np.testing.assert_allclose(alone.scores, together.scores, atol=1e-5)
+
+
+def test_sam_type_is_inferred_and_mismatches_are_clear(tiny_models, tmp_path):
+    sam, model_type = load_sam(tiny_models["sam"])
+    assert model_type == "tiny" and not sam.training
+    with pytest.raises(CheckpointError, match="SAM_MODEL_TYPE is 'vit_b' but .* looks like a 'tiny'"):
+        load_sam(tiny_models["sam"], "vit_b")
+    state = torch.load(tiny_models["sam"], weights_only=True)
+    state.pop("mask_decoder.iou_token.weight")
+    state["extra.weight"] = torch.zeros(1)
+    broken = tmp_path / "broken.pth"
+    torch.save(state, broken)
+    with pytest.raises(CheckpointError, match=r"missing keys \['mask_decoder.iou_token.weight'\].*extra.weight"):
+        load_sam(broken)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_sam(tmp_path / "nope.pth")
+
+
+@pytest.mark.parametrize("model_type", ["vit_b", "vit_l", "vit_h"])
+def test_official_sam_layouts_are_recognised(model_type):
+    """The official checkpoints' key/shape layouts (shared fixtures) infer their own type."""
+    import json
+
+    from serve_app.models.sam_loading import infer_model_type
+    from tests.conftest import SHARED
+
+    layout = json.loads((SHARED / "fixtures" / "segment_anything" / f"{model_type}_state_dict_shapes.json").read_text())
+    state = {key: torch.empty(shape, device="meta") for key, shape, *_ in layout["entries"]}
+    assert infer_model_type(state) == model_type
+
+
+def test_batched_masks_equal_sam_predictor(segmenter):
+    """Images of different sizes in one encoder pass give SamPredictor's masks, one image at a time."""
+    from segment_anything import SamPredictor
+
+    images = [pattern(240, 320, seed=1), pattern(320, 180, seed=2), pattern(12, 20, seed=3)]
+    boxes = [np.array([[10, 20, 200, 180], [0, 0, 320, 240]], np.float32),
+             np.array([[30, 40, 150, 300]], np.float32),
+             np.array([[1, 1, 15, 10]], np.float32)]
+    results = segmenter.segment([SegmentationRequest(i, b) for i, b in zip(images, boxes)])
+
+    predictor = SamPredictor(segmenter.sam)
+    for image, box, result in zip(images, boxes, results):
+        predictor.set_image(image)
+        masks, scores, _ = predictor.predict_torch(
+            point_coords=None, point_labels=None,
+            boxes=predictor.transform.apply_boxes_torch(torch.as_tensor(box), image.shape[:2]),
+            multimask_output=False)
+        assert result.masks.shape == (len(box), *image.shape[:2]) and result.masks.dtype == bool
+        assert np.array_equal(result.masks, masks[:, 0].numpy())
+        np.testing.assert_allclose(result.scores, scores[:, 0].numpy(), atol=1e-5)
+
+
+def test_no_boxes_means_no_encoder_work(segmenter):
+    result = segmenter.segment([SegmentationRequest(pattern(30, 40), np.zeros((0, 4), np.float32))])[0]
+    assert result.masks.shape == (0, 30, 40)

@@ -1,0 +1,52 @@
+import pytest
+
+from serve_app.settings import Settings, SettingsError
+
+
+def test_defaults_match_the_seed():
+    settings = Settings.load({}, env={})
+    assert settings.box_threshold == 0.30
+    assert settings.text_threshold == 0.25
+    assert settings.grounding_dino_model == "IDEA-Research/grounding-dino-tiny"
+    assert not settings.sam_enabled
+
+
+def test_environment_is_parsed_and_args_win():
+    env = {"BOX_THRESHOLD": "0.4", "USE_SAM": "true", "SAM_CHECKPOINT": "/m/sam.pth", "MAX_DETECTIONS": "7",
+           "GROUNDING_DINO_MODEL": "/m/dino"}
+    settings = Settings.load({"grounding_dino_model": "/other/dino", "max_detections": None}, env=env)
+    assert settings.box_threshold == 0.4
+    assert settings.use_sam and settings.segmenter_checkpoint == "/m/sam.pth"
+    assert settings.grounding_dino_model == "/other/dino"  # non-null args win
+    assert settings.max_detections == 7  # null args fall through to the environment
+
+
+def test_mobile_sam_switch_selects_its_checkpoint_and_type():
+    settings = Settings.load({}, env={"USE_MOBILE_SAM": "1", "MOBILESAM_CHECKPOINT": "/m/mobile_sam.pt"})
+    assert settings.sam_enabled
+    assert settings.segmenter_checkpoint == "/m/mobile_sam.pt"
+    assert settings.segmenter_model_type == "vit_t"
+
+
+def test_label_studio_host_is_an_alias_of_label_studio_url():
+    assert Settings.load({}, env={"LABEL_STUDIO_HOST": "http://ls:8080"}).label_studio_url == "http://ls:8080"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"BOX_THRESHOLD": "1.5"}, "BOX_THRESHOLD must be between 0 and 1"),
+    ({"TEXT_THRESHOLD": "-0.1"}, "TEXT_THRESHOLD must be between 0 and 1"),
+    ({"BOX_THRESHOLD": "high"}, "BOX_THRESHOLD='high' is not a valid float"),
+    ({"BOX_THRESHOLD": "nan"}, "not a valid float"),
+    ({"USE_SAM": "maybe"}, "USE_SAM='maybe' is not a valid bool"),
+    ({"MAX_DETECTIONS": "0"}, "MAX_DETECTIONS must be a positive integer"),
+    ({"ACCELERATOR": "tpu"}, "ACCELERATOR must be auto, gpu or cpu"),
+    ({"LABEL_STUDIO_URL": "ls:8080"}, "LABEL_STUDIO_URL must start with http"),
+])
+def test_invalid_settings_fail_with_the_variable_named(env, message):
+    with pytest.raises(SettingsError, match=message):
+        Settings.load({}, env=env)
+
+
+def test_unknown_args_are_refused():
+    with pytest.raises(SettingsError, match="unknown setting"):
+        Settings.load({"box_treshold": 0.2}, env={})
