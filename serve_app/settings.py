@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from serve_app.models.grounding_dino import DEFAULT_MODEL_ID
+from serve_app.models.messages import DEFAULT_GROUNDING_DINO
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -28,7 +28,7 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     # Models
-    grounding_dino_model: str = DEFAULT_MODEL_ID  # GROUNDING_DINO_MODEL: hub id or local directory
+    grounding_dino_model: str = DEFAULT_GROUNDING_DINO  # GROUNDING_DINO_MODEL: hub id or local directory
     use_sam: bool = False  # USE_SAM: add brush masks from SAM
     use_mobile_sam: bool = False  # USE_MOBILE_SAM: use MobileSAM (vit_t) instead of SAM
     sam_checkpoint: str = "sam_vit_h_4b8939.pth"  # SAM_CHECKPOINT

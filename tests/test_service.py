@@ -14,7 +14,8 @@ from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 
 from serve_app.ingress.images import decode_image
-from serve_app.models.grounding_dino import DetectionRequest, GroundingDinoDetector
+from serve_app.models.grounding_dino import GroundingDinoDetector
+from serve_app.models.messages import DetectionRequest
 from tests.configs import PREDICTED_VALUES_CONFIG
 from tests.conftest import load_ls_fixture
 from tests.imaging import data_url, pattern, png_bytes

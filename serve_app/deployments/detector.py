@@ -10,7 +10,8 @@ from ray.serve.metrics import Histogram
 from serve_app.deployments.batching import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, BatchConfig, \
     apply_batch_config
 from serve_app.models.device import set_cpu_threads
-from serve_app.models.grounding_dino import DetectionRequest, Detections, GroundingDinoDetector
+from serve_app.models.grounding_dino import GroundingDinoDetector
+from serve_app.models.messages import DetectionRequest, Detections
 
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
 

@@ -11,7 +11,8 @@ from serve_app.deployments.batching import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT
     apply_batch_config
 from serve_app.deployments.detector import BATCH_BOUNDARIES
 from serve_app.models.device import set_cpu_threads
-from serve_app.models.segmenter import Masks, SamSegmenter, SegmentationRequest
+from serve_app.models.messages import Masks, SegmentationRequest
+from serve_app.models.segmenter import SamSegmenter
 
 
 @serve.deployment(name="Segmenter", max_ongoing_requests=16)

@@ -20,8 +20,7 @@ from serve_app.ingress.label_config import THRESHOLD_NUMBERS, ProjectConfig, par
 from serve_app.ingress.metrics import ServiceMetrics
 from serve_app.ingress.prompts import Prompt, parse_prompt, prompt_from_labels, prompt_text_from_context
 from serve_app.ingress.results import build_prediction, empty_prediction
-from serve_app.models.grounding_dino import DetectionRequest
-from serve_app.models.segmenter import SegmentationRequest
+from serve_app.models.messages import DetectionRequest, SegmentationRequest
 from serve_app.settings import Settings
 
 logger = logging.getLogger("ray.serve")

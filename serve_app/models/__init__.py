@@ -1,0 +1,1 @@
+"""Plain PyTorch model code: no Ray, no HTTP. Deployments wrap these classes."""

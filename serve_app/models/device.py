@@ -1,0 +1,21 @@
+"""Choosing where a model runs."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """`auto` uses CUDA when a GPU is visible to this process, else the CPU."""
+    requested = (requested or "auto").lower()
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {requested!r} was requested but no CUDA GPU is visible to this process")
+    return torch.device(requested)
+
+
+def set_cpu_threads(num_threads: int | None) -> None:
+    """Ray pins OMP_NUM_THREADS=1 in replicas; let the config give a replica more cores."""
+    if num_threads and num_threads > 0:
+        torch.set_num_threads(int(num_threads))

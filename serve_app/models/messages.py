@@ -1,0 +1,40 @@
+"""What callers send to and get back from the models: numpy only, so the ingress never imports torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEFAULT_GROUNDING_DINO = "IDEA-Research/grounding-dino-tiny"
+
+
+@dataclass
+class DetectionRequest:
+    image: np.ndarray  # H x W x 3, uint8, RGB, EXIF orientation already applied
+    phrases: list[str]
+    box_threshold: float = 0.30
+    text_threshold: float = 0.25
+    max_detections: int = 100
+
+
+@dataclass
+class Detections:
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # xyxy, pixels
+    scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+    phrase_ids: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))  # index into phrases
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+@dataclass
+class SegmentationRequest:
+    image: np.ndarray  # H x W x 3, uint8, RGB
+    boxes: np.ndarray  # N x 4, xyxy in pixels of `image`
+
+
+@dataclass
+class Masks:
+    masks: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), bool))  # N x H x W
+    scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))  # predicted IoU
