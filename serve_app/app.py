@@ -36,10 +36,12 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
 
     detector = Detector.options(ray_actor_options={
         "num_cpus": settings.detector_cpus, "num_gpus": settings.detector_gpus if gpus else 0,
-    }).bind(settings.grounding_dino_model, settings.device)
+    }).bind(settings.grounding_dino_model, settings.device, settings.precision)
     segmenter = None
     if settings.sam_enabled:
         segmenter = Segmenter.options(ray_actor_options={
             "num_cpus": settings.segmenter_cpus, "num_gpus": settings.segmenter_gpus if gpus else 0,
-        }).bind(settings.segmenter_checkpoint, settings.segmenter_model_type, settings.device)
+        }).bind(settings.segmenter_checkpoint, settings.segmenter_model_type, settings.device, settings.precision,
+                settings.segmenter_checkpoint_setting, settings.segmenter_checkpoint_sha256,
+                settings.checkpoint_cache_dir)
     return Ingress.bind(settings.to_dict(), detector, segmenter)

@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from serve_app.models.messages import DEFAULT_GROUNDING_DINO
+from serve_app.models.messages import DEFAULT_GROUNDING_DINO, OFFICIAL_CHECKPOINTS
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -31,8 +31,12 @@ class Settings:
     grounding_dino_model: str = DEFAULT_GROUNDING_DINO  # GROUNDING_DINO_MODEL: hub id or local directory
     use_sam: bool = False  # USE_SAM: add brush masks from SAM
     use_mobile_sam: bool = False  # USE_MOBILE_SAM: use MobileSAM (vit_t) instead of SAM
-    sam_checkpoint: str = "sam_vit_h_4b8939.pth"  # SAM_CHECKPOINT
-    mobilesam_checkpoint: str = "mobile_sam.pt"  # MOBILESAM_CHECKPOINT
+    sam_checkpoint: str = OFFICIAL_CHECKPOINTS["vit_h"]  # SAM_CHECKPOINT: path or http(s) URL
+    mobilesam_checkpoint: str = OFFICIAL_CHECKPOINTS["vit_t"]  # MOBILESAM_CHECKPOINT: path or http(s) URL
+    sam_checkpoint_sha256: str = ""  # SAM_CHECKPOINT_SHA256: optional check of the file
+    mobilesam_checkpoint_sha256: str = ""  # MOBILESAM_CHECKPOINT_SHA256
+    checkpoint_cache_dir: str = ""  # CHECKPOINT_CACHE_DIR: where URL checkpoints are kept (~/.cache/grounded-serve)
+    precision: str = "fp32"  # PRECISION: fp32, or fp16/bf16 autocast on GPU (ignored on CPU)
     sam_model_type: str = "auto"  # SAM_MODEL_TYPE: vit_h, vit_l, vit_b, tiny or auto (from the checkpoint)
     device: str = "auto"  # DEVICE: auto (cuda if the replica has a GPU), cpu, cuda
     model_version: str = ""  # MODEL_VERSION: overrides the version derived from the model names
@@ -71,6 +75,14 @@ class Settings:
     def segmenter_model_type(self) -> str:
         return "vit_t" if self.use_mobile_sam else self.sam_model_type
 
+    @property
+    def segmenter_checkpoint_setting(self) -> str:
+        return "MOBILESAM_CHECKPOINT" if self.use_mobile_sam else "SAM_CHECKPOINT"
+
+    @property
+    def segmenter_checkpoint_sha256(self) -> str:
+        return self.mobilesam_checkpoint_sha256 if self.use_mobile_sam else self.sam_checkpoint_sha256
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -107,6 +119,8 @@ class Settings:
         for name in ("download_timeout_s", "task_timeout_s"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be positive, got {getattr(self, name)}")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise SettingsError(f"PRECISION must be fp32, fp16 or bf16, got {self.precision!r}")
         if self.accelerator not in ("auto", "gpu", "cpu"):
             raise SettingsError(f"ACCELERATOR must be auto, gpu or cpu, got {self.accelerator!r}")
         for name in ("detector_cpus", "detector_gpus", "segmenter_cpus", "segmenter_gpus"):

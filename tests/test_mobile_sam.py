@@ -88,6 +88,18 @@ def test_synthetic_weights_match_the_reference_recipe(state_dict):
         assert float(tensor.flatten()[0]) == pytest.approx(first, rel=1e-6, abs=1e-9), key
 
 
+def test_remapped_layout_is_exactly_the_models(state_dict):
+    """Key by key and shape by shape, on the meta device: the renaming covers every key but the classifier."""
+    from serve_app.models.mobile_sam import build_mobile_sam, remap_mobile_sam_keys
+
+    remapped, origin = remap_mobile_sam_keys(state_dict)
+    with torch.device("meta"):
+        model = build_mobile_sam()
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert {k: list(v.shape) for k, v in remapped.items()} == expected
+    assert set(state_dict) - set(origin.values()) == {"image_encoder." + k for k in UNUSED_KEYS}
+
+
 def test_official_layout_loads_strictly_dropping_only_the_classifier(sam, state_dict):
     model_keys = set(sam.state_dict())
     assert len(model_keys) == len(state_dict) - len(UNUSED_KEYS)
@@ -154,3 +166,27 @@ def test_decoder_on_the_synthetic_embedding(sam, mode):
     low_res, iou = decode(sam, embedding, mode == "multimask_true")
     assert_fingerprint(low_res, expected[mode]["low_res_masks"], atol["low_res_masks_atol"], "low_res_masks")
     assert_fingerprint(iou, expected[mode]["iou_predictions"], atol["iou_predictions_atol"], "iou")
+
+
+def test_batched_service_path_equals_sam_predictor(sam):
+    """The segmenter's multi-image path gives SamPredictor's masks at MobileSAM's real 1024 input size,
+    for a portrait and a very small image encoded in one batch."""
+    from segment_anything import SamPredictor
+
+    from serve_app.models.messages import SegmentationRequest
+    from serve_app.models.segmenter import SamSegmenter
+    from tests.imaging import pattern
+
+    images = [pattern(320, 180, seed=2), pattern(12, 20, seed=3)]
+    boxes = [np.array([[30, 40, 150, 300], [0, 0, 180, 320]], np.float32), np.array([[1, 1, 15, 10]], np.float32)]
+    results = SamSegmenter(sam, torch.device("cpu")).segment(
+        [SegmentationRequest(i, b) for i, b in zip(images, boxes)])
+    predictor = SamPredictor(sam)
+    for image, box, result in zip(images, boxes, results):
+        predictor.set_image(image)
+        masks, scores, _ = predictor.predict_torch(
+            point_coords=None, point_labels=None,
+            boxes=predictor.transform.apply_boxes_torch(torch.as_tensor(box), image.shape[:2]),
+            multimask_output=False)
+        assert np.array_equal(result.masks, masks[:, 0].numpy())
+        np.testing.assert_allclose(result.scores, scores[:, 0].numpy(), atol=1e-5)

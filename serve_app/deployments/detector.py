@@ -18,8 +18,8 @@ BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
 
 @serve.deployment(name="Detector", max_ongoing_requests=16)
 class Detector:
-    def __init__(self, model: str, device: str = "auto"):
-        self.model = GroundingDinoDetector.load(model, device)
+    def __init__(self, model: str, device: str = "auto", precision: str = "fp32"):
+        self.model = GroundingDinoDetector.load(model, device, precision)
         self.batch_size_histogram = Histogram(
             "grounded_serve_detector_batch_size", description="Items per Grounding DINO forward pass",
             boundaries=BATCH_BOUNDARIES)

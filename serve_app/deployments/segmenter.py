@@ -17,8 +17,9 @@ from serve_app.models.segmenter import SamSegmenter
 
 @serve.deployment(name="Segmenter", max_ongoing_requests=16)
 class Segmenter:
-    def __init__(self, checkpoint: str, model_type: str = "auto", device: str = "auto"):
-        self.model = SamSegmenter.load(checkpoint, model_type, device)
+    def __init__(self, checkpoint: str, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
+                 setting: str = "SAM_CHECKPOINT", sha256: str = "", cache_dir: str = ""):
+        self.model = SamSegmenter.load(checkpoint, model_type, device, precision, setting, sha256, cache_dir)
         self.batch_size_histogram = Histogram(
             "grounded_serve_segmenter_batch_size", description="Images per SAM image-encoder pass",
             boundaries=BATCH_BOUNDARIES)

@@ -19,3 +19,17 @@ def set_cpu_threads(num_threads: int | None) -> None:
     """Ray pins OMP_NUM_THREADS=1 in replicas; let the config give a replica more cores."""
     if num_threads and num_threads > 0:
         torch.set_num_threads(int(num_threads))
+
+
+def autocast_for(device: torch.device, precision: str = "fp32"):
+    """fp16/bf16 autocast on CUDA only; on CPU it would be slower and less exact, so it stays fp32."""
+    import contextlib
+    import logging
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        logging.getLogger(__name__).warning("PRECISION=%s applies to GPUs only; running fp32 on %s", precision, device)
+        return contextlib.nullcontext()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return torch.autocast(device_type="cuda", dtype=dtype)

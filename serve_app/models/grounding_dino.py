@@ -9,17 +9,36 @@ user typed (and from there to one Label Studio label).
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import torch
 from PIL import Image
 
-from serve_app.models.device import pick_device
+from serve_app.models.device import autocast_for, pick_device
 from serve_app.models.messages import DEFAULT_GROUNDING_DINO, DetectionRequest, Detections
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = DEFAULT_GROUNDING_DINO
+
+
+class ModelLoadError(RuntimeError):
+    """The detector model cannot be loaded; the message names the setting to fix."""
+
+
+def describe_load_failure(model: str, exc: Exception) -> str:
+    if os.path.isdir(model):
+        where = f"the directory {model!r} is not a transformers Grounding DINO model (config.json, weights, processor)"
+    elif model.startswith((".", "/", "~")):
+        where = f"{model!r} does not exist"
+    elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        where = (f"HF_HUB_OFFLINE is set and {model!r} is not in the Hugging Face cache (HF_HOME={home}); "
+                 "download it there first or point GROUNDING_DINO_MODEL at a local directory")
+    else:
+        where = f"{model!r} could not be fetched from the Hugging Face hub"
+    return f"GROUNDING_DINO_MODEL={model!r}: {where}. ({exc.__class__.__name__}: {str(exc).splitlines()[0][:300]})"
 
 
 def build_caption(phrases: list[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -49,8 +68,9 @@ def phrase_token_masks(offsets: list[tuple[int, int]], spans: list[tuple[int, in
 class GroundingDinoDetector:
     """Loads a Grounding DINO checkpoint (hub id or local directory) and detects phrases in images."""
 
-    def __init__(self, model, processor, device: torch.device):
+    def __init__(self, model, processor, device: torch.device, precision: str = "fp32"):
         self.model = model
+        self.precision = precision
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
@@ -58,15 +78,20 @@ class GroundingDinoDetector:
         self.max_text_len = int(getattr(model.config, "max_text_len", 256))
 
     @classmethod
-    def load(cls, model_id_or_path: str = DEFAULT_MODEL_ID, device: str = "auto") -> "GroundingDinoDetector":
+    def load(cls, model_id_or_path: str = DEFAULT_MODEL_ID, device: str = "auto",
+             precision: str = "fp32") -> "GroundingDinoDetector":
+        """From a hub id (cached under HF_HOME; HF_HUB_OFFLINE=1 uses only the cache) or a local directory."""
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         torch_device = pick_device(device)
         logger.info("loading Grounding DINO from %s on %s", model_id_or_path, torch_device)
-        processor = AutoProcessor.from_pretrained(model_id_or_path)
-        model = AutoModelForZeroShotObjectDetection.from_pretrained(model_id_or_path)
+        try:
+            processor = AutoProcessor.from_pretrained(model_id_or_path)
+            model = AutoModelForZeroShotObjectDetection.from_pretrained(model_id_or_path)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(describe_load_failure(model_id_or_path, exc)) from None
         model.to(torch_device).eval()
-        return cls(model, processor, torch_device)
+        return cls(model, processor, torch_device, precision)
 
     @torch.inference_mode()
     def detect(self, requests: list[DetectionRequest]) -> list[Detections]:
@@ -101,7 +126,8 @@ class GroundingDinoDetector:
         )
         offsets = text.pop("offset_mapping").tolist()
         inputs = {k: v.to(self.device) for k, v in {**text, **pixels}.items()}
-        outputs = self.model(**inputs)
+        with autocast_for(self.device, self.precision):
+            outputs = self.model(**inputs)
 
         length = text["input_ids"].shape[1]
         probs = outputs.logits[:, :, :length].float().sigmoid().cpu()

@@ -7,6 +7,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DEFAULT_GROUNDING_DINO = "IDEA-Research/grounding-dino-tiny"
+# Official download locations (segment-anything README, MobileSAM repository).
+OFFICIAL_CHECKPOINTS = {
+    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+    "vit_t": "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
+}
 
 
 @dataclass

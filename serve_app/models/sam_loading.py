@@ -71,7 +71,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"SAM checkpoint {str(path)!r} does not exist or is not a file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        # weights_only: a checkpoint is data; never run code from a pickle
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for corrupt files
+        first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch state dict ({first_line})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # training checkpoints wrap the weights
     if not isinstance(state, dict) or not state:

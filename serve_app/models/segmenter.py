@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import torch
 
-from serve_app.models.device import pick_device
+from serve_app.models.device import autocast_for, pick_device
 from serve_app.models.messages import Masks, SegmentationRequest
 
 logger = logging.getLogger(__name__)
@@ -20,9 +20,11 @@ logger = logging.getLogger(__name__)
 class SamSegmenter:
     """Wraps a segment-anything `Sam` (any size) for batched box prompts."""
 
-    def __init__(self, sam, device: torch.device, encoder_batch_size: int = 8, decoder_chunk: int = 16):
+    def __init__(self, sam, device: torch.device, encoder_batch_size: int = 8, decoder_chunk: int = 16,
+                 precision: str = "fp32"):
         from segment_anything.utils.transforms import ResizeLongestSide
 
+        self.precision = precision
         self.sam = sam.to(device).eval()
         self.device = device
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
@@ -30,11 +32,18 @@ class SamSegmenter:
         self.decoder_chunk = max(1, decoder_chunk)  # bounds the full-resolution float masks held at once
 
     @classmethod
-    def load(cls, checkpoint: str, model_type: str = "auto", device: str = "auto") -> "SamSegmenter":
-        from serve_app.models.sam_loading import load_sam
+    def load(cls, checkpoint: str, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
+             setting: str = "SAM_CHECKPOINT", sha256: str = "", cache_dir: str = "") -> "SamSegmenter":
+        """`checkpoint` is a path or URL (downloaded once into `cache_dir`); errors name `setting`."""
+        from serve_app.models.checkpoints import resolve_checkpoint
+        from serve_app.models.sam_loading import CheckpointError, load_sam
 
-        sam, _ = load_sam(checkpoint, model_type)
-        return cls(sam, pick_device(device))
+        path = resolve_checkpoint(checkpoint, setting, cache_dir or None, sha256)
+        try:
+            sam, _ = load_sam(path, model_type)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{setting}: {exc}") from None
+        return cls(sam, pick_device(device), precision=precision)
 
     def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         resized = self.transform.apply_image(image)
@@ -49,7 +58,8 @@ class SamSegmenter:
         chunks = []
         for start in range(0, len(prepared), self.encoder_batch_size):
             batch = torch.cat([t for t, _ in prepared[start:start + self.encoder_batch_size]])
-            chunks.append(self.sam.image_encoder(batch))
+            with autocast_for(self.device, self.precision):
+                chunks.append(self.sam.image_encoder(batch).float())
         return torch.cat(chunks), input_sizes
 
     @torch.inference_mode()
