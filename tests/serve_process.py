@@ -55,7 +55,9 @@ class ServeProcess:
         self.process: subprocess.Popen | None = None
         self.startup_s: float | None = None
 
-    def start(self) -> "ServeProcess":
+    def start(self, ready=None) -> "ServeProcess":
+        """Start and wait until `ready(health_json)` holds (default: every model deployment is serving)."""
+        ready = ready or (lambda health: all(health.get("models_ready", {"": False}).values()))
         started = time.monotonic()
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
@@ -69,7 +71,7 @@ class ServeProcess:
                 raise RuntimeError(f"serve run exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 health = httpx.get(f"{self.url}/health", timeout=2).json()
-                if all(health.get("models_ready", {"": False}).values()):
+                if ready(health):
                     self.startup_s = time.monotonic() - started
                     return self
             except (httpx.HTTPError, ValueError):

@@ -84,6 +84,7 @@ class Ingress:
         self._setup_token = ""
         self.fetcher = self._make_fetcher()
         self.models_ready = {"detector": False, **({"segmenter": False} if segmenter else {})}
+        self.model_status: dict[str, dict[str, Any]] = {}
         self._readiness_task = asyncio.get_event_loop().create_task(self._watch_readiness())
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -101,15 +102,24 @@ class Ingress:
         return ImageFetcher(policy)
 
     async def _watch_readiness(self) -> None:
-        """Health must answer within Label Studio's 1 s even while model replicas load, so poll here."""
-        handles = {"detector": self.detector, "segmenter": self.segmenter}
-        while not all(self.models_ready.values()):
-            for name in self.models_ready:
-                if not self.models_ready[name]:
-                    try:
-                        self.models_ready[name] = await handles[name].ready.remote()
-                    except Exception:  # noqa: BLE001 - still starting
-                        pass
+        """/health must answer within Label Studio's 1 s even while model replicas load (or fail to),
+        so the model deployments' state is polled from Serve here rather than on each request."""
+        app_name = serve.get_replica_context().app_name
+        names = {"Detector": "detector", "Segmenter": "segmenter"}
+        while True:
+            try:
+                status = await asyncio.to_thread(serve.status)
+                deployments = status.applications[app_name].deployments
+                for deployment, key in names.items():
+                    if key not in self.models_ready or deployment not in deployments:
+                        continue
+                    overview = deployments[deployment]
+                    running = overview.replica_states.get("RUNNING", 0)
+                    self.models_ready[key] = running > 0
+                    self.model_status[key] = {"status": str(overview.status.value), "running_replicas": running,
+                                              **({"message": overview.message} if overview.message else {})}
+            except Exception:  # noqa: BLE001 - the controller may be restarting; try again
+                logger.debug("cannot read Serve status", exc_info=True)
             await asyncio.sleep(READINESS_POLL_S)
 
     @staticmethod
@@ -128,7 +138,7 @@ class Ingress:
     @api.get("/health")
     async def health(self) -> dict[str, Any]:
         return {"status": "UP", "model_class": MODEL_CLASS, "model_version": self.model_version,
-                "models_ready": dict(self.models_ready)}
+                "models_ready": dict(self.models_ready), "models": dict(self.model_status)}
 
     @api.post("/setup")
     async def setup(self, request: Request) -> JSONResponse:
