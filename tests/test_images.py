@@ -93,7 +93,7 @@ def test_local_files_and_other_schemes_are_refused(url):
 def test_relative_label_studio_urls_resolve_against_its_host():
     assert fetcher(label_studio_url="http://ls:8080").resolve("/data/upload/1/a.png") == \
         "http://ls:8080/data/upload/1/a.png"
-    assert fetcher().resolve("/data/upload/1/a.png", "http://from-setup:8080") == \
+    assert fetcher(label_studio_url="http://from-setup:8080").resolve("/data/upload/1/a.png") == \
         "http://from-setup:8080/data/upload/1/a.png"
     with pytest.raises(ImageError, match="LABEL_STUDIO_URL"):
         fetcher().resolve("/data/upload/1/a.png")

@@ -9,6 +9,7 @@ import os
 import time
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -16,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.ingress.errors import BadRequest
 from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy, decode_image
+from serve_app.ingress.label_studio_auth import LabelStudioCredentials
 from serve_app.ingress.label_config import THRESHOLD_NUMBERS, ProjectConfig, parse_label_config
 from serve_app.ingress.metrics import ServiceMetrics
 from serve_app.ingress.prompts import Prompt, parse_prompt, prompt_from_labels, prompt_text_from_context
@@ -91,15 +93,23 @@ class Ingress:
 
     def _make_fetcher(self) -> ImageFetcher:
         s = self.settings
-        # Secrets come from the replica's environment, never from Serve config args.
-        token = os.environ.get("LABEL_STUDIO_API_KEY") or os.environ.get("LABEL_STUDIO_ACCESS_TOKEN") or ""
+        base_url = s.label_studio_url or self._setup_hostname
         policy = ImageSourcePolicy(
             max_bytes=s.max_download_bytes, timeout_s=s.download_timeout_s, max_pixels=s.max_image_pixels,
-            label_studio_url=s.label_studio_url or self._setup_hostname,
-            label_studio_token=token or self._setup_token,
+            label_studio_url=base_url, trust_label_studio_host=bool(s.label_studio_url),
             host_allowlist=frozenset(h.strip().lower() for h in s.image_host_allowlist.split(",") if h.strip()),
         )
-        return ImageFetcher(policy)
+        client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        # Secrets come from the replica's environment (or Label Studio's /setup), never from Serve config args.
+        key, source = "", ""
+        for name in ("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN"):
+            if os.environ.get(name):
+                key, source = os.environ[name], name
+                break
+        if not key and self._setup_token:
+            key, source = self._setup_token, "the access_token Label Studio sent to /setup"
+        credentials = LabelStudioCredentials(base_url, key, client, source) if key and base_url else None
+        return ImageFetcher(policy, client, credentials)
 
     async def _watch_readiness(self) -> None:
         """/health must answer within Label Studio's 1 s even while model replicas load (or fail to),
@@ -252,7 +262,7 @@ class Ingress:
         url = task["data"].get(config.image_key)
         if url is None:
             raise BadRequest(f"the task's data has no {config.image_key!r} key (from the Image tag's value)")
-        resolved = self.fetcher.resolve(url, self._setup_hostname)
+        resolved = self.fetcher.resolve(url, task.get("id"))
         data = await self.fetcher.fetch(resolved)
         image = await asyncio.to_thread(decode_image, data, self.settings.max_image_pixels)
         if not prompt.phrases:

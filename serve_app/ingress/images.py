@@ -1,7 +1,9 @@
 """Fetching and decoding task images, with every cost bounded.
 
-Sources: `data:` URLs, http(s) URLs, and Label Studio relative URLs (`/data/...`) resolved
-against the Label Studio host. Never local files. Hosts that resolve to loopback, private,
+Sources: `data:` URLs, http(s) URLs, Label Studio relative URLs (`/data/upload/...`,
+`/data/local-files/?d=...`) resolved against the Label Studio host, and cloud storage URIs
+(`s3://`, `gs://`, `azure-blob://`) resolved through Label Studio's presign endpoint for the task,
+as Label Studio's own tools do. Never local files. Hosts that resolve to loopback, private,
 link-local or metadata addresses are refused unless they are the Label Studio host or listed
 in IMAGE_HOST_ALLOWLIST; the check is repeated for every redirect.
 """
@@ -24,10 +26,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serve_app.ingress.errors import ImageError
+from serve_app.ingress.label_studio_auth import LabelStudioAuthError, LabelStudioCredentials
 
 logger = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
+CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 
 
 @dataclass(frozen=True)
@@ -35,8 +39,10 @@ class ImageSourcePolicy:
     max_bytes: int
     timeout_s: float
     max_pixels: int
-    label_studio_url: str = ""  # base for relative URLs; its host is always allowed
-    label_studio_token: str = ""  # sent only to the Label Studio host
+    label_studio_url: str = ""  # base for relative URLs and the only host credentials are sent to
+    # True when the URL comes from the operator (LABEL_STUDIO_URL); a hostname sent to /setup is not
+    # trusted to be private, or anyone reaching /setup could point downloads at internal hosts.
+    trust_label_studio_host: bool = False
     host_allowlist: frozenset[str] = frozenset()  # host names or host:port allowed even if private
 
 
@@ -61,10 +67,16 @@ def _is_public(address: str) -> bool:
 
 
 class ImageFetcher:
-    def __init__(self, policy: ImageSourcePolicy, client: httpx.AsyncClient | None = None):
+    def __init__(self, policy: ImageSourcePolicy, client: httpx.AsyncClient | None = None,
+                 credentials: LabelStudioCredentials | None = None):
         self.policy = policy
         self._client = client or httpx.AsyncClient(follow_redirects=False, trust_env=False)
         self._ls_host = _host_port(policy.label_studio_url) if policy.label_studio_url else None
+        self.credentials = credentials  # sent to the Label Studio host only
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        return self._client
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -72,7 +84,8 @@ class ImageFetcher:
     def _allowed_without_ip_check(self, url: str) -> bool:
         host, port = _host_port(url)
         allow = self.policy.host_allowlist
-        return (host, port) == self._ls_host or host in allow or f"{host}:{port}" in allow
+        trusted_ls = self.policy.trust_label_studio_host and (host, port) == self._ls_host
+        return trusted_ls or host in allow or f"{host}:{port}" in allow
 
     async def _check_host(self, url: str) -> None:
         if self._allowed_without_ip_check(url):
@@ -90,20 +103,27 @@ class ImageFetcher:
                 f"image host {host!r} resolves to a non-public address ({', '.join(blocked)}); "
                 "add it to IMAGE_HOST_ALLOWLIST to allow it", status_code=403)
 
-    def resolve(self, url: str, label_studio_url: str = "") -> str:
+    def resolve(self, url: str, task_id: object = None) -> str:
         if not isinstance(url, str) or not url.strip():
             raise ImageError("the task has no image URL")
         url = url.strip()
         scheme = urlsplit(url).scheme.lower()
         if scheme in ("http", "https", "data"):
             return url
-        if not scheme and url.startswith("/"):
-            base = self.policy.label_studio_url or label_studio_url
+        base = self.policy.label_studio_url
+        if not scheme and url.startswith(("/data/", "/storage-data/", "/tasks/")):
             if not base:
                 raise ImageError(f"{url[:200]} is relative to Label Studio; set LABEL_STUDIO_URL to fetch it")
             return urljoin(base.rstrip("/") + "/", url.lstrip("/"))
-        raise ImageError(f"unsupported image URL scheme {scheme or 'none'!r}: only http, https and data URLs "
-                         "and Label Studio /data/ paths are fetched")
+        if scheme in CLOUD_SCHEMES:
+            if not base:
+                raise ImageError(f"{url[:200]} is in cloud storage; set LABEL_STUDIO_URL so Label Studio can presign it")
+            if not isinstance(task_id, int) or isinstance(task_id, bool):
+                raise ImageError(f"{url[:200]} is in cloud storage; presigning it needs the task's integer id")
+            encoded = base64.urlsafe_b64encode(url.encode()).decode()
+            return f"{base.rstrip('/')}/tasks/{task_id}/presign/?fileuri={encoded}"
+        raise ImageError(f"unsupported image URL {url[:100]!r}: only http(s), data, Label Studio /data/ paths and "
+                         "s3/gs/azure-blob URIs are fetched")
 
     async def fetch(self, url: str) -> bytes:
         if url.startswith("data:"):
@@ -117,13 +137,31 @@ class ImageFetcher:
             raise ImageError(f"cannot download {url[:200]}: {exc.__class__.__name__}: {exc}", status_code=502) from None
 
     async def _download(self, url: str) -> bytes:
-        for _ in range(MAX_REDIRECTS + 1):
+        refreshed = False
+        redirects = 0
+        while redirects <= MAX_REDIRECTS:
             await self._check_host(url)
+            to_label_studio = self._ls_host is not None and _host_port(url) == self._ls_host
             headers = {}
-            if self.policy.label_studio_token and self._ls_host and _host_port(url) == self._ls_host:
-                headers["Authorization"] = f"Token {self.policy.label_studio_token}"
+            if to_label_studio and self.credentials:
+                try:
+                    headers = await self.credentials.headers(force_refresh=refreshed)
+                except LabelStudioAuthError as exc:
+                    raise ImageError(str(exc), status_code=502) from None
             async with self._client.stream("GET", url, headers=headers) as response:
+                if (response.status_code == 401 and to_label_studio and self.credentials
+                        and self.credentials.is_personal_access_token and not refreshed):
+                    refreshed = True  # the access token may have just expired: exchange once more
+                    continue
+                if to_label_studio and response.status_code != 200 and not response.is_redirect:
+                    used = self.credentials.describe() if self.credentials else "no credential"
+                    hint = {401: "; set LABEL_STUDIO_API_KEY to a valid token",
+                            403: "; the token's user cannot see this project",
+                            404: "; the file is not in Label Studio"}.get(response.status_code, "")
+                    raise ImageError(f"Label Studio answered HTTP {response.status_code} for {url[:200]} "
+                                     f"(sent: {used}){hint}", status_code=502)
                 if response.is_redirect:
+                    redirects += 1
                     url = urljoin(url, response.headers.get("location", ""))
                     if urlsplit(url).scheme not in ("http", "https"):
                         raise ImageError("image redirect to a non-http URL refused", status_code=403)
