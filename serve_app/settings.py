@@ -62,6 +62,7 @@ class Settings:
     max_download_bytes: int = 50 * 1024 * 1024  # MAX_DOWNLOAD_BYTES
     download_timeout_s: float = 20.0  # DOWNLOAD_TIMEOUT_S: whole download, connect included
     task_timeout_s: float = 90.0  # TASK_TIMEOUT_S: one task end to end (Label Studio gives /predict 100 s)
+    replica_retry_timeout_s: float = 30.0  # REPLICA_RETRY_TIMEOUT_S: wait for a replacement replica, then 503
 
     @property
     def sam_enabled(self) -> bool:
@@ -116,7 +117,7 @@ class Settings:
                      "max_phrases", "max_image_pixels", "max_download_bytes"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be a positive integer, got {getattr(self, name)}")
-        for name in ("download_timeout_s", "task_timeout_s"):
+        for name in ("download_timeout_s", "task_timeout_s", "replica_retry_timeout_s"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be positive, got {getattr(self, name)}")
         if self.precision not in ("fp32", "fp16", "bf16"):

@@ -80,6 +80,17 @@ class ServeProcess:
         self.stop()
         raise RuntimeError(f"service not ready after {self.startup_timeout_s} s:\n{self.log_tail()}")
 
+    def wait_for_log(self, pattern: str, timeout_s: float = 20) -> bool:
+        """Replica logs reach `serve run`'s output through Ray's log monitor, a moment after the fact."""
+        import re
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if re.search(pattern, self.log_path.read_text(errors="replace")):
+                return True
+            time.sleep(0.5)
+        return False
+
     def log_tail(self, lines: int = 60) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -54,6 +54,9 @@ def upload_files(ls_url: str, headers: dict, project_id: int, files: dict[str, t
 # How the service learns where Label Studio is and which key to send:
 #   legacy token / personal access token: LABEL_STUDIO_URL + LABEL_STUDIO_API_KEY in its environment;
 #   setup: nothing in its environment; it uses the hostname and token Label Studio sends to /setup.
+#   In "setup" mode the service also requires HTTP Basic auth, and Label Studio connects with its
+#   "Basic auth" option.
+BASIC_AUTH = ("labeler", "s3cret-pass")
 MODES = {
     "legacy token": "legacy token from LABEL_STUDIO_API_KEY",
     "personal access token": "personal access token from LABEL_STUDIO_API_KEY",
@@ -73,6 +76,8 @@ def run(request, label_studio, tiny_models, image_server, tmp_path_factory):
     }
     if request.param != "setup":
         env.update({"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": key})
+    else:
+        env.update({"BASIC_AUTH_USER": BASIC_AUTH[0], "BASIC_AUTH_PASS": BASIC_AUTH[1]})
     service = ServeProcess(env, tmp_path_factory.mktemp("serve")).start()
     client = LabelStudioClient(base_url=label_studio.url, api_key=key)
     project = client.projects.create(title=f"e2e {request.param}", label_config=SEED_CONFIG)
@@ -103,7 +108,10 @@ def run(request, label_studio, tiny_models, image_server, tmp_path_factory):
     assert len(sizes) == len(tasks) == 5
     assert any(str(t.data["image"]).startswith("/data/upload/") for t in tasks)
 
-    ml = client.ml.create(project=project.id, url=service.url, is_interactive=True, title=f"grounded-serve {request.param}")
+    auth = {"auth_method": "BASIC_AUTH", "basic_auth_user": BASIC_AUTH[0], "basic_auth_pass": BASIC_AUTH[1]} \
+        if request.param == "setup" else {}
+    ml = client.ml.create(project=project.id, url=service.url, is_interactive=True,
+                          title=f"grounded-serve {request.param}", **auth)
     yield SimpleNamespace(kind=request.param, credential=MODES[request.param], key=key, client=client,
                           project=project, ml=ml, sizes=sizes,
                           service=service, label_studio=label_studio)
@@ -135,6 +143,17 @@ def test_retrieve_predictions_stores_a_valid_prediction_for_every_task(run):
         assert decode_rle(brush["value"]["rle"]).size == width * height * 4
 
 
+def test_basic_auth_guards_the_service_label_studio_connected_with(run):
+    if run.kind != "setup":
+        assert httpx.post(f"{run.service.url}/setup", json={}).status_code == 200  # no auth configured
+        return
+    refused = httpx.post(f"{run.service.url}/predict", json={"tasks": []})
+    assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Basic")
+    assert httpx.get(f"{run.service.url}/health").status_code == 200
+    # Label Studio's own calls carried the credentials: the predictions above exist, and the backend is connected
+    assert run.client.ml.get(run.ml.id).state in ("CO", "PR")
+
+
 def test_retrieving_again_does_not_duplicate(run):
     retrieve_predictions(run)
     for task_id in run.sizes:
@@ -162,10 +181,10 @@ def test_a_refused_upload_is_logged_with_the_credential_and_the_rest_survive(run
     retrieve_predictions(run)
     [prediction] = run.client.predictions.list(task=broken.id)
     assert prediction.result == []
-    log = run.service.log_path.read_text(errors="replace")
     # Label Studio 1.23 answers a missing upload with a 500
-    assert re.search(rf"task {broken.id}: Label Studio answered HTTP (404|500) for {re.escape(run.label_studio.url + missing)} "
-                     rf"\(sent: {re.escape(run.credential)}\)", log)
+    assert run.service.wait_for_log(
+        rf"task {broken.id}: Label Studio answered HTTP (404|500) for {re.escape(run.label_studio.url + missing)} "
+        rf"\(sent: {re.escape(run.credential)}\)")
     for task_id in run.sizes:  # the others still have their one prediction
         assert len(run.client.predictions.list(task=task_id)) == 1
 

@@ -13,8 +13,11 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.ingress.auth import OPEN_PATHS, BasicAuth
 from serve_app.ingress.errors import BadRequest
 from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy, decode_image
 from serve_app.ingress.label_studio_auth import LabelStudioCredentials
@@ -31,6 +34,24 @@ MODEL_CLASS = "GroundedSam"
 READINESS_POLL_S = 2.0
 
 api = FastAPI(title="grounded-serve", description="Label Studio ML backend: Grounding DINO + SAM on Ray Serve")
+api.state.basic_auth = None  # set by the Ingress constructor from the replica's environment
+
+
+@api.middleware("http")
+async def require_basic_auth(request: Request, call_next):
+    auth = request.app.state.basic_auth
+    if auth is not None and request.url.path not in OPEN_PATHS and not auth.allows(request.headers.get("authorization")):
+        logger.warning("refused %s %s: missing or wrong Basic auth credentials", request.method, request.url.path)
+        return auth.refusal()
+    return await call_next(request)
+
+
+class ServiceUnavailable(Exception):
+    """The models cannot take this request now (overloaded, or a replica died twice): retry later."""
+
+    def __init__(self, message: str, retry_after_s: int = 10):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def model_version_for(settings: Settings) -> str:
@@ -69,6 +90,10 @@ def resolve_thresholds(settings: Settings, config: ProjectConfig, context: Any) 
     return thresholds
 
 
+async def _awaited(response):
+    return await response
+
+
 def _json_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"status": "error", "error": message}, status_code=status)
 
@@ -78,6 +103,7 @@ def _json_error(status: int, message: str) -> JSONResponse:
 class Ingress:
     def __init__(self, settings: dict, detector: DeploymentHandle, segmenter: DeploymentHandle | None = None):
         self.settings = Settings(**settings)
+        api.state.basic_auth = BasicAuth.from_environment()
         self.detector = detector
         self.segmenter = segmenter
         self.model_version = model_version_for(self.settings)
@@ -195,6 +221,13 @@ class Ingress:
             self.metrics.count("predict_request_errors")
             logger.warning("/predict refused (%d): %s", exc.status_code, exc)
             return _json_error(exc.status_code, exc.message)
+        except ServiceUnavailable as exc:
+            # Nothing is returned, so Label Studio stores nothing and a later retrieval retries these tasks.
+            self.metrics.count("predict_unavailable")
+            logger.warning("/predict answered 503: %s", exc)
+            response = _json_error(503, str(exc))
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+            return response
         finally:
             self.metrics.observe_latency("predict", time.perf_counter() - started)
         return JSONResponse(response)
@@ -231,7 +264,12 @@ class Ingress:
             async with limit:
                 return await self._predict_task(task, config, prompt, thresholds)
 
-        results = await asyncio.gather(*(bounded(task) for task in tasks))
+        try:
+            async with asyncio.TaskGroup() as group:  # a ServiceUnavailable cancels the request's other tasks
+                running = [group.create_task(bounded(task)) for task in tasks]
+        except* ServiceUnavailable as failures:
+            raise failures.exceptions[0] from None
+        results = [task.result() for task in running]
         self.metrics.count("predict_tasks", len(tasks))
         response: dict[str, Any] = {"results": list(results), "model_version": self.model_version}
         if prompt.warnings:
@@ -247,6 +285,8 @@ class Ingress:
         except BadRequest as exc:
             self.metrics.count("task_errors")
             logger.warning("task %s: %s", task_id, exc)
+        except ServiceUnavailable:
+            raise
         except asyncio.TimeoutError:
             self.metrics.count("task_errors")
             logger.error("task %s: no result within %g s (TASK_TIMEOUT_S)", task_id, self.settings.task_timeout_s)
@@ -254,6 +294,28 @@ class Ingress:
             self.metrics.count("task_errors")
             logger.exception("task %s failed", task_id)
         return empty_prediction(self.model_version)
+
+    async def _call_model(self, name: str, method, request):
+        """One model call. A replica that dies mid-request is retried once, on another replica or the one Serve
+        starts in its place, for at most REPLICA_RETRY_TIMEOUT_S; after that the request gets a 503."""
+        try:
+            return await method.remote(request)
+        except BackPressureError as exc:
+            raise ServiceUnavailable(f"the {name} deployment is overloaded ({exc})") from None
+        except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
+            self.metrics.count(f"{name.lower()}_replica_failures")
+            logger.warning("%s replica failed (%s); retrying once", name, exc.__class__.__name__)
+        retry = method.remote(request)
+        try:
+            return await asyncio.wait_for(_awaited(retry), timeout=self.settings.replica_retry_timeout_s)
+        except asyncio.TimeoutError:
+            retry.cancel()
+            raise ServiceUnavailable(f"the {name} deployment lost a replica and none was back within "
+                                     f"{self.settings.replica_retry_timeout_s:g} s (REPLICA_RETRY_TIMEOUT_S)") from None
+        except BackPressureError as exc:
+            raise ServiceUnavailable(f"the {name} deployment is overloaded ({exc})") from None
+        except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
+            raise ServiceUnavailable(f"the {name} deployment failed twice: {exc.__class__.__name__}") from None
 
     async def _run_task(self, task: Any, config: ProjectConfig, prompt: Prompt,
                         thresholds: dict[str, float]) -> dict[str, Any]:
@@ -269,7 +331,7 @@ class Ingress:
             return build_prediction(config, prompt.phrases, [], [], [], None, image.width, image.height,
                                     self.model_version)
 
-        detections, batch_size = await self.detector.detect.remote(DetectionRequest(
+        detections, batch_size = await self._call_model("Detector", self.detector.detect, DetectionRequest(
             image=image.pixels, phrases=[p.text for p in prompt.phrases],
             box_threshold=thresholds["box_threshold"], text_threshold=thresholds["text_threshold"],
             max_detections=self.settings.max_detections))
@@ -277,8 +339,8 @@ class Ingress:
 
         masks = None
         if self.segmenter is not None and config.masks is not None and len(detections):
-            segmented, batch_size = await self.segmenter.segment.remote(
-                SegmentationRequest(image=image.pixels, boxes=detections.boxes))
+            segmented, batch_size = await self._call_model(
+                "Segmenter", self.segmenter.segment, SegmentationRequest(image=image.pixels, boxes=detections.boxes))
             self.metrics.observe_batch("Segmenter", batch_size)
             masks = segmented.masks
         return build_prediction(config, prompt.phrases, detections.boxes, detections.scores, detections.phrase_ids,

@@ -205,8 +205,12 @@ def decode_image(data: bytes, max_pixels: int) -> LoadedImage:
         raise ImageError("the image is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            # Pillow's own bomb limit is checked from the header, like ours below; ours gives the message.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                image = Image.open(io.BytesIO(data))
+            except Image.DecompressionBombError as exc:
+                raise ImageError(f"{exc}; the limit is {max_pixels} (MAX_IMAGE_PIXELS)", status_code=413) from None
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
@@ -217,9 +221,9 @@ def decode_image(data: bytes, max_pixels: int) -> LoadedImage:
             pixels = _to_rgb(image)
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except UnidentifiedImageError as exc:
         raise ImageError(f"not a decodable image: {exc}") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt files
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt files
         raise ImageError(f"cannot decode the image: {exc}") from None
     return LoadedImage(pixels=pixels, width=pixels.shape[1], height=pixels.shape[0])
 
