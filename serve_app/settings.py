@@ -49,6 +49,7 @@ class Settings:
     # Image sources
     label_studio_url: str = ""  # LABEL_STUDIO_URL (or LABEL_STUDIO_HOST): base for /data/... task URLs
     image_host_allowlist: str = ""  # IMAGE_HOST_ALLOWLIST: comma-separated hosts (or host:port) that may be private
+    local_files_document_root: str = ""  # LOCAL_FILES_DOCUMENT_ROOT: read /data/local-files/?d= from this disk
     # Detection defaults; a project can override them in its label config
     box_threshold: float = 0.30  # BOX_THRESHOLD
     text_threshold: float = 0.25  # TEXT_THRESHOLD

@@ -132,3 +132,14 @@ def test_download_command_prefetches_the_configured_checkpoint(server, tiny_mode
     assert main(["download"]) == 0
     assert cached_path(url, tmp_path).is_file()
     assert f"MOBILESAM_CHECKPOINT: {cached_path(url, tmp_path)}" in capsys.readouterr().out
+
+
+def test_a_full_disk_names_the_setting_and_leaves_nothing(server, tmp_path):
+    url = f"{server}/full/sam.pth"
+    target = cached_path(url, tmp_path)
+    target.parent.mkdir(parents=True)
+    # writes into the .part file land on /dev/full, which fails every write with ENOSPC
+    (target.parent / (target.name + ".part")).symlink_to("/dev/full")
+    with pytest.raises(CheckpointError, match="SAM_CHECKPOINT: the disk is full .* set CHECKPOINT_CACHE_DIR"):
+        resolve_checkpoint(url, "SAM_CHECKPOINT", tmp_path)
+    assert not target.exists()

@@ -1,6 +1,10 @@
 import asyncio
+import base64
+import http.server
 import io
+import threading
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -115,3 +119,87 @@ def test_http_errors_and_size_cap(image_server):
     with pytest.raises(ImageError, match="MAX_DOWNLOAD_BYTES") as info:
         asyncio.run(fetcher(host_allowlist=allowed, max_bytes=100).fetch(f"{image_server}/img0.png"))
     assert info.value.status_code == 413
+
+
+def test_document_root_serves_local_files_and_nothing_outside(tmp_path):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    data = png_bytes(pattern(8, 8))
+    (root / "sub" / "a.png").write_bytes(data)
+    (tmp_path / "secret.png").write_bytes(b"secret")
+    (root / "escape.png").symlink_to(tmp_path / "secret.png")
+    local = fetcher(document_root=str(root))
+
+    for url in ("/data/local-files/?d=sub/a.png", str(root / "sub" / "a.png"), "/data/local-files/?d=/sub/a.png"):
+        assert asyncio.run(local.fetch(local.resolve(url))) == data
+    for url in ("/data/local-files/?d=../secret.png", "/data/local-files/?d=escape.png", str(tmp_path / "secret.png"),
+                "/etc/passwd"):
+        with pytest.raises(ImageError, match="outside the document root") as info:
+            local.resolve(url)
+        assert info.value.status_code == 403
+    with pytest.raises(ImageError, match="no such file"):
+        asyncio.run(local.fetch(local.resolve("/data/local-files/?d=sub/missing.png")))
+    # a file:// URL in a task is still refused: only resolve() makes them, for paths inside the root
+    with pytest.raises(ImageError, match="unsupported image URL"):
+        local.resolve(f"file://{root}/sub/a.png")
+
+
+def test_cloud_uris_are_presigned_by_label_studio_for_the_task():
+    ls = fetcher(label_studio_url="http://ls:8080")
+    url = ls.resolve("s3://bucket/dir/img 1.png", 42)
+    encoded = base64.urlsafe_b64encode(b"s3://bucket/dir/img 1.png").decode()
+    assert url == f"http://ls:8080/tasks/42/presign/?fileuri={encoded}"
+    for uri in ("gs://b/k.jpg", "azure-blob://c/k.jpg"):
+        assert ls.resolve(uri, 1).startswith("http://ls:8080/tasks/1/presign/?fileuri=")
+    with pytest.raises(ImageError, match="needs the task's integer id"):
+        ls.resolve("s3://bucket/k.png", None)
+    with pytest.raises(ImageError, match="set LABEL_STUDIO_URL"):
+        fetcher().resolve("s3://bucket/k.png", 1)
+
+
+class PresignStandIn(http.server.BaseHTTPRequestHandler):
+    """Stands in for Label Studio's presign endpoint and a cloud bucket, which cannot run here:
+    /tasks/<id>/presign/ redirects to a 'bucket' on another host name, as Label Studio does for S3."""
+
+    seen: list[tuple[str, str | None]] = []
+
+    def do_GET(self):  # noqa: N802
+        type(self).seen.append((self.path, self.headers.get("Authorization")))
+        if self.path.startswith("/tasks/7/presign/"):
+            self.send_response(303)
+            self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/bucket/img.png?sig=x")
+            self.end_headers()
+            return
+        data = png_bytes(pattern(8, 8))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_presigned_download_sends_the_key_to_label_studio_only(tmp_path):
+    from serve_app.ingress.label_studio_auth import LabelStudioCredentials
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PresignStandIn)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+
+    async def fetch():
+        async with httpx.AsyncClient() as client:
+            policy = ImageSourcePolicy(max_bytes=10**6, timeout_s=5, max_pixels=MAX_PIXELS, label_studio_url=base,
+                                       trust_label_studio_host=True, host_allowlist=frozenset({"localhost"}))
+            credentials = LabelStudioCredentials(base, "legacy-key", client, "LABEL_STUDIO_API_KEY")
+            images = ImageFetcher(policy, client, credentials)
+            return await images.fetch(images.resolve("s3://bucket/img.png", 7))
+
+    try:
+        assert decode_image(asyncio.run(fetch()), MAX_PIXELS).width == 8
+    finally:
+        server.shutdown()
+        server.server_close()
+    (presign_path, presign_auth), (bucket_path, bucket_auth) = PresignStandIn.seen
+    assert presign_path.startswith("/tasks/7/presign/?fileuri=") and presign_auth == "Token legacy-key"
+    assert bucket_path == "/bucket/img.png?sig=x" and bucket_auth is None

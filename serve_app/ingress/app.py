@@ -123,6 +123,7 @@ class Ingress:
         policy = ImageSourcePolicy(
             max_bytes=s.max_download_bytes, timeout_s=s.download_timeout_s, max_pixels=s.max_image_pixels,
             label_studio_url=base_url, trust_label_studio_host=bool(s.label_studio_url),
+            document_root=s.local_files_document_root,
             host_allowlist=frozenset(h.strip().lower() for h in s.image_host_allowlist.split(",") if h.strip()),
         )
         client = httpx.AsyncClient(follow_redirects=False, trust_env=False)

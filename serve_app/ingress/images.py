@@ -19,7 +19,8 @@ import logging
 import socket
 import warnings
 from dataclasses import dataclass
-from urllib.parse import unquote_to_bytes, urljoin, urlsplit
+from pathlib import Path
+from urllib.parse import parse_qs, unquote_to_bytes, urljoin, urlsplit
 
 import httpx
 import numpy as np
@@ -43,6 +44,9 @@ class ImageSourcePolicy:
     # True when the URL comes from the operator (LABEL_STUDIO_URL); a hostname sent to /setup is not
     # trusted to be private, or anyone reaching /setup could point downloads at internal hosts.
     trust_label_studio_host: bool = False
+    # Label Studio's LOCAL_FILES_DOCUMENT_ROOT, when this service sees the same disk: /data/local-files/?d=...
+    # and bare paths inside it are read from disk; anything outside it is refused.
+    document_root: str = ""
     host_allowlist: frozenset[str] = frozenset()  # host names or host:port allowed even if private
 
 
@@ -111,6 +115,9 @@ class ImageFetcher:
         if scheme in ("http", "https", "data"):
             return url
         base = self.policy.label_studio_url
+        local = self._local_path(url) if not scheme else None
+        if local is not None:
+            return local.as_uri()
         if not scheme and url.startswith(("/data/", "/storage-data/", "/tasks/")):
             if not base:
                 raise ImageError(f"{url[:200]} is relative to Label Studio; set LABEL_STUDIO_URL to fetch it")
@@ -125,9 +132,28 @@ class ImageFetcher:
         raise ImageError(f"unsupported image URL {url[:100]!r}: only http(s), data, Label Studio /data/ paths and "
                          "s3/gs/azure-blob URIs are fetched")
 
+    def _local_path(self, url: str) -> Path | None:
+        """A path inside the document root for `/data/local-files/?d=rel` or a bare absolute path, else None."""
+        if not self.policy.document_root:
+            return None
+        root = Path(self.policy.document_root).resolve()
+        parts = urlsplit(url)
+        if parts.path.rstrip("/") == "/data/local-files":  # ?d= is relative to the root, as in Label Studio
+            candidate = root / parse_qs(parts.query).get("d", [""])[-1].lstrip("/")
+        elif url.startswith("/") and not url.startswith(("/data/", "/storage-data/", "/tasks/")):
+            candidate = Path(url)  # a bare absolute path
+        else:
+            return None
+        candidate = candidate.resolve()  # symlinks and ".." are resolved before the check
+        if not candidate.is_relative_to(root):
+            raise ImageError(f"{url[:200]} is outside the document root (LOCAL_FILES_DOCUMENT_ROOT)", status_code=403)
+        return candidate
+
     async def fetch(self, url: str) -> bytes:
         if url.startswith("data:"):
             return self._decode_data_url(url)
+        if url.startswith("file://"):
+            return await asyncio.to_thread(self._read_local, Path(unquote_to_bytes(urlsplit(url).path).decode()))
         try:
             return await asyncio.wait_for(self._download(url), timeout=self.policy.timeout_s)
         except asyncio.TimeoutError:
@@ -183,6 +209,20 @@ class ImageFetcher:
 
     def _too_big(self, size: int) -> str:
         return f"image is larger than {self.policy.max_bytes} bytes ({size}+; MAX_DOWNLOAD_BYTES)"
+
+    def _read_local(self, path: Path) -> bytes:
+        # only paths that resolve() put inside the document root get a file:// URL
+        if not self.policy.document_root or not path.is_relative_to(Path(self.policy.document_root).resolve()):
+            raise ImageError("local files are read only inside LOCAL_FILES_DOCUMENT_ROOT", status_code=403)
+        try:
+            size = path.stat().st_size
+            if size > self.policy.max_bytes:
+                raise ImageError(self._too_big(size), status_code=413)
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise ImageError(f"no such file in the document root: {path.name}", status_code=404) from None
+        except (IsADirectoryError, PermissionError) as exc:
+            raise ImageError(f"cannot read {path.name}: {exc.__class__.__name__}", status_code=403) from None
 
     def _decode_data_url(self, url: str) -> bytes:
         header, sep, payload = url.partition(",")
