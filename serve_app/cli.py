@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -28,7 +29,44 @@ def main(argv: list[str] | None = None) -> int:
     )
     download.add_argument("--all-sam", action="store_true",
                           help="also fetch every official SAM and MobileSAM checkpoint (about 4.2 GB)")
+    prelabel = commands.add_parser(
+        "prelabel",
+        help="pre-label every task of a Label Studio project through the running service (resumable)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""Pre-label a whole Label Studio project: pages through its tasks, sends them to the running
+grounded-serve service in chunks (a few chunks in flight at a time), and stores each task's prediction in
+Label Studio with a stable model_version. Tasks that already have a prediction of that version are
+skipped, so after Ctrl-C, a crash or failed tasks, run the same command again to continue. Tasks that
+fail (e.g. an unreadable image) are not stored and are listed at the end; the exit code is then 1.
+
+Use it instead of "Retrieve predictions" for more tasks than fit in Label Studio's 100 s /predict
+timeout. See docs/prelabel.md.
+
+examples:
+  export LABEL_STUDIO_URL=http://localhost:8080 LABEL_STUDIO_API_KEY=...
+  grounded-serve prelabel --project 3                       # search every label of the config
+  grounded-serve prelabel --project 3 --prompt "brown cat_cats. house" --box-threshold 0.35
+  grounded-serve prelabel --project 3 --view 12 --service http://gpu-box:9090""")
+    prelabel.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    prelabel.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL")
+                          or os.environ.get("LABEL_STUDIO_HOST"), help="default: $LABEL_STUDIO_URL or $LABEL_STUDIO_HOST")
+    prelabel.add_argument("--api-key", default=os.environ.get("LABEL_STUDIO_API_KEY")
+                          or os.environ.get("LABEL_STUDIO_ACCESS_TOKEN"),
+                          help="legacy token or personal access token; default: $LABEL_STUDIO_API_KEY")
+    prelabel.add_argument("--service", default=os.environ.get("GROUNDED_SERVE_URL", "http://127.0.0.1:9090"),
+                          help="the running service; default: $GROUNDED_SERVE_URL or http://127.0.0.1:9090")
+    prelabel.add_argument("--prompt", default="", help="same syntax as the prompt box; default: every label")
+    prelabel.add_argument("--view", type=int, help="only the tasks of this Data Manager view (tab) id")
+    prelabel.add_argument("--box-threshold", type=float)
+    prelabel.add_argument("--text-threshold", type=float)
+    prelabel.add_argument("--chunk-size", type=int, default=8, help="tasks per /predict request (default 8)")
+    prelabel.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    prelabel.add_argument("--retries", type=int, default=5, help="retries of transient errors (default 5)")
+    prelabel.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     args = parser.parse_args(argv)
+
+    if args.command == "prelabel":
+        return _prelabel(parser, args)
 
     if args.command == "download":
         return _download(args.all_sam)
@@ -41,6 +79,38 @@ def main(argv: list[str] | None = None) -> int:
         print("export USE_SAM=true SAM_MODEL_TYPE=tiny")
         print(f"export SAM_CHECKPOINT={paths['sam'].resolve()}")
     return 0
+
+
+def _prelabel(parser: argparse.ArgumentParser, args) -> int:
+    import logging
+
+    from serve_app.prelabel import PrelabelOptions, run_prelabel
+
+    if not args.label_studio_url or not args.api_key:
+        parser.error("set --label-studio-url and --api-key (or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
+    for name in ("box_threshold", "text_threshold"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:
+            parser.error(f"--{name.replace('_', '-')} must be between 0 and 1")
+    if args.chunk_size < 1 or args.concurrency < 1 or args.retries < 0:
+        parser.error("--chunk-size and --concurrency must be at least 1, --retries at least 0")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    user, password = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
+    summary = run_prelabel(PrelabelOptions(
+        label_studio_url=args.label_studio_url, api_key=args.api_key, project=args.project,
+        service_url=args.service, prompt=args.prompt, view=args.view, box_threshold=args.box_threshold,
+        text_threshold=args.text_threshold, chunk_size=args.chunk_size, concurrency=args.concurrency,
+        retries=args.retries, basic_auth=(user, password) if user and password else None,
+        progress=not args.no_progress))
+    print(summary.line())
+    for task_id, reason in list(summary.failed.items())[:20]:
+        print(f"  task {task_id}: {reason}")
+    if len(summary.failed) > 20:
+        print(f"  ... and {len(summary.failed) - 20} more")
+    if summary.interrupted:
+        print("interrupted: run the same command again to continue")
+        return 130
+    return 1 if summary.failed else 0
 
 
 def _download(all_sam: bool) -> int:

@@ -56,3 +56,18 @@ def image_server(image_dir) -> str:
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    """A real Label Studio on 127.0.0.1 (see tests/label_studio.py), one per test module."""
+    from tests.label_studio import LabelStudio, label_studio_binary
+
+    if label_studio_binary() is None:
+        message = "Label Studio is not installed: run scripts/install-label-studio"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI installs it; a missing install must not pass as a skip
+        pytest.skip(message)
+    server = LabelStudio(tmp_path_factory.mktemp("label-studio")).start()
+    yield server
+    server.stop()

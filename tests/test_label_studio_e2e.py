@@ -8,12 +8,10 @@ over: uploads (/data/upload/..., fetched with the API key), plain http URLs and 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from types import SimpleNamespace
 
 import httpx
-import numpy as np
 import pytest
 from label_studio_sdk import LabelStudio as LabelStudioClient
 from label_studio_sdk.converter.brush import decode_rle
@@ -22,24 +20,12 @@ from label_studio_sdk.label_interface import LabelInterface
 from serve_app.ingress.label_studio_auth import LabelStudioCredentials
 from tests.configs import SEED_CONFIG
 from tests.imaging import data_url, jpeg_with_orientation, pattern, png_bytes
-from tests.label_studio import LEGACY_TOKEN, LabelStudio, label_studio_binary
+from tests.label_studio import LEGACY_TOKEN
 from tests.serve_process import ServeProcess
 
 pytestmark = [pytest.mark.serve, pytest.mark.e2e]
 
 LABELS = {"cats", "house"}
-
-
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
-    if label_studio_binary() is None:
-        message = "Label Studio is not installed: run scripts/install-label-studio"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # CI installs it; a missing install must not pass as a skip
-        pytest.skip(message)
-    server = LabelStudio(tmp_path_factory.mktemp("label-studio")).start()
-    yield server
-    server.stop()
 
 
 def upload_files(ls_url: str, headers: dict, project_id: int, files: dict[str, tuple[str, bytes, str]]) -> list[int]:

@@ -192,6 +192,9 @@ def test_a_bad_task_gets_an_empty_result_and_the_others_survive(client, image_se
     results = response.json()["results"]
     assert len(results) == 6
     assert [bool(r["result"]) for r in results] == [True, False, False, False, False, True]
+    errors = response.json()["task_errors"]  # for clients other than Label Studio, which ignores it
+    assert [(e["index"], e["task"]) for e in errors] == [(1, 101), (2, 999), (3, 102), (4, 103)]
+    assert "HTTP 404" in errors[0]["error"] and "no 'image' key" in errors[1]["error"]
     assert client.get("/metrics").json()["counters"]["task_errors"] - before == 4
 
 

@@ -270,31 +270,39 @@ class Ingress:
                 running = [group.create_task(bounded(task)) for task in tasks]
         except* ServiceUnavailable as failures:
             raise failures.exceptions[0] from None
-        results = [task.result() for task in running]
+        outcomes = [task.result() for task in running]
         self.metrics.count("predict_tasks", len(tasks))
-        response: dict[str, Any] = {"results": list(results), "model_version": self.model_version}
+        response: dict[str, Any] = {"results": [prediction for prediction, _ in outcomes],
+                                    "model_version": self.model_version}
+        # Label Studio reads only `results`; other clients (grounded-serve prelabel) learn which tasks failed.
+        errors = [{"index": i, "task": task.get("id") if isinstance(task, dict) else None, "error": error}
+                  for i, (task, (_, error)) in enumerate(zip(tasks, outcomes)) if error]
+        if errors:
+            response["task_errors"] = errors
         if prompt.warnings:
             response["warnings"] = list(prompt.warnings)
         return response
 
     async def _predict_task(self, task: Any, config: ProjectConfig, prompt: Prompt,
-                            thresholds: dict[str, float]) -> dict[str, Any]:
+                            thresholds: dict[str, float]) -> tuple[dict[str, Any], str | None]:
+        """The task's prediction and, when it failed, why (it then gets an empty prediction)."""
         task_id = task.get("id") if isinstance(task, dict) else None
         try:
             return await asyncio.wait_for(self._run_task(task, config, prompt, thresholds),
-                                          timeout=self.settings.task_timeout_s)
+                                          timeout=self.settings.task_timeout_s), None
         except BadRequest as exc:
-            self.metrics.count("task_errors")
+            error = str(exc)
             logger.warning("task %s: %s", task_id, exc)
         except ServiceUnavailable:
             raise
         except asyncio.TimeoutError:
-            self.metrics.count("task_errors")
-            logger.error("task %s: no result within %g s (TASK_TIMEOUT_S)", task_id, self.settings.task_timeout_s)
-        except Exception:  # noqa: BLE001 - one broken task must not lose the others
-            self.metrics.count("task_errors")
+            error = f"no result within {self.settings.task_timeout_s:g} s (TASK_TIMEOUT_S)"
+            logger.error("task %s: %s", task_id, error)
+        except Exception as exc:  # noqa: BLE001 - one broken task must not lose the others
+            error = f"internal error: {exc.__class__.__name__}"
             logger.exception("task %s failed", task_id)
-        return empty_prediction(self.model_version)
+        self.metrics.count("task_errors")
+        return empty_prediction(self.model_version), error
 
     async def _call_model(self, name: str, method, request):
         """One model call. A replica that dies mid-request is retried once, on another replica or the one Serve
