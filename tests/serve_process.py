@@ -28,7 +28,9 @@ def free_port() -> int:
 class ServeProcess:
     """`serve run` in its own session and Ray cluster; stopped by SIGINT like a person would."""
 
-    def __init__(self, env: dict[str, str], workdir: Path, config_overrides=None, startup_timeout_s: float = 240):
+    def __init__(self, env: dict[str, str], workdir: Path, config_overrides=None, startup_timeout_s: float = 240,
+                 address: str = "local"):
+        self.address = address  # "local": a new single-node cluster; or an existing cluster's GCS address
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
@@ -61,7 +63,7 @@ class ServeProcess:
         started = time.monotonic()
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "serve"), "run", "--address", "local", str(self.config_path)],
+            [str(Path(sys.executable).parent / "serve"), "run", "--address", self.address, str(self.config_path)],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
