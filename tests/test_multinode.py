@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import load_ls_fixture
 from tests.imaging import data_url, pattern, png_bytes
-from tests.serve_process import ServeProcess
+from tests.serve_process import ServeProcess, free_port
 
 pytestmark = pytest.mark.serve
 
@@ -31,7 +31,7 @@ def cluster():
     temp_dir = tempfile.mkdtemp(prefix="gs-mn-", dir="/tmp")  # short: unix socket paths are limited
     cluster = Cluster(initialize_head=True, connect=True, head_node_args={
         "num_cpus": 2, "num_gpus": 1, "resources": {"head_node": 1}, "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "_temp_dir": temp_dir})
+        "dashboard_host": "127.0.0.1", "dashboard_port": free_port(), "temp_dir": temp_dir})
     worker = cluster.add_node(num_cpus=2, num_gpus=1, resources={"worker_node": 1})
     cluster.wait_for_nodes()
     yield cluster, worker
@@ -49,7 +49,7 @@ def multinode_config(tiny_models):
             if deployment["name"] == "Detector":
                 deployment["autoscaling_config"] = {
                     "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
-                    "upscale_delay_s": 1, "downscale_delay_s": 4, "metrics_interval_s": 0.5,
+                    "upscale_delay_s": 1, "downscale_delay_s": 4,
                     "look_back_period_s": 2}
                 deployment["max_ongoing_requests"] = 8
                 deployment["user_config"]["batch_wait_timeout_s"] = 0.3  # keeps requests ongoing under load
