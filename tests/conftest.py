@@ -7,7 +7,6 @@ import functools
 import http.server
 import json
 import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -49,13 +48,10 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture(scope="session")
 def image_server(image_dir) -> str:
     """Serves `image_dir` on 127.0.0.1; yields the base URL."""
-    handler = functools.partial(_QuietHandler, directory=str(image_dir))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    from tests.loopback import loopback_http
+
+    with loopback_http(functools.partial(_QuietHandler, directory=str(image_dir))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.loopback import stop_session
 from tests.serve_process import ROOT, free_port
 
 LS_VENV = Path(os.environ.get("LABEL_STUDIO_VENV", ROOT / ".venv-ls"))
@@ -132,15 +133,5 @@ class LabelStudio:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_session(self.process, signal.SIGTERM, 20)
         self.process = None

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from tests.loopback import stop_session
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = ROOT / "configs" / "serve.yaml"
 
@@ -102,17 +104,7 @@ class ServeProcess:
     def stop(self, timeout_s: float = 60) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(30)
-        # Ray's own processes were started in the same session: clean up any that outlived `serve run`.
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        # Ray's own processes run in the same session: whatever outlives `serve run` is killed too.
+        stop_session(self.process, signal.SIGINT, timeout_s)
         self.process = None
         shutil.rmtree(self.ray_tmp, ignore_errors=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import threading
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from serve_app.models.checkpoints import cached_path, resolve_checkpoint
 from serve_app.models.grounding_dino import GroundingDinoDetector, ModelLoadError
 from serve_app.models.sam_loading import CheckpointError
 from serve_app.models.segmenter import SamSegmenter
+from tests.loopback import loopback_http
 from tests.serve_process import free_port
 
 
@@ -47,11 +47,8 @@ def checkpoint_bytes(tiny_models):
 @pytest.fixture(scope="module")
 def server(checkpoint_bytes):
     CheckpointServer.payload = checkpoint_bytes
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CheckpointServer)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with loopback_http(CheckpointServer) as url:
+        yield url
 
 
 def test_url_is_downloaded_once_and_loaded(server, tmp_path, checkpoint_bytes):

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from tests.configs import SEED_CONFIG
 from tests.conftest import load_ls_fixture
 from tests.imaging import data_url, pattern, png_bytes
+from tests.loopback import loopback_http
 from tests.serve_process import ServeProcess
 
 pytestmark = pytest.mark.serve
@@ -66,12 +67,8 @@ class TrickyImages(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def images():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TrickyImages)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with loopback_http(TrickyImages) as url:
+        yield url
 
 
 def small_limits(config):

@@ -2,7 +2,6 @@ import asyncio
 import base64
 import http.server
 import io
-import threading
 
 import httpx
 import numpy as np
@@ -12,6 +11,7 @@ from PIL import Image
 from serve_app.ingress.errors import ImageError
 from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy, decode_image
 from tests.imaging import data_url, jpeg_with_orientation, pattern, png_bytes
+from tests.loopback import loopback_http
 
 MAX_PIXELS = 10_000_000
 
@@ -183,11 +183,7 @@ class PresignStandIn(http.server.BaseHTTPRequestHandler):
 def test_presigned_download_sends_the_key_to_label_studio_only(tmp_path):
     from serve_app.ingress.label_studio_auth import LabelStudioCredentials
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PresignStandIn)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-
-    async def fetch():
+    async def fetch(base):
         async with httpx.AsyncClient() as client:
             policy = ImageSourcePolicy(max_bytes=10**6, timeout_s=5, max_pixels=MAX_PIXELS, label_studio_url=base,
                                        trust_label_studio_host=True, host_allowlist=frozenset({"localhost"}))
@@ -195,11 +191,8 @@ def test_presigned_download_sends_the_key_to_label_studio_only(tmp_path):
             images = ImageFetcher(policy, client, credentials)
             return await images.fetch(images.resolve("s3://bucket/img.png", 7))
 
-    try:
-        assert decode_image(asyncio.run(fetch()), MAX_PIXELS).width == 8
-    finally:
-        server.shutdown()
-        server.server_close()
+    with loopback_http(PresignStandIn) as base:
+        assert decode_image(asyncio.run(fetch(base)), MAX_PIXELS).width == 8
     (presign_path, presign_auth), (bucket_path, bucket_auth) = PresignStandIn.seen
     assert presign_path.startswith("/tasks/7/presign/?fileuri=") and presign_auth == "Token legacy-key"
     assert bucket_path == "/bucket/img.png?sig=x" and bucket_auth is None

@@ -171,22 +171,13 @@ def test_decoder_on_the_synthetic_embedding(sam, mode):
 def test_batched_service_path_equals_sam_predictor(sam):
     """The segmenter's multi-image path gives SamPredictor's masks at MobileSAM's real 1024 input size,
     for a portrait and a very small image encoded in one batch."""
-    from segment_anything import SamPredictor
-
     from serve_app.models.messages import SegmentationRequest
     from serve_app.models.segmenter import SamSegmenter
     from tests.imaging import pattern
+    from tests.loopback import assert_matches_sam_predictor
 
     images = [pattern(320, 180, seed=2), pattern(12, 20, seed=3)]
     boxes = [np.array([[30, 40, 150, 300], [0, 0, 180, 320]], np.float32), np.array([[1, 1, 15, 10]], np.float32)]
     results = SamSegmenter(sam, torch.device("cpu")).segment(
         [SegmentationRequest(i, b) for i, b in zip(images, boxes)])
-    predictor = SamPredictor(sam)
-    for image, box, result in zip(images, boxes, results):
-        predictor.set_image(image)
-        masks, scores, _ = predictor.predict_torch(
-            point_coords=None, point_labels=None,
-            boxes=predictor.transform.apply_boxes_torch(torch.as_tensor(box), image.shape[:2]),
-            multimask_output=False)
-        assert np.array_equal(result.masks, masks[:, 0].numpy())
-        np.testing.assert_allclose(result.scores, scores[:, 0].numpy(), atol=1e-5)
+    assert_matches_sam_predictor(sam, images, boxes, results)

@@ -113,24 +113,14 @@ def test_official_sam_layouts_load_strictly(model_type):
 
 def test_batched_masks_equal_sam_predictor(segmenter):
     """Images of different sizes in one encoder pass give SamPredictor's masks, one image at a time."""
-    from segment_anything import SamPredictor
+    from tests.loopback import assert_matches_sam_predictor
 
     images = [pattern(240, 320, seed=1), pattern(320, 180, seed=2), pattern(12, 20, seed=3)]
     boxes = [np.array([[10, 20, 200, 180], [0, 0, 320, 240]], np.float32),
              np.array([[30, 40, 150, 300]], np.float32),
              np.array([[1, 1, 15, 10]], np.float32)]
     results = segmenter.segment([SegmentationRequest(i, b) for i, b in zip(images, boxes)])
-
-    predictor = SamPredictor(segmenter.sam)
-    for image, box, result in zip(images, boxes, results):
-        predictor.set_image(image)
-        masks, scores, _ = predictor.predict_torch(
-            point_coords=None, point_labels=None,
-            boxes=predictor.transform.apply_boxes_torch(torch.as_tensor(box), image.shape[:2]),
-            multimask_output=False)
-        assert result.masks.shape == (len(box), *image.shape[:2]) and result.masks.dtype == bool
-        assert np.array_equal(result.masks, masks[:, 0].numpy())
-        np.testing.assert_allclose(result.scores, scores[:, 0].numpy(), atol=1e-5)
+    assert_matches_sam_predictor(segmenter.sam, images, boxes, results)
 
 
 def test_no_boxes_means_no_encoder_work(segmenter):

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from label_studio_sdk import LabelStudio as LabelStudioClient
 from tests.configs import SEED_CONFIG
 from tests.imaging import pattern, png_bytes
 from tests.label_studio import LEGACY_TOKEN
+from tests.loopback import loopback_http
 from tests.serve_process import ServeProcess
 
 pytestmark = [pytest.mark.serve, pytest.mark.e2e]
@@ -46,12 +46,8 @@ class PacedImages(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def images():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PacedImages)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with loopback_http(PacedImages) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +101,7 @@ def test_interrupted_run_resumes_without_duplicates(label_studio, service, clien
     second = prelabel(label_studio, service, project)
     output, _ = second.communicate(timeout=300)
     assert second.returncode == 0, output
-    assert f"skipped (already had" in output and f"{sum(partial.values())} skipped" in output
+    assert "skipped (already had" in output and f"{sum(partial.values())} skipped" in output
     counts = predictions_per_task(client, project)
     assert set(counts) == task_ids and set(counts.values()) == {1}  # every task, exactly once
     for prediction in client.predictions.list(project=project)[:5]:

@@ -80,20 +80,7 @@ def remap_mobile_sam_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str
 
 def build_mobile_sam():
     """MobileSAM with random weights: TinyVitEncoder + SAM's prompt encoder and mask decoder (vit_b sizes)."""
-    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    from serve_app.models.sam_loading import assemble_sam
 
-    embed_dim, grid = 256, IMG_SIZE // 16
-    return Sam(
-        image_encoder=TinyVitEncoder(),
-        prompt_encoder=PromptEncoder(
-            embed_dim=embed_dim, image_embedding_size=(grid, grid), input_image_size=(IMG_SIZE, IMG_SIZE),
-            mask_in_chans=16,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=embed_dim, mlp_dim=2048, num_heads=8),
-            transformer_dim=embed_dim, iou_head_depth=3, iou_head_hidden_dim=256,
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    )
+    return assemble_sam(TinyVitEncoder(), IMG_SIZE, prompt_dim=256, decoder_mlp_dim=2048, decoder_heads=8,
+                        iou_hidden_dim=256)

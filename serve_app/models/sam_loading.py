@@ -25,31 +25,40 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the requested or inferable architecture."""
 
 
-def build_tiny_sam(img_size: int = 256):
-    """A ~0.2M-parameter SAM with the real module classes, for tests and offline demos."""
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+def assemble_sam(image_encoder, img_size: int, prompt_dim: int, decoder_mlp_dim: int, decoder_heads: int,
+                 iou_hidden_dim: int):
+    """segment-anything's Sam around any image encoder, with SAM's prompt encoder, decoder and normalisation."""
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-    patch, embed_dim, depth, prompt_dim = 16, 64, 2, 32
-    grid = img_size // patch
+    grid = img_size // 16  # every SAM encoder downsamples by 16
     return Sam(
-        image_encoder=ImageEncoderViT(
-            depth=depth, embed_dim=embed_dim, img_size=img_size, mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=patch,
-            qkv_bias=True, use_rel_pos=True, global_attn_indexes=(depth - 1,), window_size=4,
-            out_chans=prompt_dim,
-        ),
+        image_encoder=image_encoder,
         prompt_encoder=PromptEncoder(
             embed_dim=prompt_dim, image_embedding_size=(grid, grid), input_image_size=(img_size, img_size),
             mask_in_chans=16,
         ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=64, num_heads=2),
-            transformer_dim=prompt_dim, iou_head_depth=3, iou_head_hidden_dim=32,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=decoder_mlp_dim,
+                                          num_heads=decoder_heads),
+            transformer_dim=prompt_dim, iou_head_depth=3, iou_head_hidden_dim=iou_hidden_dim,
         ),
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )
+
+
+def build_tiny_sam(img_size: int = 256):
+    """A ~0.2M-parameter SAM with the real module classes, for tests and offline demos."""
+    from segment_anything.modeling import ImageEncoderViT
+
+    embed_dim, depth, prompt_dim = 64, 2, 32
+    encoder = ImageEncoderViT(
+        depth=depth, embed_dim=embed_dim, img_size=img_size, mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=16,
+        qkv_bias=True, use_rel_pos=True, global_attn_indexes=(depth - 1,), window_size=4, out_chans=prompt_dim,
+    )
+    return assemble_sam(encoder, img_size, prompt_dim, decoder_mlp_dim=64, decoder_heads=2, iou_hidden_dim=32)
 
 
 def build_sam(model_type: str):
