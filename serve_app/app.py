@@ -43,5 +43,5 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
             "num_cpus": settings.segmenter_cpus, "num_gpus": settings.segmenter_gpus if gpus else 0,
         }).bind(settings.segmenter_checkpoint, settings.segmenter_model_type, settings.device, settings.precision,
                 settings.segmenter_checkpoint_setting, settings.segmenter_checkpoint_sha256,
-                settings.checkpoint_cache_dir)
+                settings.checkpoint_cache_dir, settings.sam_embedding_cache_bytes)
     return Ingress.bind(settings.to_dict(), detector, segmenter)

@@ -37,6 +37,8 @@ class Settings:
     mobilesam_checkpoint_sha256: str = ""  # MOBILESAM_CHECKPOINT_SHA256
     checkpoint_cache_dir: str = ""  # CHECKPOINT_CACHE_DIR: where URL checkpoints are kept (~/.cache/grounded-serve)
     precision: str = "fp32"  # PRECISION: fp32, or fp16/bf16 autocast on GPU (ignored on CPU)
+    sam_embedding_cache_bytes: int = 1 << 30  # SAM_EMBEDDING_CACHE_BYTES: per segmenter replica (4 MiB/image)
+    polygon_tolerance_px: float = 1.0  # POLYGON_TOLERANCE_PX: contour simplification (Douglas-Peucker)
     sam_model_type: str = "auto"  # SAM_MODEL_TYPE: vit_h, vit_l, vit_b, tiny or auto (from the checkpoint)
     device: str = "auto"  # DEVICE: auto (cuda if the replica has a GPU), cpu, cuda
     model_version: str = ""  # MODEL_VERSION: overrides the version derived from the model names
@@ -118,6 +120,8 @@ class Settings:
                      "max_phrases", "max_image_pixels", "max_download_bytes"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be a positive integer, got {getattr(self, name)}")
+        if self.sam_embedding_cache_bytes < 0 or self.polygon_tolerance_px < 0:
+            raise SettingsError("SAM_EMBEDDING_CACHE_BYTES and POLYGON_TOLERANCE_PX must not be negative")
         for name in ("download_timeout_s", "task_timeout_s", "replica_retry_timeout_s"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be positive, got {getattr(self, name)}")

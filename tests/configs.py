@@ -20,3 +20,17 @@ BOXES_ONLY_ONE_LABEL = """<View>
   <Image name="image" value="$image"/>
   <RectangleLabels name="label" toName="image"><Label value="object"/></RectangleLabels>
 </View>"""
+
+CLICK_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <KeyPointLabels name="tag2" toName="image" smart="true"><Label value="cats" smart="true" background="#000000" showInline="true"/></KeyPointLabels>
+  <RectangleLabels name="tag3" toName="image" smart="true"><Label value="cats" background="#000000" showInline="true"/></RectangleLabels>
+  <BrushLabels name="tag" toName="image"><Label value="cats" background="#FF0000"/><Label value="house" background="#0d14d3"/></BrushLabels>
+</View>"""
+
+POLYGON_CLICK_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <TextArea name="prompt" toName="image" editable="true" rows="2" maxSubmissions="1" showSubmitButton="true"/>
+  <KeyPointLabels name="clicks" toName="image" smart="true"><Label value="cats" smart="true"/></KeyPointLabels>
+  <PolygonLabels name="outline" toName="image"><Label value="cats"/><Label value="house"/></PolygonLabels>
+</View>"""

@@ -28,7 +28,7 @@ def test_predicted_values_thresholds_and_image_key():
     ("", "label_config is missing"),
     ("<View><RectangleLabels name='l' toName='i'><Label value='a'/></RectangleLabels></View>", "no <Image> tag"),
     ("<View><Image name='i' value='$i'/><Choices name='c' toName='i'><Choice value='a'/></Choices></View>",
-     "neither a <RectangleLabels> nor a <BrushLabels>"),
+     "no <RectangleLabels>, <BrushLabels> or <PolygonLabels>"),
     ("<View><Image name='i' value='$i'/><RectangleLabels name='l' toName='i' model_score_threshold='2'>"
      "<Label value='a'/></RectangleLabels></View>", "model_score_threshold of 'l' must be between 0 and 1"),
 ])

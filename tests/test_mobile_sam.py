@@ -4,7 +4,6 @@ synthetic weights the model reproduces the outputs of MobileSAM's own code (vit_
 from __future__ import annotations
 
 import json
-import zlib
 
 import numpy as np
 import pytest
@@ -13,31 +12,12 @@ import torch
 from serve_app.models.mobile_sam import UNUSED_KEYS
 from serve_app.models.sam_loading import CheckpointError, load_sam
 from tests.conftest import SHARED
+from tests.mobile_sam_weights import LAYOUT, synthetic_state_dict
 
 FIXTURES = SHARED / "fixtures" / "mobile_sam"
-LAYOUT = json.loads((FIXTURES / "vit_t_state_dict_shapes.json").read_text())
 REFERENCE = json.loads((FIXTURES / "vit_t_reference.json").read_text())
 TOLERANCES = REFERENCE["suggested_tolerances"]
 BOX = [[100.0, 200.0, 600.0, 700.0]]
-
-
-def synthetic_state_dict(entries) -> dict[str, torch.Tensor]:
-    """The fixture README's recipe: every tensor seeded by the crc32 of its key."""
-    state = {}
-    for key, shape, *_ in entries:
-        torch.manual_seed(zlib.crc32(key.encode("utf-8")))
-        if key.endswith("num_batches_tracked"):
-            tensor = torch.zeros(shape, dtype=torch.int64)
-        elif key.endswith("running_var"):
-            tensor = 1.0 + 0.1 * torch.rand(shape)
-        elif key.endswith(".weight") and len(shape) == 1:
-            tensor = 1.0 + 0.02 * torch.randn(shape)
-        elif key.endswith("positional_encoding_gaussian_matrix"):
-            tensor = torch.randn(shape)
-        else:
-            tensor = 0.02 * torch.randn(shape)
-        state[key] = tensor
-    return state
 
 
 def assert_fingerprint(tensor: torch.Tensor, expected: dict, atol: float, what: str):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from ray import serve
-from ray.serve.metrics import Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 from serve_app.deployments.batching import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, BatchConfig, \
     apply_batch_config
@@ -18,8 +18,12 @@ from serve_app.models.segmenter import SamSegmenter
 @serve.deployment(name="Segmenter", max_ongoing_requests=16)
 class Segmenter:
     def __init__(self, checkpoint: str, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
-                 setting: str = "SAM_CHECKPOINT", sha256: str = "", cache_dir: str = ""):
-        self.model = SamSegmenter.load(checkpoint, model_type, device, precision, setting, sha256, cache_dir)
+                 setting: str = "SAM_CHECKPOINT", sha256: str = "", cache_dir: str = "", cache_bytes: int = 0):
+        self.model = SamSegmenter.load(checkpoint, model_type, device, precision, setting, sha256, cache_dir,
+                                       cache_bytes)
+        self.cache_lookups = Counter("grounded_serve_sam_embedding_cache_lookups",
+                                     description="SAM embedding cache lookups", tag_keys=("result",))
+        self.cache_bytes = Gauge("grounded_serve_sam_embedding_cache_bytes", description="Bytes of cached embeddings")
         self.batch_size_histogram = Histogram(
             "grounded_serve_segmenter_batch_size", description="Images per SAM image-encoder pass",
             boundaries=BATCH_BOUNDARIES)
@@ -31,10 +35,18 @@ class Segmenter:
         set_cpu_threads(config.torch_threads)
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
-    async def segment(self, requests: list[SegmentationRequest]) -> list[tuple[Masks, int]]:
+    async def segment(self, requests: list[SegmentationRequest]) -> list[tuple[Masks, int, dict]]:
+        """Each caller gets its masks, the batch size it ran in, and this replica's cache statistics."""
         self.batch_size_histogram.observe(len(requests))
         results = await asyncio.to_thread(self.model.segment, requests)
-        return [(result, len(requests)) for result in results]
+        stats = self.model.cache.stats()
+        self.cache_bytes.set(stats["bytes"])
+        for result in results:
+            self.cache_lookups.inc(tags={"result": "hit" if result.cache_hit else "miss"})
+        return [(result, len(requests), stats) for result in results]
+
+    def cache_stats(self) -> dict:
+        return self.model.cache.stats()
 
     def ready(self) -> bool:
         return True

@@ -3,6 +3,7 @@
 # FastAPI must see real annotations (Request) on the ingress methods: no postponed evaluation.
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -24,7 +25,8 @@ from serve_app.ingress.label_studio_auth import LabelStudioCredentials
 from serve_app.ingress.label_config import THRESHOLD_NUMBERS, ProjectConfig, parse_label_config
 from serve_app.ingress.metrics import ServiceMetrics
 from serve_app.ingress.prompts import Prompt, parse_prompt, prompt_from_labels, prompt_text_from_context
-from serve_app.ingress.results import build_prediction, empty_prediction
+from serve_app.ingress.interactive import Clicks, click_label, clicks_from_context
+from serve_app.ingress.results import build_click_prediction, build_prediction, empty_prediction
 from serve_app.models.messages import DetectionRequest, SegmentationRequest
 from serve_app.settings import Settings
 
@@ -263,7 +265,7 @@ class Ingress:
 
         async def bounded(task: Any) -> dict[str, Any]:
             async with limit:
-                return await self._predict_task(task, config, prompt, thresholds)
+                return await self._predict_task(task, config, prompt, thresholds, context)
 
         try:
             async with asyncio.TaskGroup() as group:  # a ServiceUnavailable cancels the request's other tasks
@@ -284,11 +286,11 @@ class Ingress:
         return response
 
     async def _predict_task(self, task: Any, config: ProjectConfig, prompt: Prompt,
-                            thresholds: dict[str, float]) -> tuple[dict[str, Any], str | None]:
+                            thresholds: dict[str, float], context: Any) -> tuple[dict[str, Any], str | None]:
         """The task's prediction and, when it failed, why (it then gets an empty prediction)."""
         task_id = task.get("id") if isinstance(task, dict) else None
         try:
-            return await asyncio.wait_for(self._run_task(task, config, prompt, thresholds),
+            return await asyncio.wait_for(self._run_task(task, config, prompt, thresholds, context),
                                           timeout=self.settings.task_timeout_s), None
         except BadRequest as exc:
             error = str(exc)
@@ -327,7 +329,7 @@ class Ingress:
             raise ServiceUnavailable(f"the {name} deployment failed twice: {exc.__class__.__name__}") from None
 
     async def _run_task(self, task: Any, config: ProjectConfig, prompt: Prompt,
-                        thresholds: dict[str, float]) -> dict[str, Any]:
+                        thresholds: dict[str, float], context: Any = None) -> dict[str, Any]:
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise BadRequest("the task has no 'data' object")
         url = task["data"].get(config.image_key)
@@ -336,6 +338,10 @@ class Ingress:
         resolved = self.fetcher.resolve(url, task.get("id"))
         data = await self.fetcher.fetch(resolved)
         image = await asyncio.to_thread(decode_image, data, self.settings.max_image_pixels)
+        image_key = hashlib.blake2b(data, digest_size=16).hexdigest()  # same bytes, same cached embedding
+        clicks = clicks_from_context(context, image.width, image.height)
+        if clicks and prompt.source == "labels":  # clicks or a drawn box alone: SAM only, no detector
+            return await self._segment_clicks(config, image, image_key, clicks)
         if not prompt.phrases:
             return build_prediction(config, prompt.phrases, [], [], [], None, image.width, image.height,
                                     self.model_version)
@@ -343,14 +349,33 @@ class Ingress:
         detections, batch_size = await self._call_model("Detector", self.detector.detect, DetectionRequest(
             image=image.pixels, phrases=[p.text for p in prompt.phrases],
             box_threshold=thresholds["box_threshold"], text_threshold=thresholds["text_threshold"],
-            max_detections=self.settings.max_detections))
+            max_detections=1 if clicks else self.settings.max_detections))
         self.metrics.observe_batch("Detector", batch_size)
 
         masks = None
-        if self.segmenter is not None and config.masks is not None and len(detections):
-            segmented, batch_size = await self._call_model(
-                "Segmenter", self.segmenter.segment, SegmentationRequest(image=image.pixels, boxes=detections.boxes))
-            self.metrics.observe_batch("Segmenter", batch_size)
-            masks = segmented.masks
+        if self.segmenter is not None and config.mask_outputs and len(detections):
+            # with clicks, the best box and the clicks together refine one mask
+            request = SegmentationRequest(image=image.pixels, boxes=detections.boxes, image_key=image_key,
+                                          points=clicks.points if clicks else None,
+                                          point_labels=clicks.point_labels if clicks else None)
+            masks = (await self._segment(request)).masks
         return build_prediction(config, prompt.phrases, detections.boxes, detections.scores, detections.phrase_ids,
-                                masks, image.width, image.height, self.model_version)
+                                masks, image.width, image.height, self.model_version,
+                                self.settings.polygon_tolerance_px)
+
+    async def _segment(self, request: SegmentationRequest):
+        segmented, batch_size, cache = await self._call_model("Segmenter", self.segmenter.segment, request)
+        self.metrics.observe_batch("Segmenter", batch_size)
+        self.metrics.observe_embedding_cache(segmented.cache_hit, cache)
+        return segmented
+
+    async def _segment_clicks(self, config: ProjectConfig, image, image_key: str, clicks: Clicks) -> dict[str, Any]:
+        if self.segmenter is None:
+            raise BadRequest("clicks and drawn boxes need SAM: start the service with USE_SAM or USE_MOBILE_SAM")
+        label = click_label(config, clicks.label)
+        segmented = await self._segment(SegmentationRequest(
+            image=image.pixels, boxes=clicks.box, image_key=image_key,
+            points=clicks.points if len(clicks.points) else None,
+            point_labels=clicks.point_labels if len(clicks.points) else None))
+        return build_click_prediction(config, label, segmented.masks[0], segmented.scores[0], image.width,
+                                      image.height, self.model_version, self.settings.polygon_tolerance_px)

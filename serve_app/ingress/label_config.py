@@ -9,6 +9,8 @@ from serve_app.ingress.errors import BadRequest
 
 BOX_CONTROL = "RectangleLabels"
 MASK_CONTROL = "BrushLabels"
+POLYGON_CONTROL = "PolygonLabels"
+CLICK_CONTROL = "KeyPointLabels"
 THRESHOLD_NUMBERS = ("box_threshold", "text_threshold")
 
 
@@ -27,15 +29,21 @@ class ProjectConfig:
     image_key: str  # the task data key the Image tag reads ($image -> image)
     boxes: LabelControl | None
     masks: LabelControl | None
+    polygons: LabelControl | None  # masks are returned as polygons for this control
     prompt_name: str | None  # TextArea whose text is the prompt
     # lower-cased label value or predicted value -> canonical label value
     aliases: dict[str, str] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)  # from Number tags' defaultValue
 
     @property
+    def mask_outputs(self) -> tuple[LabelControl, ...]:
+        """Controls that receive masks: brush RLE and/or polygons."""
+        return tuple(c for c in (self.masks, self.polygons) if c)
+
+    @property
     def labels(self) -> tuple[str, ...]:
         seen: dict[str, None] = {}
-        for control in (self.boxes, self.masks):
+        for control in (self.boxes, self.masks, self.polygons):
             if control:
                 seen.update(dict.fromkeys(control.labels))
         return tuple(seen)
@@ -86,20 +94,21 @@ def parse_label_config(xml: str) -> ProjectConfig:
     def first(kind: str):
         return next((c for c in interface.controls if c.tag == kind), None)
 
-    boxes_tag, masks_tag = first(BOX_CONTROL), first(MASK_CONTROL)
-    if boxes_tag is None and masks_tag is None:
-        raise BadRequest("label_config has neither a <RectangleLabels> nor a <BrushLabels> tag")
+    boxes_tag, masks_tag, polygons_tag = first(BOX_CONTROL), first(MASK_CONTROL), first(POLYGON_CONTROL)
+    if boxes_tag is None and masks_tag is None and polygons_tag is None:
+        raise BadRequest("label_config has no <RectangleLabels>, <BrushLabels> or <PolygonLabels> tag")
     boxes = _control(boxes_tag, BOX_CONTROL) if boxes_tag else None
     masks = _control(masks_tag, MASK_CONTROL) if masks_tag else None
+    polygons = _control(polygons_tag, POLYGON_CONTROL) if polygons_tag else None
 
-    image_name = (boxes or masks).to_name
+    image_name = (boxes or masks or polygons).to_name
     image = next((o for o in images if o.name == image_name), images[0])
     image_key = str(image.value or "").lstrip("$")
     if not image_key:
         raise BadRequest(f"the <Image> tag {image.name!r} has no value=\"$key\"")
 
     aliases: dict[str, str] = {}
-    for tag in (boxes_tag, masks_tag):
+    for tag in (boxes_tag, masks_tag, polygons_tag):
         if tag is None:
             continue
         for value, label_tag in tag.labels_attrs.items():
@@ -122,6 +131,7 @@ def parse_label_config(xml: str) -> ProjectConfig:
         image_key=image_key,
         boxes=boxes,
         masks=masks,
+        polygons=polygons,
         prompt_name=prompt.name if prompt else None,
         aliases=aliases,
         thresholds=thresholds,

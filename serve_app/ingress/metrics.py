@@ -25,6 +25,13 @@ class ServiceMetrics:
         self.batch_sizes: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
         self._latencies: dict[str, collections.deque[float]] = collections.defaultdict(
             lambda: collections.deque(maxlen=LATENCY_WINDOW))
+        self.embedding_cache: dict[str, Any] = {}
+
+    def observe_embedding_cache(self, hit: bool, replica_stats: dict[str, int]) -> None:
+        """Lookups as this ingress saw them, and the latest statistics a segmenter replica reported."""
+        with self._lock:
+            self.counters["sam_cache_hits" if hit else "sam_cache_misses"] += 1
+            self.embedding_cache = dict(replica_stats)
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -63,4 +70,7 @@ class ServiceMetrics:
                 "counters": dict(self.counters),
                 "latency": latency,
                 "batch_sizes": batches,
+                "sam_embedding_cache": {"hits": self.counters["sam_cache_hits"],
+                                        "misses": self.counters["sam_cache_misses"],
+                                        "replica": self.embedding_cache},
             }

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from serve_app.ingress.label_config import ProjectConfig
+from serve_app.ingress.polygons import mask_to_polygons
 from serve_app.ingress.prompts import Phrase
 from serve_app.ingress.rle import mask_to_rle
 
@@ -20,6 +21,34 @@ def empty_prediction(model_version: str) -> dict[str, Any]:
     return {"result": [], "score": 0.0, "model_version": model_version}
 
 
+def mask_regions(config: ProjectConfig, label: str, mask: np.ndarray, score: float, common: dict,
+                 polygon_tolerance_px: float) -> list[dict[str, Any]]:
+    """A brush region (RLE) for a BrushLabels tag and polygon regions for a PolygonLabels tag."""
+    regions = []
+    brush, polygons = config.masks, config.polygons
+    if brush and label in brush.labels and score >= (brush.score_threshold or 0.0):
+        regions.append({
+            "id": _region_id(), "from_name": brush.name, "to_name": brush.to_name, "type": "brushlabels",
+            "score": score, **common, "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+        })
+    if polygons and label in polygons.labels and score >= (polygons.score_threshold or 0.0):
+        for points in mask_to_polygons(mask, polygon_tolerance_px):
+            regions.append({
+                "id": _region_id(), "from_name": polygons.name, "to_name": polygons.to_name,
+                "type": "polygonlabels", "score": score, **common,
+                "value": {"points": points, "closed": True, "polygonlabels": [label]},
+            })
+    return regions
+
+
+def build_click_prediction(config: ProjectConfig, label: str, mask: np.ndarray, score: float, width: int,
+                           height: int, model_version: str, polygon_tolerance_px: float = 1.0) -> dict[str, Any]:
+    """The mask an annotator's clicks or box produced, with the label they drew with."""
+    common = {"original_width": int(width), "original_height": int(height), "image_rotation": 0}
+    regions = mask_regions(config, label, mask, float(score), common, polygon_tolerance_px)
+    return {"result": regions, "score": float(score) if regions else 0.0, "model_version": model_version}
+
+
 def build_prediction(
     config: ProjectConfig,
     phrases: tuple[Phrase, ...],
@@ -30,8 +59,9 @@ def build_prediction(
     width: int,
     height: int,
     model_version: str,
+    polygon_tolerance_px: float = 1.0,
 ) -> dict[str, Any]:
-    """One prediction: a rectangle per detection and, when masks are given, a brush region per detection.
+    """One prediction: a rectangle per detection and, when masks are given, brush and/or polygon regions.
 
     Each kind is emitted only for labels its control declares and scores at or above the
     control's `model_score_threshold`.
@@ -42,7 +72,7 @@ def build_prediction(
     for i, (box, score, phrase_id) in enumerate(zip(boxes, scores, phrase_ids)):
         label = phrases[int(phrase_id)].label
         score = float(score)
-        box_control, mask_control = config.boxes, config.masks
+        box_control = config.boxes
         if box_control and label in box_control.labels and score >= (box_control.score_threshold or 0.0):
             x0, y0, x1, y1 = (float(v) for v in box)
             results.append({
@@ -55,14 +85,10 @@ def build_prediction(
                 },
             })
             kept_scores.append(score)
-        if (masks is not None and mask_control and label in mask_control.labels
-                and score >= (mask_control.score_threshold or 0.0)):
-            results.append({
-                "id": _region_id(), "from_name": mask_control.name, "to_name": mask_control.to_name,
-                "type": "brushlabels", "score": score, **common,
-                "value": {"format": "rle", "rle": mask_to_rle(masks[i]), "brushlabels": [label]},
-            })
-            kept_scores.append(score)
+        if masks is not None:
+            regions = mask_regions(config, label, masks[i], score, common, polygon_tolerance_px)
+            results.extend(regions)
+            kept_scores.extend([score] * len(regions))
     return {
         "result": results,
         "score": float(np.mean(kept_scores)) if kept_scores else 0.0,

@@ -37,11 +37,17 @@ class Detections:
 
 @dataclass
 class SegmentationRequest:
+    """Without points: one mask per box. With points (clicks): one mask from all points and the first box, if any."""
+
     image: np.ndarray  # H x W x 3, uint8, RGB
     boxes: np.ndarray  # N x 4, xyxy in pixels of `image`
+    image_key: str = ""  # content hash of the image: embedding-cache key and replica-affinity key
+    points: np.ndarray | None = None  # P x 2, xy in pixels
+    point_labels: np.ndarray | None = None  # P, 1 = positive click, 0 = negative click
 
 
 @dataclass
 class Masks:
     masks: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), bool))  # N x H x W
     scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))  # predicted IoU
+    cache_hit: bool = False  # the image embedding came from the cache: the encoder did not run for it

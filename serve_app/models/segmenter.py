@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from serve_app.models.device import autocast_for, pick_device
+from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
 from serve_app.models.messages import Masks, SegmentationRequest
 
 logger = logging.getLogger(__name__)
@@ -21,10 +22,11 @@ class SamSegmenter:
     """Wraps a segment-anything `Sam` (any size) for batched box prompts."""
 
     def __init__(self, sam, device: torch.device, encoder_batch_size: int = 8, decoder_chunk: int = 16,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", cache_bytes: int = 0):
         from segment_anything.utils.transforms import ResizeLongestSide
 
         self.precision = precision
+        self.cache = EmbeddingCache(cache_bytes)
         self.sam = sam.to(device).eval()
         self.device = device
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
@@ -33,7 +35,8 @@ class SamSegmenter:
 
     @classmethod
     def load(cls, checkpoint: str, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
-             setting: str = "SAM_CHECKPOINT", sha256: str = "", cache_dir: str = "") -> "SamSegmenter":
+             setting: str = "SAM_CHECKPOINT", sha256: str = "", cache_dir: str = "",
+             cache_bytes: int = 0) -> "SamSegmenter":
         """`checkpoint` is a path or URL (downloaded once into `cache_dir`); errors name `setting`."""
         from serve_app.models.checkpoints import resolve_checkpoint
         from serve_app.models.sam_loading import CheckpointError, load_sam
@@ -43,7 +46,7 @@ class SamSegmenter:
             sam, _ = load_sam(path, model_type)
         except CheckpointError as exc:
             raise CheckpointError(f"{setting}: {exc}") from None
-        return cls(sam, pick_device(device), precision=precision)
+        return cls(sam, pick_device(device), precision=precision, cache_bytes=cache_bytes)
 
     def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         resized = self.transform.apply_image(image)
@@ -64,30 +67,73 @@ class SamSegmenter:
 
     @torch.inference_mode()
     def segment(self, requests: list[SegmentationRequest]) -> list[Masks]:
+        """Encode each distinct uncached image once (in batches), then decode every request's prompts."""
         results = [Masks(masks=np.zeros((0, *r.image.shape[:2]), bool)) for r in requests]
-        active = [i for i, r in enumerate(requests) if len(r.boxes)]
-        if not active:
-            return results
-        embeddings, input_sizes = self.embed([requests[i].image for i in active])
-        for row, i in enumerate(active):
-            results[i] = self._decode(embeddings[row:row + 1], input_sizes[row], requests[i])
+        active = [i for i, r in enumerate(requests) if len(r.boxes) or _has_points(r)]
+        embeddings: dict[int, CachedEmbedding] = {}
+        to_encode: dict[str, list[int]] = {}  # one encoder pass per distinct image, cached or not
+        for i in active:
+            key = requests[i].image_key
+            cached = self.cache.get(key) if key else None
+            if cached is not None:
+                embeddings[i] = cached
+            else:
+                to_encode.setdefault(key or f"uncached-{i}", []).append(i)
+        if to_encode:
+            groups = list(to_encode.values())
+            encoded, input_sizes = self.embed([requests[group[0]].image for group in groups])
+            for row, group in enumerate(groups):
+                entry = CachedEmbedding(encoded[row:row + 1], input_sizes[row])
+                self.cache.put(requests[group[0]].image_key, entry)
+                for i in group:
+                    embeddings[i] = entry
+        encoded_now = {i for group in to_encode.values() for i in group}
+        for i in active:
+            results[i] = self._decode(embeddings[i], requests[i])
+            results[i].cache_hit = i not in encoded_now
         return results
 
-    def _decode(self, embedding: torch.Tensor, input_size: tuple[int, int], request: SegmentationRequest) -> Masks:
+    def _decode(self, cached: CachedEmbedding, request: SegmentationRequest) -> Masks:
+        if _has_points(request):
+            return self._decode_points(cached, request)
         original_size = request.image.shape[:2]
         boxes = torch.as_tensor(np.asarray(request.boxes, np.float32), device=self.device)
         boxes = self.transform.apply_boxes_torch(boxes, original_size)
         masks, scores = [], []
         for start in range(0, len(boxes), self.decoder_chunk):
-            sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes[start:start + self.decoder_chunk], masks=None)
-            low_res, iou = self.sam.mask_decoder(
-                image_embeddings=embedding,
-                image_pe=self.sam.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
-            full = self.sam.postprocess_masks(low_res, input_size, original_size)
+            full, iou = self._run_decoder(cached, original_size, boxes=boxes[start:start + self.decoder_chunk])
             masks.append((full[:, 0] > self.sam.mask_threshold).cpu().numpy())
             scores.append(iou[:, 0].float().cpu().numpy())
         return Masks(masks=np.concatenate(masks), scores=np.concatenate(scores).astype(np.float32))
+
+    def _decode_points(self, cached: CachedEmbedding, request: SegmentationRequest) -> Masks:
+        """All clicks (and the first box, if any) refine one mask. A lone click is ambiguous, so as SAM
+        recommends, three candidates are decoded and the one with the best predicted IoU is kept."""
+        original_size = request.image.shape[:2]
+        coords = torch.as_tensor(np.asarray(request.points, np.float32), device=self.device)[None]
+        coords = self.transform.apply_coords_torch(coords, original_size)
+        labels = torch.as_tensor(np.asarray(request.point_labels, np.int64), device=self.device)[None]
+        box = None
+        if len(request.boxes):
+            box = self.transform.apply_boxes_torch(
+                torch.as_tensor(np.asarray(request.boxes[:1], np.float32), device=self.device), original_size)
+        multimask = box is None and coords.shape[1] == 1
+        full, iou = self._run_decoder(cached, original_size, points=(coords, labels), boxes=box, multimask=multimask)
+        best = int(iou[0].argmax())
+        return Masks(masks=(full[0, best:best + 1] > self.sam.mask_threshold).cpu().numpy(),
+                     scores=iou[0, best:best + 1].float().cpu().numpy().astype(np.float32))
+
+    def _run_decoder(self, cached: CachedEmbedding, original_size, points=None, boxes=None, multimask=False):
+        sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+        low_res, iou = self.sam.mask_decoder(
+            image_embeddings=cached.embedding,
+            image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+        return self.sam.postprocess_masks(low_res, cached.input_size, original_size), iou
+
+
+def _has_points(request: SegmentationRequest) -> bool:
+    return request.points is not None and len(request.points) > 0

@@ -1,0 +1,66 @@
+"""An LRU cache of SAM image embeddings, bounded in bytes.
+
+The image encoder is the expensive part of SAM (seconds on CPU, tens of ms on GPU); the decoder is
+cheap. Caching embeddings by image content makes every click after the first on an image skip the
+encoder. Keys are content hashes, so the same image reached by two URLs is one entry.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class CachedEmbedding:
+    embedding: torch.Tensor  # 1 x C x h x w, on the model's device
+    input_size: tuple[int, int]  # the resized image's size before padding
+
+    @property
+    def nbytes(self) -> int:
+        return self.embedding.element_size() * self.embedding.nelement()
+
+
+class EmbeddingCache:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max(0, int(max_bytes))
+        self._entries: collections.OrderedDict[str, CachedEmbedding] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def get(self, key: str) -> CachedEmbedding | None:
+        with self._lock:
+            entry = self._entries.get(key) if key else None
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry
+
+    def put(self, key: str, entry: CachedEmbedding) -> None:
+        if not key or entry.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._entries:
+                self.bytes -= self._entries.pop(key).nbytes
+            self._entries[key] = entry
+            self.bytes += entry.nbytes
+            while self.bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self.bytes -= evicted.nbytes
+                self.evictions += 1
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"entries": len(self._entries), "bytes": self.bytes, "max_bytes": self.max_bytes,
+                    "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
