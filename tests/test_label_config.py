@@ -25,7 +25,7 @@ def test_predicted_values_thresholds_and_image_key():
 
 @pytest.mark.parametrize("xml, message", [
     ("<View><Image name='i' value='$i'/>", "not a valid labeling config"),
-    ("", "label_config is missing"),
+    ("", "label_config is missing or not a string"),
     ("<View><RectangleLabels name='l' toName='i'><Label value='a'/></RectangleLabels></View>", "no <Image> tag"),
     ("<View><Image name='i' value='$i'/><Choices name='c' toName='i'><Choice value='a'/></Choices></View>",
      "no <RectangleLabels>, <BrushLabels> or <PolygonLabels>"),
@@ -35,3 +35,10 @@ def test_predicted_values_thresholds_and_image_key():
 def test_configs_we_cannot_serve_are_clear_errors(xml, message):
     with pytest.raises(BadRequest, match=message):
         parse_label_config(xml)
+
+
+@pytest.mark.parametrize("value", [[], {}, None, 42, ["<View/>"]])
+def test_a_label_config_that_is_not_a_string_is_a_bad_request(value):
+    # found by the fuzzer: a list reached the parse cache and raised TypeError (a 500)
+    with pytest.raises(BadRequest, match="label_config is missing or not a string"):
+        parse_label_config(value)

@@ -75,13 +75,17 @@ def _control(tag, kind: str) -> LabelControl:
     )
 
 
+def parse_label_config(xml: object) -> ProjectConfig:
+    if not isinstance(xml, str) or not xml.strip():  # before the cache: a list or dict is unhashable
+        raise BadRequest("label_config is missing or not a string of XML")
+    return _parse_label_config(xml)
+
+
 @functools.lru_cache(maxsize=64)
-def parse_label_config(xml: str) -> ProjectConfig:
+def _parse_label_config(xml: str) -> ProjectConfig:
     """Parse once per distinct config; Label Studio sends the same XML with every request."""
     from label_studio_sdk.label_interface import LabelInterface
 
-    if not isinstance(xml, str) or not xml.strip():
-        raise BadRequest("label_config is missing")
     try:
         interface = LabelInterface(xml)
     except Exception as exc:  # the sdk raises several types for malformed XML
