@@ -39,14 +39,12 @@ class Segmenter:
         """Each caller gets its masks, the batch size it ran in, and this replica's cache statistics."""
         self.batch_size_histogram.observe(len(requests))
         results = await asyncio.to_thread(self.model.segment, requests)
-        stats = self.model.cache.stats()
+        stats = {**self.model.cache.stats(), "images_encoded": self.model.images_encoded,
+                 "replica": serve.get_replica_context().replica_id.unique_id}
         self.cache_bytes.set(stats["bytes"])
         for result in results:
             self.cache_lookups.inc(tags={"result": "hit" if result.cache_hit else "miss"})
         return [(result, len(requests), stats) for result in results]
-
-    def cache_stats(self) -> dict:
-        return self.model.cache.stats()
 
     def ready(self) -> bool:
         return True

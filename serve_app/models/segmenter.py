@@ -27,6 +27,7 @@ class SamSegmenter:
 
         self.precision = precision
         self.cache = EmbeddingCache(cache_bytes)
+        self.images_encoded = 0  # proof for tests and metrics that a cache hit did not run the encoder
         self.sam = sam.to(device).eval()
         self.device = device
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
@@ -56,6 +57,7 @@ class SamSegmenter:
     @torch.inference_mode()
     def embed(self, images: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Image embeddings for a list of images, encoded in batches."""
+        self.images_encoded += len(images)
         prepared = [self._prepare(image) for image in images]
         input_sizes = [size for _, size in prepared]
         chunks = []
