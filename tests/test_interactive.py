@@ -128,7 +128,7 @@ def test_the_next_click_on_an_image_skips_the_encoder(service, image_server):
     after = httpx.get(f"{service.url}/metrics").json()["sam_embedding_cache"]
     assert after["hits"] - before["hits"] == 2 and after["misses"] == before["misses"]
     assert after["replica"]["images_encoded"] == before["replica"]["images_encoded"]  # the encoder did not run
-    assert after["replica"]["entries"] >= 2 and after["replica"]["bytes"] == after["replica"]["entries"] * 4 * 2**20
+    assert after["replica"]["entries"] >= 1 and after["replica"]["bytes"] == after["replica"]["entries"] * 4 * 2**20
 
 
 def test_text_prompt_with_clicks_and_polygon_output(service, image_server, predictor):
