@@ -21,11 +21,11 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.ingress.auth import OPEN_PATHS, BasicAuth
 from serve_app.ingress.errors import BadRequest
 from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy, decode_image
-from serve_app.ingress.label_studio_auth import LabelStudioCredentials
+from serve_app.ingress.interactive import Clicks, click_label, clicks_from_context
 from serve_app.ingress.label_config import THRESHOLD_NUMBERS, ProjectConfig, parse_label_config
+from serve_app.ingress.label_studio_auth import LabelStudioCredentials
 from serve_app.ingress.metrics import ServiceMetrics
 from serve_app.ingress.prompts import Prompt, parse_prompt, prompt_from_labels, prompt_text_from_context
-from serve_app.ingress.interactive import Clicks, click_label, clicks_from_context
 from serve_app.ingress.results import build_click_prediction, build_prediction, empty_prediction
 from serve_app.models.messages import DetectionRequest, SegmentationRequest
 from serve_app.settings import Settings
