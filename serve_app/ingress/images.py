@@ -78,10 +78,6 @@ class ImageFetcher:
         self._ls_host = _host_port(policy.label_studio_url) if policy.label_studio_url else None
         self.credentials = credentials  # sent to the Label Studio host only
 
-    @property
-    def client(self) -> httpx.AsyncClient:
-        return self._client
-
     async def aclose(self) -> None:
         await self._client.aclose()
 

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from serve_app.models.messages import OFFICIAL_CHECKPOINTS  # noqa: F401  (re-exported)
 from serve_app.models.sam_loading import CheckpointError
 
 logger = logging.getLogger(__name__)
