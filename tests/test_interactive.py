@@ -127,8 +127,9 @@ def test_the_next_click_on_an_image_skips_the_encoder(service, image_server):
     post(service, interactive(url, [keypoint(50.0, 50.0), keypoint(20.0, 70.0)]))
     after = httpx.get(f"{service.url}/metrics").json()["sam_embedding_cache"]
     assert after["hits"] - before["hits"] == 2 and after["misses"] == before["misses"]
-    assert after["replica"]["images_encoded"] == before["replica"]["images_encoded"]  # the encoder did not run
-    assert after["replica"]["entries"] >= 1 and after["replica"]["bytes"] == after["replica"]["entries"] * 4 * 2**20
+    [(replica, stats)] = after["replicas"].items()  # this service runs one segmenter replica
+    assert stats["images_encoded"] == before["replicas"][replica]["images_encoded"]  # the encoder did not run
+    assert stats["entries"] >= 1 and stats["bytes"] == stats["entries"] * 4 * 2**20
 
 
 def test_text_prompt_with_clicks_and_polygon_output(service, image_server, predictor):

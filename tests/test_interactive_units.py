@@ -1,9 +1,10 @@
-"""Clicks from Label Studio's context and the embedding cache, without Ray."""
+"""Clicks from Label Studio's context, the embedding cache, and image-affinity routing, without Ray."""
 
 import numpy as np
 import pytest
 import torch
 
+from serve_app.deployments.routing import rendezvous_order
 from serve_app.ingress.errors import BadRequest
 from serve_app.ingress.interactive import click_label, clicks_from_context
 from serve_app.ingress.label_config import parse_label_config
@@ -61,3 +62,15 @@ def test_cache_is_lru_and_bounded_in_bytes():
                              "evictions": 1}
     EmbeddingCache(0).put("x", entry(1))  # a zero budget caches nothing
     assert "x" not in EmbeddingCache(0)
+
+
+def test_rendezvous_routing_is_stable_and_moves_little_when_replicas_change():
+    replicas = ["r1", "r2", "r3"]
+    keys = [f"image-{i}" for i in range(300)]
+    first = {k: replicas[rendezvous_order(k, replicas)[0]] for k in keys}
+    assert first == {k: replicas[rendezvous_order(k, replicas)[0]] for k in keys}  # every caller agrees
+    assert set(first.values()) == set(replicas)  # spread over all replicas
+    grown = replicas + ["r4"]
+    moved = [k for k in keys if grown[rendezvous_order(k, grown)[0]] != first[k]]
+    assert all(grown[rendezvous_order(k, grown)[0]] == "r4" for k in moved)  # only to the new replica
+    assert len(moved) < len(keys) / 2

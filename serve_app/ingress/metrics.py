@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 LATENCY_WINDOW = 2048  # recent requests kept for percentiles; bounded memory
+REPLICAS_KEPT = 32  # segmenter replicas whose cache statistics are shown; autoscaling churns replica ids
 
 
 class ServiceMetrics:
@@ -25,13 +26,18 @@ class ServiceMetrics:
         self.batch_sizes: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
         self._latencies: dict[str, collections.deque[float]] = collections.defaultdict(
             lambda: collections.deque(maxlen=LATENCY_WINDOW))
-        self.embedding_cache: dict[str, Any] = {}
+        self.embedding_cache_by_replica: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
 
-    def observe_embedding_cache(self, hit: bool, replica_stats: dict[str, int]) -> None:
-        """Lookups as this ingress saw them, and the latest statistics a segmenter replica reported."""
+    def observe_embedding_cache(self, hit: bool, replica_stats: dict[str, Any]) -> None:
+        """Lookups as this ingress saw them, and the latest statistics each segmenter replica reported."""
         with self._lock:
             self.counters["sam_cache_hits" if hit else "sam_cache_misses"] += 1
-            self.embedding_cache = dict(replica_stats)
+            stats = dict(replica_stats)
+            replica = str(stats.pop("replica", ""))
+            self.embedding_cache_by_replica[replica] = stats
+            self.embedding_cache_by_replica.move_to_end(replica)
+            while len(self.embedding_cache_by_replica) > REPLICAS_KEPT:
+                self.embedding_cache_by_replica.popitem(last=False)
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -72,5 +78,5 @@ class ServiceMetrics:
                 "batch_sizes": batches,
                 "sam_embedding_cache": {"hits": self.counters["sam_cache_hits"],
                                         "misses": self.counters["sam_cache_misses"],
-                                        "replica": self.embedding_cache},
+                                        "replicas": {k: dict(v) for k, v in self.embedding_cache_by_replica.items()}},
             }
