@@ -12,7 +12,8 @@ RUN pip install --no-cache-dir -e .
 
 ENV HF_HOME=/home/ray/models/hf \
     CHECKPOINT_CACHE_DIR=/home/ray/models/checkpoints \
-    RAY_USAGE_STATS_ENABLED=0
+    RAY_USAGE_STATS_ENABLED=0 \
+    RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0
 EXPOSE 9090 8265
 # Listen on all interfaces inside the container; everything else comes from configs/serve.yaml and env.
 CMD ["bash", "-c", "sed 's/host: 127.0.0.1 /host: 0.0.0.0 /' configs/serve.yaml > /tmp/serve.yaml && exec serve run /tmp/serve.yaml"]

@@ -51,6 +51,7 @@ class ServeProcess:
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
             "HF_HUB_OFFLINE": "1",
+            "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",  # as the README's command and the Docker image
             "PYTHONPATH": str(ROOT),
             **env,
         }

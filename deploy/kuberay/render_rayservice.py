@@ -33,7 +33,7 @@ def container(name: str, cpu: str, memory: str, gpus: int = 0) -> dict:
         "resources": {"limits": limits, "requests": {"cpu": cpu, "memory": memory}},
         # Settings of the service (README "Settings"); secrets from a Secret, never the serve config.
         "envFrom": [{"secretRef": {"name": "grounded-serve", "optional": True}}],
-        "env": [{"name": "USE_SAM", "value": "true"}, {"name": "HF_HOME", "value": "/models/hf"},
+        "env": [{"name": "USE_SAM", "value": "true"}, {"name": "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "value": "0"}, {"name": "HF_HOME", "value": "/models/hf"},
                 {"name": "CHECKPOINT_CACHE_DIR", "value": "/models/checkpoints"}],
         "volumeMounts": [{"name": "models", "mountPath": "/models"}],
     }

@@ -1,0 +1,165 @@
+"""What every benchmark scenario shares: start the service from configs/serve.yaml, drive load from a
+separate process, and read batch sizes and memory per replica."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import psutil
+
+from tests.serve_process import ServeProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "label-studio"
+
+
+def machine() -> dict[str, Any]:
+    import ray
+    import torch
+    import transformers
+
+    return {
+        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, "
+                   f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "load_average": [round(x, 2) for x in psutil.getloadavg()],
+    }
+
+
+def ls_body(name: str) -> dict[str, Any]:
+    return copy.deepcopy(json.loads((FIXTURES / name).read_text())["body"])
+
+
+def text_prompt_body(image_url: str, prompt: str = "cats. house") -> dict[str, Any]:
+    """One task with a typed prompt: what the labeling UI sends."""
+    body = ls_body("predict_interactive.json")
+    body["tasks"][0]["data"]["image"] = image_url
+    body["params"]["context"]["result"][0]["value"]["text"] = [prompt]
+    return body
+
+
+def without_masks(body: dict[str, Any]) -> dict[str, Any]:
+    """The same request with the BrushLabels tag removed: boxes only, so SAM is not called."""
+    body = copy.deepcopy(body)
+    body["label_config"] = re.sub(r"<BrushLabels.*?</BrushLabels>", "", body["label_config"], flags=re.S)
+    return body
+
+
+def retrieve_body(image_urls: list[str]) -> dict[str, Any]:
+    """"Retrieve predictions" on a selection of tasks: labels from the config are the prompt."""
+    body = ls_body("predict_batch.json")
+    template = body["tasks"][0]
+    body["tasks"] = [{**copy.deepcopy(template), "id": 1000 + i, "data": {"image": url}}
+                     for i, url in enumerate(image_urls)]
+    return body
+
+
+def user_config(max_batch_size: int | None = None, batch_wait_timeout_s: float | None = None,
+                replicas: int | None = None) -> Callable[[dict], None]:
+    """A serve.yaml override for both model deployments; None keeps the file's value."""
+    def override(config: dict) -> None:
+        for deployment in config["applications"][0]["deployments"]:
+            if deployment["name"] not in ("Detector", "Segmenter"):
+                continue
+            if max_batch_size is not None:
+                deployment["user_config"]["max_batch_size"] = max_batch_size
+            if batch_wait_timeout_s is not None:
+                deployment["user_config"]["batch_wait_timeout_s"] = batch_wait_timeout_s
+            if replicas is not None:
+                deployment.pop("autoscaling_config", None)
+                deployment["num_replicas"] = replicas
+    return override
+
+
+def start_service(env: dict[str, str], override: Callable[[dict], None] | None = None,
+                  startup_timeout_s: float = 600) -> ServeProcess:
+    work = Path(tempfile.mkdtemp(prefix="gs-bench-"))
+    service = ServeProcess({"IMAGE_HOST_ALLOWLIST": "127.0.0.1", **env}, work, config_overrides=override,
+                           startup_timeout_s=startup_timeout_s)
+    return service.start()
+
+
+def run_load(url: str, body: dict[str, Any], requests: int, concurrency: int, timeout_s: float = 600) -> dict:
+    """benchmarks.load in its own process; returns its JSON report."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(body, handle)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.load", "--url", f"{url}/predict", "--body", handle.name,
+             "--requests", str(requests), "--concurrency", str(concurrency), "--timeout-s", str(timeout_s)],
+            cwd=ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        os.unlink(handle.name)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def batch_sizes(url: str) -> dict[str, dict[str, int]]:
+    """Items by the size of the batch they ran in, per model deployment, as the ingress counted them."""
+    snapshot = httpx.get(f"{url}/metrics", timeout=30).json()
+    return {name: dict(h["items_by_batch_size"]) for name, h in snapshot["batch_sizes"].items()}
+
+
+def histogram_delta(before: dict, after: dict) -> dict[str, dict[str, int]]:
+    delta = {}
+    for name, histogram in after.items():
+        previous = before.get(name, {})
+        counts = {size: n - previous.get(size, 0) for size, n in histogram.items()}
+        delta[name] = {size: n for size, n in sorted(counts.items(), key=lambda kv: int(kv[0])) if n}
+    return delta
+
+
+def replica_rss_mb(service: ServeProcess) -> dict[str, int]:
+    """RSS per Serve replica and for everything else the service started, in MB."""
+    leader = service.process.pid
+    rss: dict[str, int] = {}
+    for proc in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+        try:
+            if os.getsid(proc.pid) != leader:
+                continue
+            title = " ".join(proc.info["cmdline"] or [])
+            name = title.split(" ")[0] if title.startswith("ray::ServeReplica") else "other processes"
+            name = name.replace("ray::ServeReplica:grounded-serve:", "")
+            rss[name] = rss.get(name, 0) + round(proc.info["memory_info"].rss / 1e6)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, OSError, TypeError):
+            continue
+    return rss
+
+
+class ImageServer:
+    """Serves in-memory image files over loopback HTTP, as Label Studio serves uploads."""
+
+    def __init__(self, files: dict[str, bytes]):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                data = files.get(self.path.lstrip("/"))
+                self.send_response(200 if data is not None else 404)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(data or b"")))
+                self.end_headers()
+                self.wfile.write(data or b"")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
