@@ -66,6 +66,13 @@ def retrieve_body(image_urls: list[str]) -> dict[str, Any]:
     return body
 
 
+def distinct_images(count: int, height: int = 480, width: int = 640) -> dict[str, bytes]:
+    """`count` different PNG pictures, so no request reuses another's image (or its cached embedding)."""
+    from tests.imaging import pattern, png_bytes
+
+    return {f"img{i:04d}.png": png_bytes(pattern(height, width, seed=1000 + i)) for i in range(count)}
+
+
 def user_config(max_batch_size: int | None = None, batch_wait_timeout_s: float | None = None,
                 replicas: int | None = None) -> Callable[[dict], None]:
     """A serve.yaml override for both model deployments; None keeps the file's value."""
@@ -91,8 +98,9 @@ def start_service(env: dict[str, str], override: Callable[[dict], None] | None =
     return service.start()
 
 
-def run_load(url: str, body: dict[str, Any], requests: int, concurrency: int, timeout_s: float = 600) -> dict:
-    """benchmarks.load in its own process; returns its JSON report."""
+def run_load(url: str, body: dict[str, Any] | list[dict[str, Any]], requests: int, concurrency: int,
+             timeout_s: float = 600) -> dict:
+    """benchmarks.load in its own process; returns its JSON report. A list of bodies is sent round robin."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(body, handle)
     try:
@@ -144,6 +152,7 @@ class ImageServer:
         import http.server
         import threading
 
+        self.files = files
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server's naming
                 data = files.get(self.path.lstrip("/"))

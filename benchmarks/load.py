@@ -3,7 +3,8 @@
     python -m benchmarks.load --url http://127.0.0.1:9090/predict --body body.json --requests 64 --concurrency 8
 
 Sends exactly `--requests` POSTs with at most `--concurrency` in flight (loopback URLs only) and prints
-one JSON object: wall time, throughput, latency percentiles, and how many answers were not 200.
+one JSON object: wall time, throughput, latency percentiles, and how many answers were not 200. When the
+body file holds a JSON list, request i sends body i modulo its length (e.g. a different image each).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def summarize(latencies_s: list[float], wall_s: float, requests: int, tasks_per_
     }
 
 
-async def drive(url: str, body: bytes, requests: int, concurrency: int, timeout_s: float) -> tuple[list, float, int]:
+async def drive(url: str, bodies: list[bytes], requests: int, concurrency: int,
+                timeout_s: float) -> tuple[list, float, int]:
     latencies: list[float] = []
     failures = 0
     remaining = iter(range(requests))
@@ -44,7 +46,8 @@ async def drive(url: str, body: bytes, requests: int, concurrency: int, timeout_
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits, trust_env=False) as client:
         async def worker() -> None:
             nonlocal failures
-            for _ in remaining:
+            for i in remaining:
+                body = bodies[i % len(bodies)]
                 started = time.perf_counter()
                 response = await client.post(url, content=body, headers={"content-type": "application/json"})
                 latencies.append(time.perf_counter() - started)
@@ -68,9 +71,11 @@ def main() -> None:
         parser.error("load is only sent to loopback addresses")
     if not 1 <= args.requests <= 10_000 or not 1 <= args.concurrency <= 256:
         parser.error("--requests must be 1..10000 and --concurrency 1..256")
-    body = Path(args.body).read_bytes()
-    tasks = len(json.loads(body)["tasks"])
-    latencies, wall, failures = asyncio.run(drive(args.url, body, args.requests, args.concurrency, args.timeout_s))
+    payload = json.loads(Path(args.body).read_bytes())
+    payloads = payload if isinstance(payload, list) else [payload]
+    bodies = [json.dumps(p).encode() for p in payloads]
+    tasks = len(payloads[0]["tasks"])
+    latencies, wall, failures = asyncio.run(drive(args.url, bodies, args.requests, args.concurrency, args.timeout_s))
     print(json.dumps({"concurrency": args.concurrency, **summarize(latencies, wall, args.requests, tasks, failures)}))
 
 

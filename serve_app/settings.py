@@ -58,6 +58,7 @@ class Settings:
     # Bounds on the work one request can cause
     max_tasks_per_request: int = 10_000  # MAX_TASKS_PER_REQUEST
     task_concurrency: int = 32  # TASK_CONCURRENCY: tasks of one request in flight at once
+    ingress_cpu_threads: int = 2  # INGRESS_CPU_THREADS: threads per ingress replica for image decoding and RLE
     max_detections: int = 50  # MAX_DETECTIONS: boxes kept per task
     max_prompt_chars: int = 2_000  # MAX_PROMPT_CHARS
     max_phrases: int = 32  # MAX_PHRASES: phrases per prompt
@@ -116,7 +117,7 @@ class Settings:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise SettingsError(f"{name.upper()} must be between 0 and 1, got {value}")
-        for name in ("max_tasks_per_request", "task_concurrency", "max_detections", "max_prompt_chars",
+        for name in ("max_tasks_per_request", "task_concurrency", "ingress_cpu_threads", "max_detections", "max_prompt_chars",
                      "max_phrases", "max_image_pixels", "max_download_bytes"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be a positive integer, got {getattr(self, name)}")

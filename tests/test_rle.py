@@ -21,7 +21,7 @@ def masks():
 
 @pytest.mark.parametrize("name, mask", list(masks()))
 def test_same_bytes_as_the_sdk_and_decodes_back(name, mask):
-    encoded = mask_to_rle(mask)
+    encoded = mask_to_rle(mask).tolist()
     assert encoded == mask2rle(mask.astype(np.uint8) * 255)
     decoded = decode_rle(encoded).reshape(mask.shape[0], mask.shape[1], 4)
     assert np.array_equal(decoded[:, :, 3] > 0, mask)
@@ -30,7 +30,7 @@ def test_same_bytes_as_the_sdk_and_decodes_back(name, mask):
 def test_uint8_masks_are_accepted():
     mask = np.zeros((5, 6), np.uint8)
     mask[1:3, 2:5] = 255
-    assert mask_to_rle(mask) == mask2rle(mask)
+    assert mask_to_rle(mask).tolist() == mask2rle(mask)
 
 
 def test_rejects_non_2d():

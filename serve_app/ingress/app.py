@@ -3,6 +3,8 @@
 # FastAPI must see real annotations (Request) on the ingress methods: no postponed evaluation.
 
 import asyncio
+import concurrent.futures
+import functools
 import hashlib
 import json
 import logging
@@ -126,6 +128,10 @@ class Ingress:
         self.models_ready = {"detector": False, **({"segmenter": False} if segmenter else {})}
         self.model_status: dict[str, dict[str, Any]] = {}
         self._readiness_task = asyncio.get_event_loop().create_task(self._watch_readiness())
+        # Decoding and result building (RLE, polygons) hold the GIL much of the time. Many threads doing it at
+        # once starve the event loop that feeds the model replicas, so this work gets few threads of its own.
+        self._cpu_pool = concurrent.futures.ThreadPoolExecutor(self.settings.ingress_cpu_threads,
+                                                               thread_name_prefix="ingress-cpu")
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -347,7 +353,7 @@ class Ingress:
             raise BadRequest(f"the task's data has no {config.image_key!r} key (from the Image tag's value)")
         resolved = self.fetcher.resolve(url, task.get("id"))
         data = await self.fetcher.fetch(resolved)
-        image = await asyncio.to_thread(decode_image, data, self.settings.max_image_pixels)
+        image = await self._on_cpu_pool(decode_image, data, self.settings.max_image_pixels)
         image_key = hashlib.blake2b(data, digest_size=16).hexdigest()  # same bytes, same cached embedding
         clicks = clicks_from_context(context, image.width, image.height)
         if clicks and prompt.source == "labels":  # clicks or a drawn box alone: SAM only, no detector
@@ -370,9 +376,12 @@ class Ingress:
                                           point_labels=clicks.point_labels if clicks else None)
             masks = (await self._segment(request)).masks
         # RLE and polygons are CPU work: off the event loop, so other requests and /health are not held up
-        return await asyncio.to_thread(build_prediction, config, prompt.phrases, detections.boxes, detections.scores,
+        return await self._on_cpu_pool(build_prediction, config, prompt.phrases, detections.boxes, detections.scores,
                                        detections.phrase_ids, masks, image.width, image.height, self.model_version,
                                        self.settings.polygon_tolerance_px)
+
+    async def _on_cpu_pool(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._cpu_pool, functools.partial(function, *args))
 
     async def _segment(self, request: SegmentationRequest):
         segmented, batch_size, cache = await self._call_model("Segmenter", self.segmenter.segment, request)
@@ -388,6 +397,6 @@ class Ingress:
             image=image.pixels, boxes=clicks.box, image_key=image_key,
             points=clicks.points if len(clicks.points) else None,
             point_labels=clicks.point_labels if len(clicks.points) else None))
-        return await asyncio.to_thread(build_click_prediction, config, label, segmented.masks[0],
+        return await self._on_cpu_pool(build_click_prediction, config, label, segmented.masks[0],
                                        segmented.scores[0], image.width, image.height, self.model_version,
                                        self.settings.polygon_tolerance_px)

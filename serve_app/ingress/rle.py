@@ -21,15 +21,17 @@ def _header_bits(count: int) -> str:
     return f"{count:032b}" + f"{_WORD_BITS - 1:05b}" + "".join(f"{b - 1:04b}" for b in _FIELD_BITS)
 
 
-def mask_to_rle(mask: np.ndarray) -> list[int]:
-    """Encode a 2-D mask (bool or 0/255) as Label Studio brush RLE bytes."""
+def mask_to_rle(mask: np.ndarray) -> np.ndarray:
+    """Encode a 2-D mask (bool or 0/255) as Label Studio brush RLE bytes (a uint8 array; `.tolist()` gives
+    the sdk's list of ints). The service's orjson writes the array as that JSON list without building
+    millions of Python ints."""
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
     flat = np.ascontiguousarray(mask).reshape(-1)
     values = flat.view(np.uint8) * np.uint8(255) if mask.dtype == bool else flat.astype(np.uint8, copy=False)
     header = np.frombuffer(_header_bits(values.size * 4).encode(), np.uint8) - ord("0")
     if values.size == 0:
-        return np.packbits(header).tolist()
+        return np.packbits(header)
 
     change = np.flatnonzero(values[1:] != values[:-1]) + 1
     starts = np.concatenate(([0], change))
@@ -65,4 +67,4 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
         rows, words = first_byte[parity::2], window[parity::2]
         for k in range(5):
             out[rows + k] |= ((words >> np.uint64(32 - 8 * k)) & np.uint64(0xFF)).astype(np.uint8)
-    return out[:total_bits // 8 + 1].tolist()
+    return out[:total_bits // 8 + 1]

@@ -28,8 +28,11 @@ def _bert_vocab() -> list[str]:
     return vocab
 
 
-def make_tiny_grounding_dino(out_dir: str | Path, seed: int = 0) -> Path:
-    """Save a ~1.4M-parameter Grounding DINO with processor and tokenizer to `out_dir`."""
+def make_tiny_grounding_dino(out_dir: str | Path, seed: int = 0, full_size: bool = False) -> Path:
+    """Save a ~1.4M-parameter Grounding DINO with processor and tokenizer to `out_dir`.
+
+    `full_size`: the default configuration instead (grounding-dino-tiny's layout, 172M parameters, the
+    real 800-1333 px preprocessing), still random and with the small vocabulary: for benchmarks."""
     from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection,
                               GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
 
@@ -40,11 +43,10 @@ def make_tiny_grounding_dino(out_dir: str | Path, seed: int = 0) -> Path:
     vocab_file.write_text("\n".join(vocab) + "\n")
     # transformers 5 ignores `vocab_file=`; `vocab=` is the argument that is read.
     tokenizer = BertTokenizerFast(vocab=str(vocab_file), do_lower_case=True, model_max_length=256)
-    processor = GroundingDinoProcessor(
-        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 224, "longest_edge": 320}),
-        tokenizer=tokenizer,
-    )
-    config = GroundingDinoConfig(
+    image_processor = (GroundingDinoImageProcessor() if full_size
+                       else GroundingDinoImageProcessor(size={"shortest_edge": 224, "longest_edge": 320}))
+    processor = GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    config = GroundingDinoConfig() if full_size else GroundingDinoConfig(
         backbone_config=SwinConfig(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4], window_size=7,
                                    out_indices=[2, 3, 4]),
         text_config=BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

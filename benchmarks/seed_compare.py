@@ -1,0 +1,107 @@
+"""Scenario 3, seed-architecture baseline: one "Retrieve predictions" request of N tasks, timed on the
+single-process backend (benchmarks.seed_backend) and on the service, with the same models and images.
+
+    python -m benchmarks.seed_compare [--models tiny] [--tasks 64] [--repeats 2]
+
+Each task is a different 640x480 PNG fetched from a loopback image server; labels from the project's
+config are the prompt; boxes and brush masks come back. The SAM embedding cache is off on both sides
+(SAM_EMBEDDING_CACHE_BYTES=0), so repeats do not hit it. One side runs at a time; each gets a warm-up
+request first. Throughput = tasks / wall time of the whole request, median over the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks.harness import (ROOT, ImageServer, batch_sizes, distinct_images, histogram_delta, machine,
+                                replica_rss_mb, retrieve_body, run_load, start_service)
+from benchmarks.models import MODEL_SETS, model_env
+from tests.serve_process import free_port
+
+
+def time_requests(url: str, body: dict, warmup: dict, repeats: int) -> list[dict]:
+    run_load(url, warmup, requests=1, concurrency=1)
+    return [run_load(url, body, requests=1, concurrency=1) for _ in range(repeats)]
+
+
+def run_seed(env: dict[str, str], body: dict, warmup: dict, repeats: int) -> tuple[list[dict], int]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "benchmarks.seed_backend", "--port", str(port)], cwd=ROOT,
+                               env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                httpx.get(url, timeout=2)
+                break
+            except httpx.HTTPError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the seed backend did not start") from None
+                time.sleep(1)
+        reports = time_requests(url, body, warmup, repeats)
+        import psutil
+
+        rss = round(psutil.Process(process.pid).memory_info().rss / 1e6)
+    finally:
+        process.terminate()
+        process.wait(30)
+    return reports, rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", choices=MODEL_SETS, default="tiny")
+    parser.add_argument("--tasks", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    env = {**model_env(args.models), "SAM_EMBEDDING_CACHE_BYTES": "0"}
+    images = ImageServer(distinct_images(args.tasks + 4))
+    names = sorted(images.files)
+    body = retrieve_body([f"{images.url}/{name}" for name in names[:args.tasks]])
+    warmup = retrieve_body([f"{images.url}/{name}" for name in names[args.tasks:]])
+    try:
+        seed_reports, seed_rss = run_seed(env, body, warmup, args.repeats)
+        service = start_service(env)
+        try:
+            before = batch_sizes(service.url)
+            graph_reports = time_requests(service.url, body, warmup, args.repeats)
+            histograms = histogram_delta(before, batch_sizes(service.url))
+            rss = replica_rss_mb(service)
+        finally:
+            service.stop()
+    finally:
+        images.close()
+
+    assert all(r["failures"] == 0 for r in seed_reports + graph_reports), (seed_reports, graph_reports)
+    seed_tps = statistics.median(r["tasks_per_s"] for r in seed_reports)
+    graph_tps = statistics.median(r["tasks_per_s"] for r in graph_reports)
+    result = {
+        "scenario": "seed baseline", "models": args.models, "tasks": args.tasks, **machine(),
+        "seed_wall_s": [r["wall_s"] for r in seed_reports],
+        "graph_wall_s": [r["wall_s"] for r in graph_reports],
+        "seed_tasks_per_s": round(seed_tps, 3),
+        "graph_tasks_per_s": round(graph_tps, 3),
+        "speedup": round(graph_tps / seed_tps, 2),
+        "graph_batch_sizes": histograms,
+        "rss_mb": {"seed process": seed_rss, **rss},
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
