@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -146,15 +147,18 @@ def replica_rss_mb(service: ServeProcess) -> dict[str, int]:
 
 
 class ImageServer:
-    """Serves in-memory image files over loopback HTTP, as Label Studio serves uploads."""
+    """Serves in-memory image files over loopback HTTP, as Label Studio serves uploads. `latency_s` delays
+    every answer, like a storage bucket in another network would."""
 
-    def __init__(self, files: dict[str, bytes]):
+    def __init__(self, files: dict[str, bytes], latency_s: float = 0.0):
         import http.server
         import threading
 
         self.files = files
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server's naming
+                if latency_s:
+                    time.sleep(latency_s)
                 data = files.get(self.path.lstrip("/"))
                 self.send_response(200 if data is not None else 404)
                 self.send_header("Content-Type", "image/png")

@@ -6,7 +6,8 @@ The same text-prompted request (one 640x480 PNG fetched from a loopback image se
 "cats. house", boxes and brush masks back) is timed through the running service, one request at a
 time from a separate process, and through benchmarks.pipeline in this process with the same model
 code and one torch thread (what a replica gets). Blocks alternate between the two so drift in the
-machine's load hits both. Overhead = median service latency - median in-process latency.
+machine's load hits both. Overhead = median service latency - median in-process latency. GET /health through the proxy is timed
+too: the floor any request pays for one HTTP hop into Serve on this machine.
 """
 
 from __future__ import annotations
@@ -14,17 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import torch
 
 from benchmarks.harness import (ImageServer, batch_sizes, histogram_delta, machine, replica_rss_mb, run_load,
                                 start_service, text_prompt_body, user_config,
                                 without_masks)
 from benchmarks.pipeline import InProcessPipeline
-from serve_app.models.tiny import make_tiny_models
+from benchmarks.models import model_env
 from serve_app.settings import Settings
 from tests.imaging import pattern, png_bytes
 
@@ -39,9 +40,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     args = parser.parse_args()
 
-    models = make_tiny_models(Path(tempfile.mkdtemp(prefix="gs-bench-models-")))
-    env = {"GROUNDING_DINO_MODEL": str(models["grounding_dino"]), "USE_SAM": "true",
-           "SAM_CHECKPOINT": str(models["sam"])}
+    env = model_env("tiny")
     images = ImageServer({"photo.png": png_bytes(pattern(480, 640, seed=1))})
     body = text_prompt_body(f"{images.url}/photo.png")
     if args.boxes_only:
@@ -67,6 +66,12 @@ def main() -> None:
                 pipeline.predict(body)
                 local.append(time.perf_counter() - started)
         histograms = histogram_delta(before, batch_sizes(service.url))
+        health = []  # the floor: one HTTP hop through Serve's proxy to the ingress, no model call
+        with httpx.Client(base_url=service.url, timeout=30) as client:
+            for _ in range(args.blocks * args.requests):
+                started = time.perf_counter()
+                client.get("/health").raise_for_status()
+                health.append(time.perf_counter() - started)
         rss = replica_rss_mb(service)
     finally:
         service.stop()
@@ -84,6 +89,7 @@ def main() -> None:
         "in_process_p50_ms": round(local_p50, 1),
         "in_process_spread_ms": [round(min(local) * 1000, 1), round(max(local) * 1000, 1)],
         "overhead_ms": round(served_p50 - local_p50, 1),
+        "health_p50_ms": round(statistics.median(health) * 1000, 1),
         "in_process_stages_ms": {k: round(statistics.median(v) * 1000, 1) for k, v in pipeline.stage_s.items()},
         "batch_sizes": histograms,
         "rss_mb": rss,

@@ -64,11 +64,13 @@ def main() -> None:
     parser.add_argument("--models", choices=MODEL_SETS, default="tiny")
     parser.add_argument("--tasks", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--image-latency-ms", type=float, default=0.0,
+                        help="delay each image download, like remote cloud storage")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
     env = {**model_env(args.models), "SAM_EMBEDDING_CACHE_BYTES": "0"}
-    images = ImageServer(distinct_images(args.tasks + 4))
+    images = ImageServer(distinct_images(args.tasks + 4), latency_s=args.image_latency_ms / 1000)
     names = sorted(images.files)
     body = retrieve_body([f"{images.url}/{name}" for name in names[:args.tasks]])
     warmup = retrieve_body([f"{images.url}/{name}" for name in names[args.tasks:]])
@@ -89,7 +91,8 @@ def main() -> None:
     seed_tps = statistics.median(r["tasks_per_s"] for r in seed_reports)
     graph_tps = statistics.median(r["tasks_per_s"] for r in graph_reports)
     result = {
-        "scenario": "seed baseline", "models": args.models, "tasks": args.tasks, **machine(),
+        "scenario": "seed baseline", "models": args.models, "tasks": args.tasks,
+        "image_latency_ms": args.image_latency_ms, **machine(),
         "seed_wall_s": [r["wall_s"] for r in seed_reports],
         "graph_wall_s": [r["wall_s"] for r in graph_reports],
         "seed_tasks_per_s": round(seed_tps, 3),

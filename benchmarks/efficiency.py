@@ -1,0 +1,112 @@
+"""Scenario 2, serving efficiency: graph throughput under load / the bare models' best in-process throughput.
+
+    python -m benchmarks.efficiency [--models full-vit_t] [--images 4] [--torch-threads 0]
+    python -m benchmarks.efficiency --device cuda --precision fp16     # on a GPU machine
+
+Full-size architectures with random weights (benchmarks.models). In-process: the same GroundingDinoDetector
+and SamSegmenter called directly on decoded images, with all cores' torch threads, at batch size 1 and at
+`--images` (the best counts). Service: `--images` single-task requests sent at once from a separate
+process, each a different 640x480 image; images/s = images / wall time. MAX_DETECTIONS (default 10 here,
+about what a trained Grounding DINO returns at its thresholds; random weights would fill any cap) and the
+embedding cache (off) are the same on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.harness import (ImageServer, batch_sizes, distinct_images, histogram_delta, machine, replica_rss_mb,
+                                run_load, start_service, text_prompt_body, user_config)
+from benchmarks.models import MODEL_SETS, model_env
+from serve_app.models.grounding_dino import GroundingDinoDetector
+from serve_app.models.messages import DetectionRequest, SegmentationRequest
+from serve_app.models.segmenter import SamSegmenter
+from serve_app.settings import Settings
+
+
+def in_process_images_per_s(detector: GroundingDinoDetector, segmenter: SamSegmenter, settings: Settings,
+                             pictures: list[np.ndarray], batch: int) -> float:
+    requests = [DetectionRequest(image=p, phrases=["cats", "house"], box_threshold=settings.box_threshold,
+                                 text_threshold=settings.text_threshold, max_detections=settings.max_detections)
+                for p in pictures]
+    detector.detect(requests[:1])  # warm-up
+    segmenter.segment([SegmentationRequest(image=pictures[0], boxes=np.array([[0, 0, 10, 10]], np.float32))])
+    started = time.perf_counter()
+    for start in range(0, len(requests), batch):
+        chunk = requests[start:start + batch]
+        detections = detector.detect(chunk)
+        segmenter.segment([SegmentationRequest(image=r.image, boxes=d.boxes) for r, d in zip(chunk, detections)])
+    return len(requests) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", choices=MODEL_SETS, default="full-vit_t")
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--max-detections", type=int, default=10)
+    parser.add_argument("--torch-threads", type=int, default=0, help="user_config.torch_threads of the replicas")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    env = {**model_env(args.models), "SAM_EMBEDDING_CACHE_BYTES": "0", "MAX_DETECTIONS": str(args.max_detections),
+           "DEVICE": args.device, "PRECISION": args.precision}
+    settings = Settings.load(env=env)
+    files = distinct_images(args.images + 1)
+    names = sorted(files)
+    pictures = [np.asarray(Image.open(io.BytesIO(files[n])).convert("RGB")) for n in names[:args.images]]
+
+    torch.set_num_threads(torch.get_num_threads())  # all cores: the models' best case
+    detector = GroundingDinoDetector.load(settings.grounding_dino_model, settings.device, settings.precision)
+    segmenter = SamSegmenter.load(settings.segmenter_checkpoint, settings.segmenter_model_type, settings.device,
+                                  settings.precision, cache_bytes=0)
+    in_process = {f"batch {b}": round(in_process_images_per_s(detector, segmenter, settings, pictures, b), 4)
+                  for b in sorted({1, args.images})}
+    del detector, segmenter
+    best = max(in_process.values())
+
+    images = ImageServer(files)
+    bodies = [text_prompt_body(f"{images.url}/{name}") for name in names]
+
+    def threads(config: dict) -> None:
+        user_config(max_batch_size=max(8, args.images))(config)
+        for deployment in config["applications"][0]["deployments"]:
+            if deployment["name"] in ("Detector", "Segmenter"):
+                deployment["user_config"]["torch_threads"] = args.torch_threads
+
+    service = start_service(env, threads)
+    try:
+        run_load(service.url, bodies[-1], requests=1, concurrency=1)  # warm-up, its own image
+        before = batch_sizes(service.url)
+        report = run_load(service.url, bodies[:args.images], requests=args.images, concurrency=args.images)
+        histograms = histogram_delta(before, batch_sizes(service.url))
+        rss = replica_rss_mb(service)
+    finally:
+        service.stop()
+        images.close()
+
+    graph = args.images / report["wall_s"]
+    result = {
+        "scenario": "serving efficiency", "models": args.models, "images": args.images,
+        "max_detections": args.max_detections, "replica_torch_threads": args.torch_threads,
+        "device": args.device, "precision": args.precision, **machine(),
+        "in_process_images_per_s": in_process, "in_process_torch_threads": torch.get_num_threads(),
+        "graph_images_per_s": round(graph, 4), "graph_load": report,
+        "efficiency": round(graph / best, 3), "batch_sizes": histograms, "rss_mb": rss,
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
