@@ -53,13 +53,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--max-detections", type=int, default=10)
     parser.add_argument("--torch-threads", type=int, default=0, help="user_config.torch_threads of the replicas")
+    parser.add_argument("--max-batch-size", type=int, default=0, help="replicas' max_batch_size (0: --images)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
     env = {**model_env(args.models), "SAM_EMBEDDING_CACHE_BYTES": "0", "MAX_DETECTIONS": str(args.max_detections),
-           "DEVICE": args.device, "PRECISION": args.precision}
+           "DEVICE": args.device, "PRECISION": args.precision, "TASK_TIMEOUT_S": "3000"}  # CPU: minutes per batch
     settings = Settings.load(env=env)
     files = distinct_images(args.images + 1)
     names = sorted(files)
@@ -78,7 +79,8 @@ def main() -> None:
     bodies = [text_prompt_body(f"{images.url}/{name}") for name in names]
 
     def threads(config: dict) -> None:
-        user_config(max_batch_size=max(8, args.images))(config)
+        user_config(max_batch_size=args.max_batch_size or args.images)(config)
+        config["http_options"]["request_timeout_s"] = 3000
         for deployment in config["applications"][0]["deployments"]:
             if deployment["name"] in ("Detector", "Segmenter"):
                 deployment["user_config"]["torch_threads"] = args.torch_threads
@@ -94,10 +96,12 @@ def main() -> None:
         service.stop()
         images.close()
 
+    assert report["failures"] == 0, report
     graph = args.images / report["wall_s"]
     result = {
         "scenario": "serving efficiency", "models": args.models, "images": args.images,
         "max_detections": args.max_detections, "replica_torch_threads": args.torch_threads,
+        "replica_max_batch_size": args.max_batch_size or args.images,
         "device": args.device, "precision": args.precision, **machine(),
         "in_process_images_per_s": in_process, "in_process_torch_threads": torch.get_num_threads(),
         "graph_images_per_s": round(graph, 4), "graph_load": report,

@@ -3,7 +3,8 @@
     python -m benchmarks.load --url http://127.0.0.1:9090/predict --body body.json --requests 64 --concurrency 8
 
 Sends exactly `--requests` POSTs with at most `--concurrency` in flight (loopback URLs only) and prints
-one JSON object: wall time, throughput, latency percentiles, and how many answers were not 200. When the
+one JSON object: wall time, throughput, latency percentiles, and how many answers were not 200 or
+reported `task_errors`. When the
 body file holds a JSON list, request i sends body i modulo its length (e.g. a different image each).
 """
 
@@ -51,7 +52,8 @@ async def drive(url: str, bodies: list[bytes], requests: int, concurrency: int,
                 started = time.perf_counter()
                 response = await client.post(url, content=body, headers={"content-type": "application/json"})
                 latencies.append(time.perf_counter() - started)
-                if response.status_code != 200:
+                # a task that failed or timed out still gets a 200 with `task_errors`: count it too
+                if response.status_code != 200 or b'"task_errors"' in response.content:
                     failures += 1
 
         started = time.perf_counter()
