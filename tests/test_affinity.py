@@ -6,6 +6,7 @@ Ray 2.60's base router left hanging."""
 from __future__ import annotations
 
 import copy
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -32,7 +33,12 @@ def two_segmenters(config):
 def service(tiny_models, tmp_path_factory):
     env = {"GROUNDING_DINO_MODEL": str(tiny_models["grounding_dino"]), "USE_SAM": "true",
            "SAM_CHECKPOINT": str(tiny_models["sam"]), "BOX_THRESHOLD": "0.0", "TEXT_THRESHOLD": "0.0"}
-    process = ServeProcess(env, tmp_path_factory.mktemp("serve"), config_overrides=two_segmenters).start()
+    process = ServeProcess(env, tmp_path_factory.mktemp("serve"), config_overrides=two_segmenters)
+    # Both replicas must serve before the first prompt: an image hashed while only one was known would
+    # move when the second joins (a legitimate miss, but not what this test counts).
+    process.start(ready=lambda health: all(health["models_ready"].values())
+                  and health["models"].get("segmenter", {}).get("running_replicas") == 2)
+    time.sleep(2)  # the ingress's router learns of new replicas by long poll, a moment after the controller
     yield process
     process.stop()
 
