@@ -4,7 +4,7 @@
     python -m benchmarks.efficiency --device cuda --precision fp16     # on a GPU machine
 
 Full-size architectures with random weights (benchmarks.models). In-process: the same GroundingDinoDetector
-and SamSegmenter called directly on decoded images, with all cores' torch threads, at batch size 1 and at
+and SamSegmenter called directly on decoded images, with torch's default threads (all cores), at batch size 1 and at
 `--images` (the best counts). Service: `--images` single-task requests sent at once from a separate
 process, each a different 640x480 image; images/s = images / wall time. MAX_DETECTIONS (default 10 here,
 about what a trained Grounding DINO returns at its thresholds; random weights would fill any cap) and the
@@ -66,7 +66,6 @@ def main() -> None:
     names = sorted(files)
     pictures = [np.asarray(Image.open(io.BytesIO(files[n])).convert("RGB")) for n in names[:args.images]]
 
-    torch.set_num_threads(torch.get_num_threads())  # all cores: the models' best case
     detector = GroundingDinoDetector.load(settings.grounding_dino_model, settings.device, settings.precision)
     segmenter = SamSegmenter.load(settings.segmenter_checkpoint, settings.segmenter_model_type, settings.device,
                                   settings.precision, cache_bytes=0)

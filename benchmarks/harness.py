@@ -74,8 +74,8 @@ def distinct_images(count: int, height: int = 480, width: int = 640) -> dict[str
     return {f"img{i:04d}.png": png_bytes(pattern(height, width, seed=1000 + i)) for i in range(count)}
 
 
-def user_config(max_batch_size: int | None = None, batch_wait_timeout_s: float | None = None,
-                replicas: int | None = None) -> Callable[[dict], None]:
+def user_config(max_batch_size: int | None = None,
+                batch_wait_timeout_s: float | None = None) -> Callable[[dict], None]:
     """A serve.yaml override for both model deployments; None keeps the file's value."""
     def override(config: dict) -> None:
         for deployment in config["applications"][0]["deployments"]:
@@ -85,9 +85,6 @@ def user_config(max_batch_size: int | None = None, batch_wait_timeout_s: float |
                 deployment["user_config"]["max_batch_size"] = max_batch_size
             if batch_wait_timeout_s is not None:
                 deployment["user_config"]["batch_wait_timeout_s"] = batch_wait_timeout_s
-            if replicas is not None:
-                deployment.pop("autoscaling_config", None)
-                deployment["num_replicas"] = replicas
     return override
 
 
@@ -129,20 +126,24 @@ def histogram_delta(before: dict, after: dict) -> dict[str, dict[str, int]]:
     return delta
 
 
-def replica_rss_mb(service: ServeProcess) -> dict[str, int]:
-    """RSS per Serve replica and for everything else the service started, in MB."""
-    leader = service.process.pid
-    rss: dict[str, int] = {}
+def service_processes(service: ServeProcess):
+    """(command line, RSS in MB) of `serve run` and every process in its session, Ray's included."""
     for proc in psutil.process_iter(["pid", "cmdline", "memory_info"]):
         try:
-            if os.getsid(proc.pid) != leader:
-                continue
-            title = " ".join(proc.info["cmdline"] or [])
-            name = title.split(" ")[0] if title.startswith("ray::ServeReplica") else "other processes"
-            name = name.replace("ray::ServeReplica:grounded-serve:", "")
-            rss[name] = rss.get(name, 0) + round(proc.info["memory_info"].rss / 1e6)
+            if os.getsid(proc.pid) == service.process.pid:
+                yield proc.info["cmdline"] or ["?"], proc.info["memory_info"].rss / 1e6
         except (psutil.NoSuchProcess, psutil.AccessDenied, OSError, TypeError):
             continue
+
+
+def replica_rss_mb(service: ServeProcess) -> dict[str, int]:
+    """RSS per Serve replica and for everything else the service started, in MB."""
+    rss: dict[str, int] = {}
+    for cmdline, mb in service_processes(service):
+        title = " ".join(cmdline).split(" ")[0]
+        name = title if title.startswith("ray::ServeReplica") else "other processes"
+        name = name.replace("ray::ServeReplica:grounded-serve:", "")
+        rss[name] = rss.get(name, 0) + round(mb)
     return rss
 
 

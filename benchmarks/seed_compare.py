@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from benchmarks.harness import (ROOT, ImageServer, batch_sizes, distinct_images, histogram_delta, machine,
                                 replica_rss_mb, retrieve_body, run_load, start_service)
@@ -50,8 +51,6 @@ def run_seed(env: dict[str, str], body: dict, warmup: dict, repeats: int) -> tup
                     raise RuntimeError("the seed backend did not start") from None
                 time.sleep(1)
         reports = time_requests(url, body, warmup, repeats)
-        import psutil
-
         rss = round(psutil.Process(process.pid).memory_info().rss / 1e6)
     finally:
         process.terminate()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import tempfile
@@ -23,6 +22,7 @@ import psutil
 
 from serve_app.models.tiny import make_tiny_models
 from tests.imaging import data_url, pattern, png_bytes
+from benchmarks.harness import service_processes
 from tests.serve_process import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,18 +31,12 @@ INTERACTIVE = ROOT.parent / "shared" / "fixtures" / "label-studio" / "predict_in
 
 def service_rss(process: ServeProcess) -> dict[str, float]:
     """RSS in MB by process title, over `serve run` and every process in its session (Ray's included)."""
-    leader = process.process.pid
     totals: dict[str, float] = {}
-    for proc in psutil.process_iter(["pid", "cmdline", "memory_info"]):
-        try:
-            if os.getsid(proc.pid) != leader:
-                continue
-            title = (proc.info["cmdline"] or ["?"])[0].split("/")[-1]
-            if title in ("python", "python3"):
-                title = " ".join(proc.info["cmdline"][1:3])[-60:]
-            totals[title] = totals.get(title, 0.0) + proc.info["memory_info"].rss / 1e6
-        except (psutil.NoSuchProcess, psutil.AccessDenied, OSError, TypeError):
-            continue
+    for cmdline, mb in service_processes(process):
+        title = cmdline[0].split("/")[-1]
+        if title in ("python", "python3"):
+            title = " ".join(cmdline[1:3])[-60:]
+        totals[title] = totals.get(title, 0.0) + mb
     return totals
 
 
