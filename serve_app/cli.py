@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from serve_app.unit_interval import unit_interval
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="grounded-serve", description=__doc__)
@@ -89,9 +91,11 @@ def _prelabel(parser: argparse.ArgumentParser, args) -> int:
     if not args.label_studio_url or not args.api_key:
         parser.error("set --label-studio-url and --api-key (or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)")
     for name in ("box_threshold", "text_threshold"):
-        value = getattr(args, name)
-        if value is not None and not 0 <= value <= 1:
-            parser.error(f"--{name.replace('_', '-')} must be between 0 and 1")
+        if getattr(args, name) is not None:
+            try:
+                unit_interval(getattr(args, name), f"--{name.replace('_', '-')}")
+            except ValueError as exc:
+                parser.error(str(exc))
     if args.chunk_size < 1 or args.concurrency < 1 or args.retries < 0:
         parser.error("--chunk-size and --concurrency must be at least 1, --retries at least 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -1,43 +1,14 @@
-"""Clicks from Label Studio's context, the embedding cache, and image-affinity routing, without Ray."""
+"""Click labels, the embedding cache, and image-affinity routing, without Ray."""
 
-import numpy as np
 import pytest
 import torch
 
 from serve_app.deployments.routing import rendezvous_order
 from serve_app.ingress.errors import BadRequest
-from serve_app.ingress.interactive import click_label, clicks_from_context
+from serve_app.ingress.interactive import click_label
 from serve_app.ingress.label_config import parse_label_config
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
 from tests.configs import CLICK_CONFIG
-
-
-def keypoint(x, y, positive=True, label="cats"):
-    return {"type": "keypointlabels", "from_name": "tag2", "to_name": "image", "is_positive": positive,
-            "original_width": 400, "original_height": 200,
-            "value": {"x": x, "y": y, "width": 0.5, "keypointlabels": [label]}}
-
-
-def test_percent_clicks_and_boxes_become_pixels():
-    context = {"result": [
-        keypoint(25.0, 50.0), keypoint(75.0, 10.0, positive=False),
-        {"type": "rectanglelabels", "value": {"x": 10, "y": 20, "width": 50, "height": 30,
-                                              "rectanglelabels": ["cats"]}},
-    ]}
-    clicks = clicks_from_context(context, width=400, height=200)
-    np.testing.assert_allclose(clicks.points, [[100, 100], [300, 20]])
-    assert clicks.point_labels.tolist() == [1, 0]
-    np.testing.assert_allclose(clicks.box, [[40, 40, 240, 100]])
-    assert clicks.label == "cats" and bool(clicks)
-
-
-def test_no_clicks_and_bad_clicks():
-    assert not clicks_from_context(None, 10, 10)
-    assert not clicks_from_context({"result": [{"type": "textarea", "value": {"text": ["x"]}}]}, 10, 10)
-    with pytest.raises(BadRequest, match="value.x must be a number"):
-        clicks_from_context({"result": [keypoint("left", 3)]}, 10, 10)
-    clamped = clicks_from_context({"result": [keypoint(140.0, -5.0)]}, 100, 100)
-    np.testing.assert_allclose(clamped.points, [[100, 0]])
 
 
 def test_click_labels_must_exist_on_the_mask_tag():

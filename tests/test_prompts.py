@@ -2,9 +2,8 @@ import pytest
 
 from serve_app.ingress.errors import BadRequest
 from serve_app.ingress.label_config import parse_label_config
-from serve_app.ingress.prompts import Phrase, parse_prompt, prompt_from_labels, prompt_text_from_context
+from serve_app.ingress.prompts import Phrase, parse_prompt, prompt_from_labels
 from tests.configs import BOXES_ONLY_ONE_LABEL, PREDICTED_VALUES_CONFIG, SEED_CONFIG
-from tests.conftest import load_ls_fixture
 
 SEED = parse_label_config(SEED_CONFIG)
 PREDICTED = parse_label_config(PREDICTED_VALUES_CONFIG)
@@ -62,10 +61,3 @@ def test_no_prompt_uses_labels_and_predicted_values():
     assert prompt.source == "labels"
     assert prompt.phrases == (Phrase("cat", "Cat"), Phrase("kitten", "Cat"), Phrase("tabby cat", "Cat"),
                               Phrase("car", "Car"))
-
-
-def test_prompt_comes_from_the_textarea_result_label_studio_sends():
-    body = load_ls_fixture("predict_interactive.json")["body"]
-    assert prompt_text_from_context(body["params"]["context"], SEED) == "house"
-    assert prompt_text_from_context(None, SEED) is None  # batch "Retrieve predictions"
-    assert prompt_text_from_context({"result": [{"type": "rectanglelabels", "value": {}}]}, SEED) is None

@@ -6,6 +6,7 @@ import functools
 from dataclasses import dataclass, field
 
 from serve_app.ingress.errors import BadRequest
+from serve_app.unit_interval import unit_interval
 
 BOX_CONTROL = "RectangleLabels"
 MASK_CONTROL = "BrushLabels"
@@ -53,12 +54,9 @@ def _float_attr(value: str | None, what: str) -> float | None:
     if value is None or value == "":
         return None
     try:
-        number = float(value)
-    except ValueError:
-        raise BadRequest(f"{what} must be a number between 0 and 1, got {value!r}") from None
-    if not 0.0 <= number <= 1.0:
-        raise BadRequest(f"{what} must be between 0 and 1, got {number}")
-    return number
+        return unit_interval(value, what)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def _control(tag, kind: str) -> LabelControl:

@@ -14,7 +14,6 @@ the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from serve_app.ingress.errors import BadRequest
 from serve_app.ingress.label_config import ProjectConfig
@@ -31,31 +30,6 @@ class Prompt:
     phrases: tuple[Phrase, ...]
     source: str  # "prompt" when typed by a user, "labels" when built from the config
     warnings: tuple[str, ...] = ()
-
-
-def prompt_text_from_context(context: Any, config: ProjectConfig) -> str | None:
-    """The TextArea text in `params.context.result`, or None when there is no TextArea result."""
-    if not isinstance(context, dict):
-        return None
-    results = context.get("result")
-    if not isinstance(results, list):
-        return None
-    texts, found = [], False
-    for item in results:
-        if not isinstance(item, dict) or item.get("type") != "textarea":
-            continue
-        if config.prompt_name and item.get("from_name") not in (None, config.prompt_name):
-            continue
-        found = True
-        value = item.get("value") or {}
-        text = value.get("text") if isinstance(value, dict) else None
-        if isinstance(text, str):
-            texts.append(text)
-        elif isinstance(text, list):
-            texts.extend(t for t in text if isinstance(t, str))
-        else:
-            raise BadRequest("the prompt result's value.text must be a string or a list of strings")
-    return ". ".join(texts) if found else None
 
 
 def parse_prompt(text: str, config: ProjectConfig, max_chars: int, max_phrases: int) -> Prompt:

@@ -1,0 +1,130 @@
+"""Label Studio's `params.context`, read once per request.
+
+The labeling UI sends what the annotator just did as `context.result`: the prompt typed into a TextArea
+(`textarea`), threshold sliders (`number` results named `box_threshold` / `text_threshold`) and smart
+regions drawn on the image (`keypointlabels` clicks, `rectanglelabels` boxes) in percent of the displayed
+image. One walk over that list gives a `LabellingContext`; the regions become pixels per task image, since
+every task may have its own size. Batch "Retrieve predictions" sends no context.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from serve_app.ingress.errors import BadRequest
+from serve_app.ingress.interactive import MAX_CLICKS, Clicks
+from serve_app.ingress.label_config import THRESHOLD_NUMBERS, ProjectConfig
+from serve_app.unit_interval import unit_interval
+
+REGION_TYPES = ("keypointlabels", "rectanglelabels")
+
+
+@dataclass(frozen=True)
+class DrawnRegions:
+    """Clicks and the last drawn box, in percent of the image (0-100), with the label drawn with."""
+
+    points: tuple[tuple[float, float], ...] = ()
+    point_labels: tuple[int, ...] = ()  # 1 positive, 0 negative (alt-click)
+    box: tuple[float, float, float, float] | None = None  # x, y, width, height
+    label: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.points) or self.box is not None
+
+    def in_pixels(self, width: int, height: int) -> Clicks:
+        """Percent of the displayed (EXIF-rotated) image times the decoded size, which is the same image."""
+        points = np.array([(x / 100 * width, y / 100 * height) for x, y in self.points], np.float32).reshape(-1, 2)
+        boxes = []
+        if self.box is not None:
+            x, y, w, h = self.box
+            left, top = x / 100 * width, y / 100 * height
+            boxes.append((left, top, min(width, left + w / 100 * width), min(height, top + h / 100 * height)))
+        return Clicks(points=points, point_labels=np.array(self.point_labels, np.int64),
+                      box=np.array(boxes, np.float32).reshape(-1, 4), label=self.label)
+
+
+@dataclass(frozen=True)
+class LabellingContext:
+    prompt_text: str | None = None  # None: no TextArea result, so the config's labels are the prompt
+    thresholds: dict[str, float] = field(default_factory=dict)  # only those the context sets
+    regions: DrawnRegions = DrawnRegions()
+
+
+def parse_context(context: Any, config: ProjectConfig, max_regions: int) -> LabellingContext:
+    """One pass over `context.result`; a malformed item is a BadRequest naming it."""
+    if context is None:
+        return LabellingContext()
+    if not isinstance(context, dict):
+        raise BadRequest("params.context must be a JSON object or null")
+    results = context.get("result")
+    if results is None:
+        return LabellingContext()
+    if not isinstance(results, list):
+        raise BadRequest("params.context.result must be a list")
+    if len(results) > max_regions:
+        raise BadRequest(f"params.context.result has {len(results)} items; the limit is {max_regions} "
+                         "(MAX_CONTEXT_ITEMS)", status_code=413)
+    texts: list[str] | None = None
+    thresholds: dict[str, float] = {}
+    points, labels, boxes, names = [], [], [], []
+    for item in results:
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if kind == "textarea":
+            if config.prompt_name and item.get("from_name") not in (None, config.prompt_name):
+                continue
+            texts = (texts or []) + _prompt_texts(item)
+        elif kind == "number" and item.get("from_name") in THRESHOLD_NUMBERS:
+            value = item.get("value")
+            number = value.get("number") if isinstance(value, dict) else None
+            try:
+                thresholds[item["from_name"]] = unit_interval(number, item["from_name"])
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+        elif kind in REGION_TYPES:
+            value = item.get("value")
+            if not isinstance(value, dict):
+                raise BadRequest(f"a {kind} region has no value object")
+            chosen = value.get(kind)
+            if isinstance(chosen, list) and chosen and isinstance(chosen[0], str):
+                names.append(chosen[0])
+            x, y = _percent(value, "x"), _percent(value, "y")
+            if kind == "keypointlabels":
+                points.append((x, y))
+                labels.append(0 if item.get("is_positive") is False else 1)
+            else:
+                boxes.append((x, y, _percent(value, "width"), _percent(value, "height")))
+    if len(points) > MAX_CLICKS:
+        raise BadRequest(f"{len(points)} clicks in one request; the limit is {MAX_CLICKS}")
+    regions = DrawnRegions(points=tuple(points), point_labels=tuple(labels), box=boxes[-1] if boxes else None,
+                           label=names[-1] if names else None)
+    return LabellingContext(prompt_text=". ".join(texts) if texts is not None else None, thresholds=thresholds,
+                            regions=regions)
+
+
+def _prompt_texts(item: dict) -> list[str]:
+    value = item.get("value") or {}
+    text = value.get("text") if isinstance(value, dict) else None
+    if isinstance(text, str):
+        return [text]
+    if isinstance(text, list):
+        return [t for t in text if isinstance(t, str)]
+    raise BadRequest("the prompt result's value.text must be a string or a list of strings")
+
+
+def _percent(value: dict, key: str) -> float:
+    number = value.get(key)
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise BadRequest(f"a drawn region's value.{key} must be a number (percent), got a {type(number).__name__}")
+    try:
+        number = float(number)
+    except OverflowError:
+        raise BadRequest(f"a drawn region's value.{key} is out of range") from None
+    if not math.isfinite(number):
+        raise BadRequest(f"a drawn region's value.{key} must be a finite number (percent)")
+    return min(100.0, max(0.0, number))
