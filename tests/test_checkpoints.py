@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from serve_app.models.checkpoints import cached_path, resolve_checkpoint
-from serve_app.models.grounding_dino import GroundingDinoDetector, ModelLoadError
-from serve_app.models.sam_loading import CheckpointError
+from serve_app.models.errors import CheckpointError, ModelLoadError
+from serve_app.models.grounding_dino import GroundingDinoDetector
 from serve_app.models.segmenter import SamSegmenter
 from tests.loopback import loopback_http
 from tests.serve_process import free_port

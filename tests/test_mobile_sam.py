@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from serve_app.models.mobile_sam import UNUSED_KEYS
-from serve_app.models.sam_loading import CheckpointError, load_sam
+from serve_app.models.errors import CheckpointError
+from serve_app.models.sam_loading import load_sam
 from tests.conftest import SHARED
 from tests.mobile_sam_weights import LAYOUT, synthetic_state_dict
 
@@ -70,7 +71,8 @@ def test_synthetic_weights_match_the_reference_recipe(state_dict):
 
 def test_remapped_layout_is_exactly_the_models(state_dict):
     """Key by key and shape by shape, on the meta device: the renaming covers every key but the classifier."""
-    from serve_app.models.mobile_sam import build_mobile_sam, remap_mobile_sam_keys
+    from serve_app.models.mobile_sam import remap_mobile_sam_keys
+    from serve_app.models.sam_builders import build_mobile_sam
 
     remapped, origin = remap_mobile_sam_keys(state_dict)
     with torch.device("meta"):

@@ -6,7 +6,8 @@ import torch
 
 from serve_app.models.grounding_dino import GroundingDinoDetector, build_caption
 from serve_app.models.messages import DetectionRequest, SegmentationRequest
-from serve_app.models.sam_loading import CheckpointError, load_sam
+from serve_app.models.errors import CheckpointError
+from serve_app.models.sam_loading import load_sam
 from serve_app.models.segmenter import SamSegmenter
 from tests.imaging import pattern
 
@@ -97,7 +98,8 @@ def test_official_sam_layouts_load_strictly(model_type):
     strictly into the architecture built for it. Built on the meta device: no memory, no forward pass."""
     import json
 
-    from serve_app.models.sam_loading import build_sam, infer_model_type
+    from serve_app.models.sam_builders import build_sam
+    from serve_app.models.sam_loading import infer_model_type
     from tests.conftest import SHARED
 
     layout = json.loads((SHARED / "fixtures" / "segment_anything" / f"{model_type}_state_dict_shapes.json").read_text())

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from serve_app.models.sam_loading import CheckpointError
+from serve_app.models.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

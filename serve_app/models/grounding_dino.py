@@ -16,16 +16,10 @@ import torch
 from PIL import Image
 
 from serve_app.models.device import autocast_for, pick_device
+from serve_app.models.errors import ModelLoadError
 from serve_app.models.messages import DEFAULT_GROUNDING_DINO, DetectionRequest, Detections
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL_ID = DEFAULT_GROUNDING_DINO
-
-
-class ModelLoadError(RuntimeError):
-    """The detector model cannot be loaded; the message names the setting to fix."""
-
 
 def describe_load_failure(model: str, exc: Exception) -> str:
     if os.path.isdir(model):
@@ -68,7 +62,7 @@ def phrase_token_masks(offsets: list[tuple[int, int]], spans: list[tuple[int, in
 class GroundingDinoDetector:
     """Loads a Grounding DINO checkpoint (hub id or local directory) and detects phrases in images."""
 
-    def __init__(self, model, processor, device: torch.device, precision: str = "fp32"):
+    def __init__(self, model, processor, device: torch.device, *, precision: str = "fp32"):
         self.model = model
         self.precision = precision
         self.processor = processor
@@ -78,7 +72,7 @@ class GroundingDinoDetector:
         self.max_text_len = int(getattr(model.config, "max_text_len", 256))
 
     @classmethod
-    def load(cls, model_id_or_path: str = DEFAULT_MODEL_ID, device: str = "auto",
+    def load(cls, model_id_or_path: str = DEFAULT_GROUNDING_DINO, *, device: str = "auto",
              precision: str = "fp32") -> "GroundingDinoDetector":
         """From a hub id (cached under HF_HOME; HF_HUB_OFFLINE=1 uses only the cache) or a local directory."""
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
@@ -91,7 +85,7 @@ class GroundingDinoDetector:
         except (OSError, ValueError) as exc:
             raise ModelLoadError(describe_load_failure(model_id_or_path, exc)) from None
         model.to(torch_device).eval()
-        return cls(model, processor, torch_device, precision)
+        return cls(model, processor, torch_device, precision=precision)
 
     @torch.inference_mode()
     def detect(self, requests: list[DetectionRequest]) -> list[Detections]:

@@ -3,7 +3,7 @@
 MobileSAM's encoder is TinyViT-5M with two changes: the last patch merging keeps the 64x64 grid
 (stride 1) and a SAM-style neck maps 320 channels to 256. timm's `TinyVit` has the same blocks
 and parameter names up to a mechanical renaming, so the official `mobile_sam.pt` loads into it
-after `remap_mobile_sam_keys`. Everything after the encoder is segment-anything's `Sam`.
+after `remap_mobile_sam_keys`. Everything after the encoder is segment-anything's `Sam` (serve_app.models.sam_builders).
 """
 
 from __future__ import annotations
@@ -76,11 +76,3 @@ def remap_mobile_sam_keys(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str
         remapped[new_key] = tensor
         origin[new_key] = key
     return remapped, origin
-
-
-def build_mobile_sam():
-    """MobileSAM with random weights: TinyVitEncoder + SAM's prompt encoder and mask decoder (vit_b sizes)."""
-    from serve_app.models.sam_loading import assemble_sam
-
-    return assemble_sam(TinyVitEncoder(), IMG_SIZE, prompt_dim=256, decoder_mlp_dim=2048, decoder_heads=8,
-                        iou_hidden_dim=256)

@@ -11,9 +11,12 @@ import logging
 import numpy as np
 import torch
 
+from serve_app.models.checkpoints import resolve_checkpoint
 from serve_app.models.device import autocast_for, pick_device
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
+from serve_app.models.errors import CheckpointError
 from serve_app.models.messages import Masks, SegmentationRequest
+from serve_app.models.sam_loading import load_sam
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +24,7 @@ logger = logging.getLogger(__name__)
 class SamSegmenter:
     """Wraps a segment-anything `Sam` (any size) for batched box prompts."""
 
-    def __init__(self, sam, device: torch.device, encoder_batch_size: int = 8, decoder_chunk: int = 16,
+    def __init__(self, sam, device: torch.device, *, encoder_batch_size: int = 8, decoder_chunk: int = 16,
                  precision: str = "fp32", cache_bytes: int = 0):
         from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -35,13 +38,10 @@ class SamSegmenter:
         self.decoder_chunk = max(1, decoder_chunk)  # bounds the full-resolution float masks held at once
 
     @classmethod
-    def load(cls, checkpoint: str, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
+    def load(cls, checkpoint: str, *, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
              setting: str = "SAM_CHECKPOINT", sha256: str = "", cache_dir: str = "",
              cache_bytes: int = 0) -> "SamSegmenter":
         """`checkpoint` is a path or URL (downloaded once into `cache_dir`); errors name `setting`."""
-        from serve_app.models.checkpoints import resolve_checkpoint
-        from serve_app.models.sam_loading import CheckpointError, load_sam
-
         path = resolve_checkpoint(checkpoint, setting, cache_dir or None, sha256)
         try:
             sam, _ = load_sam(path, model_type)

@@ -63,7 +63,7 @@ def make_tiny_grounding_dino(out_dir: str | Path, seed: int = 0, full_size: bool
 
 def make_tiny_sam(out_file: str | Path, seed: int = 0) -> Path:
     """Save a tiny SAM state dict as a `.pth`, like the official checkpoints."""
-    from serve_app.models.sam_loading import build_tiny_sam
+    from serve_app.models.sam_builders import build_tiny_sam
 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
