@@ -43,9 +43,9 @@ def main() -> None:
             try:
                 run_load(service.url, bodies[:4], requests=4, concurrency=2)  # warm-up
                 for level in levels:
-                    before = batch_sizes(service.url)
+                    before = batch_sizes(service)
                     report = run_load(service.url, bodies, requests=max(16, 3 * level), concurrency=level)
-                    histograms = histogram_delta(before, batch_sizes(service.url))
+                    histograms = histogram_delta(before, batch_sizes(service))
                     rows.append({"max_batch_size": max_batch_size, **report,
                                  "mean_batch": {name: mean_batch(h) for name, h in histograms.items()}})
                     print(json.dumps(rows[-1]), flush=True)

@@ -26,6 +26,8 @@ from PIL import Image
 from benchmarks.harness import (ImageServer, batch_sizes, distinct_images, histogram_delta, machine, replica_rss_mb,
                                 run_load, start_service, text_prompt_body, user_config)
 from benchmarks.models import MODEL_SETS, model_env
+from benchmarks.pipeline import load_models
+from tests.serve_process import model_deployments
 from serve_app.models.grounding_dino import GroundingDinoDetector
 from serve_app.models.messages import DetectionRequest, SegmentationRequest
 from serve_app.models.segmenter import SamSegmenter
@@ -66,9 +68,7 @@ def main() -> None:
     names = sorted(files)
     pictures = [np.asarray(Image.open(io.BytesIO(files[n])).convert("RGB")) for n in names[:args.images]]
 
-    detector = GroundingDinoDetector.load(settings.grounding_dino_model, settings.device, settings.precision)
-    segmenter = SamSegmenter.load(settings.segmenter_checkpoint, settings.segmenter_model_type, settings.device,
-                                  settings.precision, cache_bytes=0)
+    detector, segmenter = load_models(settings)
     in_process = {f"batch {b}": round(in_process_images_per_s(detector, segmenter, settings, pictures, b), 4)
                   for b in sorted({1, args.images})}
     del detector, segmenter
@@ -80,16 +80,15 @@ def main() -> None:
     def threads(config: dict) -> None:
         user_config(max_batch_size=args.max_batch_size or args.images)(config)
         config["http_options"]["request_timeout_s"] = 3000
-        for deployment in config["applications"][0]["deployments"]:
-            if deployment["name"] in ("Detector", "Segmenter"):
-                deployment["user_config"]["torch_threads"] = args.torch_threads
+        for deployment in model_deployments(config):
+            deployment["user_config"]["torch_threads"] = args.torch_threads
 
     service = start_service(env, threads)
     try:
         run_load(service.url, bodies[-1], requests=1, concurrency=1)  # warm-up, its own image
-        before = batch_sizes(service.url)
+        before = batch_sizes(service)
         report = run_load(service.url, bodies[:args.images], requests=args.images, concurrency=args.images)
-        histograms = histogram_delta(before, batch_sizes(service.url))
+        histograms = histogram_delta(before, batch_sizes(service))
         rss = replica_rss_mb(service)
     finally:
         service.stop()

@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import httpx
 import psutil
 
-from tests.serve_process import ServeProcess
+from tests.serve_process import ServeProcess, model_deployments
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "label-studio"
@@ -78,9 +77,7 @@ def user_config(max_batch_size: int | None = None,
                 batch_wait_timeout_s: float | None = None) -> Callable[[dict], None]:
     """A serve.yaml override for both model deployments; None keeps the file's value."""
     def override(config: dict) -> None:
-        for deployment in config["applications"][0]["deployments"]:
-            if deployment["name"] not in ("Detector", "Segmenter"):
-                continue
+        for deployment in model_deployments(config):
             if max_batch_size is not None:
                 deployment["user_config"]["max_batch_size"] = max_batch_size
             if batch_wait_timeout_s is not None:
@@ -111,9 +108,10 @@ def run_load(url: str, body: dict[str, Any] | list[dict[str, Any]], requests: in
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def batch_sizes(url: str) -> dict[str, dict[str, int]]:
-    """Items by the size of the batch they ran in, per model deployment, as the ingress counted them."""
-    snapshot = httpx.get(f"{url}/metrics", timeout=30).json()
+def batch_sizes(service: ServeProcess) -> dict[str, dict[str, int]]:
+    """Items by the size of the batch they ran in, per model deployment, as the deployments recorded them
+    (read back from Prometheus once every earlier batch is exported)."""
+    snapshot = service.settled_metrics()
     return {name: dict(h["items_by_batch_size"]) for name, h in snapshot["batch_sizes"].items()}
 
 

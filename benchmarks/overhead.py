@@ -55,7 +55,7 @@ def main() -> None:
         for _ in range(3):
             pipeline.predict(body)
         pipeline.stage_s.clear()
-        before = batch_sizes(service.url)
+        before = batch_sizes(service)
         served, local = [], []
         for _ in range(args.blocks):
             report = run_load(service.url, body, requests=args.requests, concurrency=1)
@@ -65,7 +65,7 @@ def main() -> None:
                 started = time.perf_counter()
                 pipeline.predict(body)
                 local.append(time.perf_counter() - started)
-        histograms = histogram_delta(before, batch_sizes(service.url))
+        histograms = histogram_delta(before, batch_sizes(service))
         health = []  # the floor: one HTTP hop through Serve's proxy to the ingress, no model call
         with httpx.Client(base_url=service.url, timeout=30) as client:
             for _ in range(args.blocks * args.requests):

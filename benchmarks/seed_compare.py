@@ -77,9 +77,9 @@ def main() -> None:
         seed_reports, seed_rss = run_seed(env, body, warmup, args.repeats)
         service = start_service(env)
         try:
-            before = batch_sizes(service.url)
+            before = batch_sizes(service)
             graph_reports = time_requests(service.url, body, warmup, args.repeats)
-            histograms = histogram_delta(before, batch_sizes(service.url))
+            histograms = histogram_delta(before, batch_sizes(service))
             rss = replica_rss_mb(service)
         finally:
             service.stop()

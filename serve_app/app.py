@@ -36,12 +36,13 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
 
     detector = Detector.options(ray_actor_options={
         "num_cpus": settings.detector_cpus, "num_gpus": settings.detector_gpus if gpus else 0,
-    }).bind(settings.grounding_dino_model, settings.device, settings.precision)
+    }).bind(settings.grounding_dino_model, device=settings.device, precision=settings.precision)
     segmenter = None
     if settings.sam_enabled:
         segmenter = Segmenter.options(ray_actor_options={
             "num_cpus": settings.segmenter_cpus, "num_gpus": settings.segmenter_gpus if gpus else 0,
-        }).bind(settings.segmenter_checkpoint, settings.segmenter_model_type, settings.device, settings.precision,
-                settings.segmenter_checkpoint_setting, settings.segmenter_checkpoint_sha256,
-                settings.checkpoint_cache_dir, settings.sam_embedding_cache_bytes)
+        }).bind(settings.segmenter_checkpoint, model_type=settings.segmenter_model_type, device=settings.device,
+                precision=settings.precision, setting=settings.segmenter_checkpoint_setting,
+                sha256=settings.segmenter_checkpoint_sha256, cache_dir=settings.checkpoint_cache_dir,
+                cache_bytes=settings.sam_embedding_cache_bytes)
     return Ingress.bind(settings.to_dict(), detector, segmenter)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from serve_app.models.messages import DEFAULT_GROUNDING_DINO, OFFICIAL_CHECKPOINTS
+from serve_app.unit_interval import unit_interval
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -62,6 +63,8 @@ class Settings:
     max_detections: int = 50  # MAX_DETECTIONS: boxes kept per task
     max_prompt_chars: int = 2_000  # MAX_PROMPT_CHARS
     max_phrases: int = 32  # MAX_PHRASES: phrases per prompt
+    max_context_items: int = 1_000  # MAX_CONTEXT_ITEMS: regions, clicks and numbers in params.context.result
+    max_request_bytes: int = 256 * 1024 * 1024  # MAX_REQUEST_BYTES: a /predict, /setup or /webhook body (413 above)
     max_image_pixels: int = 40_000_000  # MAX_IMAGE_PIXELS: width x height after decoding
     max_download_bytes: int = 50 * 1024 * 1024  # MAX_DOWNLOAD_BYTES
     download_timeout_s: float = 20.0  # DOWNLOAD_TIMEOUT_S: whole download, connect included
@@ -114,11 +117,13 @@ class Settings:
 
     def _validate(self) -> None:
         for name in ("box_threshold", "text_threshold"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise SettingsError(f"{name.upper()} must be between 0 and 1, got {value}")
-        for name in ("max_tasks_per_request", "task_concurrency", "ingress_cpu_threads", "max_detections", "max_prompt_chars",
-                     "max_phrases", "max_image_pixels", "max_download_bytes"):
+            try:
+                unit_interval(getattr(self, name), name.upper())
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
+        for name in ("max_tasks_per_request", "task_concurrency", "ingress_cpu_threads", "max_detections",
+                     "max_prompt_chars", "max_phrases", "max_context_items", "max_request_bytes", "max_image_pixels",
+                     "max_download_bytes"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be a positive integer, got {getattr(self, name)}")
         if self.sam_embedding_cache_bytes < 0 or self.polygon_tolerance_px < 0:

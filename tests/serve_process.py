@@ -21,6 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = ROOT / "configs" / "serve.yaml"
 
 
+def model_deployments(config: dict, segmenter: bool = True) -> list[dict]:
+    """The Detector's and (with SAM on) the Segmenter's entries of a Serve config. configs/serve.yaml leaves the
+    Segmenter out (its defaults are in code); an entry with the Detector's user_config is added to override."""
+    deployments = config["applications"][0]["deployments"]
+    by_name = {d["name"]: d for d in deployments}
+    if segmenter and "Segmenter" not in by_name:
+        by_name["Segmenter"] = {"name": "Segmenter", "user_config": dict(by_name["Detector"]["user_config"])}
+        deployments.append(by_name["Segmenter"])
+    return [by_name[name] for name in ("Detector", "Segmenter") if name in by_name]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -52,6 +63,7 @@ class ServeProcess:
             "RAY_USAGE_STATS_ENABLED": "0",
             "HF_HUB_OFFLINE": "1",
             "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",  # as the README's command and the Docker image
+            "RAY_metrics_report_interval_ms": "1000",  # /metrics (read from Prometheus) lags the work by this
             "PYTHONPATH": str(ROOT),
             **env,
         }
@@ -95,6 +107,27 @@ class ServeProcess:
                 return True
             time.sleep(0.5)
         return False
+
+    def metrics(self, until=lambda metrics: True, timeout_s: float = 30, auth=None) -> dict:
+        """GET /metrics until `until(json)` holds: the view is read back from Ray's Prometheus export, a report
+        interval (1 s here) after the work."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            snapshot = httpx.get(f"{self.url}/metrics", auth=auth, timeout=30).json()
+            if until(snapshot) or time.monotonic() > deadline:
+                return snapshot
+            time.sleep(0.5)
+
+    def settled_metrics(self, auth=None, timeout_s: float = 30) -> dict:
+        """/metrics once every earlier request's numbers have been exported (two reads 2.5 s apart agree)."""
+        deadline = time.monotonic() + timeout_s
+        previous = self.metrics(auth=auth)
+        while True:
+            time.sleep(2.5)
+            current = self.metrics(auth=auth)
+            if current == previous or time.monotonic() > deadline:
+                return current
+            previous = current
 
     def log_tail(self, lines: int = 60) -> str:
         try:

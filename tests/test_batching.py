@@ -1,4 +1,4 @@
-"""ModelBatcher: the model takes everything that queued while it was busy, without Ray."""
+"""ModelBatcher: the model takes everything that queued while it was busy, and a bad item fails only itself."""
 
 import asyncio
 import threading
@@ -9,8 +9,14 @@ import pytest
 from serve_app.deployments.batching import BatchConfig, ModelBatcher
 
 
+def batcher_of(model, max_batch_size=8, batch_wait_timeout_s=0.0, sizes=None):
+    on_batch = (lambda size, waits: sizes.append((size, len(waits)))) if sizes is not None else None
+    return ModelBatcher(model, config=BatchConfig(max_batch_size=max_batch_size,
+                                                  batch_wait_timeout_s=batch_wait_timeout_s), on_batch=on_batch)
+
+
 def test_requests_that_arrive_during_a_run_share_the_next_batch():
-    batches = []
+    batches, sizes = [], []
     release = threading.Event()
 
     def model(items):
@@ -20,46 +26,88 @@ def test_requests_that_arrive_during_a_run_share_the_next_batch():
         return [item * 10 for item in items]
 
     async def scenario():
-        batcher = ModelBatcher(model, max_batch_size=4)
-        first = asyncio.ensure_future(batcher.run([1]))
+        batcher = batcher_of(model, max_batch_size=4, sizes=sizes)
+        first = asyncio.ensure_future(batcher.submit(1))
         await asyncio.sleep(0.05)
-        rest = [asyncio.ensure_future(batcher.run([i])) for i in range(2, 8)]  # 6 callers while busy
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(2, 8)]  # 6 callers while busy
         await asyncio.sleep(0.05)
         release.set()
         return await first, [await r for r in rest]
 
     first, rest = asyncio.run(scenario())
-    assert first == [(10, 1)]
+    assert first == 10
     assert batches == [[1], [2, 3, 4, 5], [6, 7]]  # full batches from the queue, in arrival order
-    assert [r[0] for r in rest] == [(20, 4), (30, 4), (40, 4), (50, 4), (60, 2), (70, 2)]
+    assert rest == [20, 30, 40, 50, 60, 70]
+    assert sizes == [(1, 1), (4, 4), (2, 2)]  # what the deployment's batch-size histogram records
 
 
 def test_an_idle_model_runs_a_lone_request_at_once():
     async def scenario():
-        batcher = ModelBatcher(lambda items: items, max_batch_size=8)
+        batcher = batcher_of(lambda items: items)
         started = time.perf_counter()
-        result = await batcher.run(["x"])
+        result = await batcher.submit("x")
         return result, time.perf_counter() - started
 
     result, elapsed = asyncio.run(scenario())
-    assert result == [("x", 1)] and elapsed < 1.0
+    assert result == "x" and elapsed < 1.0
 
 
-def test_a_failing_batch_fails_its_callers_only():
+def test_a_batch_wait_collects_items_that_arrive_soon_after():
+    batches = []
+
     def model(items):
-        if "bad" in items:
-            raise ValueError("broken input")
+        batches.append(list(items))
         return items
 
     async def scenario():
-        batcher = ModelBatcher(model, max_batch_size=1)
-        bad = asyncio.ensure_future(batcher.run(["bad"]))
-        good = asyncio.ensure_future(batcher.run(["good"]))
-        with pytest.raises(ValueError, match="broken input"):
-            await bad
-        return await good
+        batcher = batcher_of(model, max_batch_size=3, batch_wait_timeout_s=2.0)
+        first = asyncio.ensure_future(batcher.submit("a"))
+        await asyncio.sleep(0.05)
+        others = [asyncio.ensure_future(batcher.submit(x)) for x in "bc"]  # fills the batch: no 2 s wait
+        started = time.perf_counter()
+        results = [await first] + [await o for o in others]
+        return results, time.perf_counter() - started
 
-    assert asyncio.run(scenario()) == [("good", 1)]
+    results, elapsed = asyncio.run(scenario())
+    assert results == ["a", "b", "c"] and batches == [["a", "b", "c"]]
+    assert elapsed < 1.5  # a full batch does not wait out the timeout
+
+
+def test_a_failing_item_fails_only_its_own_caller_even_inside_a_batch():
+    calls = []
+    release = threading.Event()
+
+    def model(items):
+        calls.append(list(items))
+        if items == ["first"]:
+            release.wait(5)
+        if "bad" in items:
+            raise ValueError("broken input")
+        return [item.upper() for item in items]
+
+    async def scenario():
+        batcher = batcher_of(model, max_batch_size=8)
+        first = asyncio.ensure_future(batcher.submit("first"))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(batcher.submit(x)) for x in ("a", "bad", "b")]  # one batch of three
+        await asyncio.sleep(0.05)
+        release.set()
+        outcomes = await asyncio.gather(first, *queued, return_exceptions=True)
+        return outcomes
+
+    first, a, bad, b = asyncio.run(scenario())
+    assert (first, a, b) == ("FIRST", "A", "B")
+    assert isinstance(bad, ValueError) and "broken input" in str(bad)
+    assert calls == [["first"], ["a", "bad", "b"], ["a"], ["bad"], ["b"]]  # the batch, then one by one
+
+
+def test_a_model_returning_the_wrong_count_is_an_error_per_item():
+    async def scenario():
+        batcher = batcher_of(lambda items: [])
+        return await asyncio.gather(batcher.submit(1), return_exceptions=True)
+
+    [outcome] = asyncio.run(scenario())
+    assert isinstance(outcome, RuntimeError) and "0 results for 1 items" in str(outcome)
 
 
 def test_cancelled_callers_are_skipped():
@@ -73,17 +121,17 @@ def test_cancelled_callers_are_skipped():
         return items
 
     async def scenario():
-        batcher = ModelBatcher(model, max_batch_size=8)
-        a = asyncio.ensure_future(batcher.run(["a"]))
+        batcher = batcher_of(model)
+        a = asyncio.ensure_future(batcher.submit("a"))
         await asyncio.sleep(0.05)
-        b = asyncio.ensure_future(batcher.run(["b"]))
-        c = asyncio.ensure_future(batcher.run(["c"]))
+        b = asyncio.ensure_future(batcher.submit("b"))
+        c = asyncio.ensure_future(batcher.submit("c"))
         await asyncio.sleep(0.01)
         b.cancel()
         release.set()
         return await a, await c
 
-    assert asyncio.run(scenario()) == ([("a", 1)], [("c", 1)])
+    assert asyncio.run(scenario()) == ("a", "c")
     assert seen == ["a", "c"]
 
 
@@ -93,3 +141,5 @@ def test_batch_config_rejects_unknown_and_negative_values():
         BatchConfig.from_user_config({"max_batch": 4})
     with pytest.raises(ValueError, match="invalid"):
         BatchConfig.from_user_config({"batch_wait_timeout_s": -1})
+    with pytest.raises(ValueError, match="invalid"):
+        BatchConfig.from_user_config({"batch_wait_timeout_s": float("nan")})

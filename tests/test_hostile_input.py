@@ -244,7 +244,9 @@ def test_a_detector_replica_killed_mid_request_means_retry_or_503(client, servic
         time.sleep(2)
     else:
         pytest.fail("the detector did not come back")
-    assert client.get("/metrics").json()["counters"].get("detector_replica_failures", 0) >= 1
+    counters = service.metrics(until=lambda m: m["counters"].get("detector_replica_failures", 0) >= 1,
+                               auth=AUTH)["counters"]
+    assert counters.get("detector_replica_failures", 0) >= 1
 
 
 # --- fuzzing --------------------------------------------------------------------------------------

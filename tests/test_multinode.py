@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import load_ls_fixture
 from tests.imaging import data_url, pattern, png_bytes
-from tests.serve_process import ServeProcess, free_port
+from tests.serve_process import ServeProcess, free_port, model_deployments
 
 pytestmark = pytest.mark.serve
 
@@ -45,17 +45,14 @@ def multinode_config(tiny_models):
         app["args"].update(accelerator="gpu", detector_gpus=0.5, segmenter_gpus=0.5, detector_cpus=0.25,
                            segmenter_cpus=0.25, grounding_dino_model=str(tiny_models["grounding_dino"]),
                            use_sam=True, sam_checkpoint=str(tiny_models["sam"]), replica_retry_timeout_s=60)
-        for deployment in app["deployments"]:
-            if deployment["name"] == "Detector":
-                deployment["autoscaling_config"] = {
-                    "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
-                    "upscale_delay_s": 1, "downscale_delay_s": 4,
-                    "look_back_period_s": 2}
-                deployment["max_ongoing_requests"] = 8
-                deployment["user_config"]["batch_wait_timeout_s"] = 0.3  # keeps requests ongoing under load
-            if deployment["name"] == "Segmenter":
-                deployment.pop("autoscaling_config")
-                deployment["num_replicas"] = 1
+        detector, segmenter = model_deployments(config)
+        detector["autoscaling_config"] = {
+            "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
+            "upscale_delay_s": 1, "downscale_delay_s": 4,
+            "look_back_period_s": 2}
+        detector["max_ongoing_requests"] = 8
+        detector["user_config"]["batch_wait_timeout_s"] = 0.3  # keeps requests ongoing under load
+        segmenter.update(autoscaling_config=None, num_replicas=1)
     return override
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
+from prometheus_client.parser import text_string_to_metric_families
 
 from serve_app.ingress.images import decode_image
 from serve_app.models.grounding_dino import GroundingDinoDetector
@@ -181,12 +184,12 @@ def test_exif_rotated_image_comes_out_upright(client, image_server, local_detect
     assert_matches_pixel_boxes(prediction, expected.boxes, 120, 160)
 
 
-def test_a_bad_task_gets_an_empty_result_and_the_others_survive(client, image_server):
+def test_a_bad_task_gets_an_empty_result_and_the_others_survive(client, service, image_server):
     urls = [f"{image_server}/img0.png", f"{image_server}/missing.png", f"{image_server}/not-an-image.png",
             "file:///etc/passwd", f"{image_server}/img2.png"]
     body = batch_body(urls)
     body["tasks"].insert(2, {"id": 999, "data": {"text": "no image key"}})
-    before = client.get("/metrics").json()["counters"].get("task_errors", 0)
+    before = service.settled_metrics()["counters"].get("task_errors", 0)
     response = client.post("/predict", json=body)
     assert response.status_code == 200
     results = response.json()["results"]
@@ -195,7 +198,8 @@ def test_a_bad_task_gets_an_empty_result_and_the_others_survive(client, image_se
     errors = response.json()["task_errors"]  # for clients other than Label Studio, which ignores it
     assert [(e["index"], e["task"]) for e in errors] == [(1, 101), (2, 999), (3, 102), (4, 103)]
     assert "HTTP 404" in errors[0]["error"] and "no 'image' key" in errors[1]["error"]
-    assert client.get("/metrics").json()["counters"]["task_errors"] - before == 4
+    counters = service.metrics(until=lambda m: m["counters"].get("task_errors", 0) - before >= 4)["counters"]
+    assert counters["task_errors"] - before == 4
 
 
 @pytest.mark.parametrize("content, message", [
@@ -240,6 +244,28 @@ def test_concurrent_requests_are_batched_across_requests(client, service, image_
 
     responses = asyncio.run(fire())
     assert all(r.status_code == 200 and len(r.json()["results"]) == 1 for r in responses)
-    batches = client.get("/metrics").json()["batch_sizes"]
+    batches = service.metrics(until=lambda m: all(m["batch_sizes"].get(name, {}).get("max", 0) > 1
+                                                  for name in ("Detector", "Segmenter")))["batch_sizes"]
     assert batches["Detector"]["max"] > 1, batches
     assert batches["Segmenter"]["max"] > 1, batches
+
+
+def test_prometheus_exports_the_projects_metrics_next_to_serves(client, service, image_server):
+    """Ray's own metrics endpoints (listed in its Prometheus service-discovery file) carry the batch-size
+    histogram each model deployment records, tagged with the deployment, beside Serve's ray_serve_* series."""
+    client.post("/predict", json=interactive_body(f"{image_server}/img1.png", "cats")).raise_for_status()
+    [discovery] = Path(service.ray_tmp).glob("ray/session_*/prom_metrics_service_discovery.json")
+    targets = json.loads(discovery.read_text())[0]["targets"]
+    deadline = time.monotonic() + 30
+    while True:
+        exported = "\n".join(httpx.get(f"http://{target}/metrics", timeout=10).text for target in targets)
+        found = {family.name: family for family in text_string_to_metric_families(exported)}
+        histogram = found.get("ray_grounded_serve_batch_size")
+        if histogram or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert histogram is not None and histogram.type == "histogram"
+    counts = {s.labels["deployment"]: s.value for s in histogram.samples if s.name.endswith("_count")}
+    assert counts.get("Detector", 0) >= 1 and counts.get("Segmenter", 0) >= 1
+    assert any(name.startswith("ray_serve_") for name in found)  # Serve's own metrics, same endpoint
+    assert "ray_grounded_serve_embedding_cache_lookups" in found and "ray_grounded_serve_events" in found

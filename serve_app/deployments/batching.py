@@ -1,20 +1,32 @@
-"""Shared batch settings for the model deployments, driven by `user_config` in the Serve config."""
+"""One batching layer for the model deployments: `ModelBatcher`, with its settings from `user_config`.
+
+Why not `@serve.batch`: it closes a batch when `batch_wait_timeout_s` passes and only then waits for the
+model to be free, so requests that arrive while a batch runs form batches of one that queue behind it
+(measured: 51 of 68 detector batches had one item on a 64-task request). `ModelBatcher` gives the model
+everything that queued while it was busy: no idle wait when the replica is quiet, full batches when it is
+loaded. Its settings are read in the deployment's `reconfigure`, so `serve deploy` changes them live.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from serve_app.models.device import set_cpu_threads
+
+logger = logging.getLogger("ray.serve")
+
 DEFAULT_MAX_BATCH_SIZE = 8
-DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.0  # no idle wait: ModelBatcher fills batches from what queued meanwhile
 
 
 @dataclass(frozen=True)
 class BatchConfig:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
-    batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S
+    batch_wait_timeout_s: float = 0.0  # wait this long for more items only when the model is idle
     torch_threads: int = 0  # 0 keeps Ray's default (OMP_NUM_THREADS=1 in replicas)
 
     @classmethod
@@ -25,68 +37,103 @@ class BatchConfig:
             raise ValueError(f"unknown user_config key(s): {', '.join(sorted(unknown))}")
         parsed = cls(
             max_batch_size=int(config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)),
-            batch_wait_timeout_s=float(config.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_TIMEOUT_S)),
+            batch_wait_timeout_s=float(config.get("batch_wait_timeout_s", 0.0)),
             torch_threads=int(config.get("torch_threads", 0)),
         )
-        if parsed.max_batch_size < 1 or parsed.batch_wait_timeout_s < 0 or parsed.torch_threads < 0:
+        if parsed.max_batch_size < 1 or not parsed.batch_wait_timeout_s >= 0 or parsed.torch_threads < 0:
             raise ValueError(f"invalid batch settings: {parsed}")
         return parsed
 
 
-def apply_batch_config(batched_method, batcher: "ModelBatcher", config: BatchConfig) -> None:
-    """Resize a `@serve.batch` method's queue and its model batcher at run time."""
-    batched_method.set_max_batch_size(config.max_batch_size)
-    batched_method.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
-    batcher.max_batch_size = config.max_batch_size
-
-
-# How many @serve.batch batches may be handed to the ModelBatcher at once; the batcher, not Ray's
-# semaphore, decides what runs, so this only needs to exceed max_ongoing_requests.
-MAX_CONCURRENT_SERVE_BATCHES = 64
-
-
 class ModelBatcher:
-    """Runs a model on one worker thread; each run takes every item waiting, up to `max_batch_size`.
+    """Runs a batch function on a worker thread; each run takes every item waiting, up to `max_batch_size`.
 
-    Ray's `@serve.batch` closes a batch when `batch_wait_timeout_s` passes and only then waits for the
-    model to be free, so requests that arrive while a batch runs form batches of one that queue behind
-    it (measured: 51 of 68 detector batches had one item on a 64-task request). Here the model takes
-    everything that queued while it was busy: no idle wait when the replica is quiet, full batches when
-    it is loaded.
+    A batch function takes a list of items and returns one result per item. When it raises, the items of
+    that batch are run again one by one, so only the item that fails gets the error: a bad image never
+    fails the other callers' items that happened to share its batch.
     """
 
-    def __init__(self, model_fn: Callable[[list], list], max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 on_batch: Callable[[list], None] | None = None):
-        self.model_fn = model_fn
-        self.max_batch_size = max_batch_size
-        self.on_batch = on_batch  # called on the event loop with each batch's results (metrics)
-        self._pending: collections.deque[tuple[Any, asyncio.Future]] = collections.deque()
+    def __init__(self, batch_fn: Callable[[list], list], *, config: BatchConfig = BatchConfig(),
+                 on_batch: Callable[[int, list[float]], None] | None = None):
+        self.batch_fn = batch_fn
+        self.config = config
+        self.on_batch = on_batch  # called on the event loop with each batch's size and its items' queue waits
+        self._pending: collections.deque[tuple[Any, asyncio.Future, float]] = collections.deque()
+        self._arrived = asyncio.Event()
         self._runner: asyncio.Task | None = None
 
-    async def run(self, items: list) -> list[tuple[Any, int]]:
-        """Each item's result and the size of the model batch it ran in."""
+    async def submit(self, item: Any) -> Any:
+        """The item's result, computed in a batch with whatever else is waiting."""
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in items]
-        self._pending.extend(zip(items, futures))
+        future = loop.create_future()
+        self._pending.append((item, future, time.monotonic()))
+        self._arrived.set()
         if self._runner is None or self._runner.done():
             self._runner = loop.create_task(self._drain())
-        return list(await asyncio.gather(*futures))
+        return await future
 
     async def _drain(self) -> None:
         while self._pending:
-            taken = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_batch_size))]
-            batch = [(item, future) for item, future in taken if not future.done()]  # skip cancelled callers
+            await self._fill_while_idle()
+            taken = [self._pending.popleft() for _ in range(min(len(self._pending), self.config.max_batch_size))]
+            batch = [(item, future, queued) for item, future, queued in taken if not future.done()]  # cancelled
             if not batch:
                 continue
-            try:
-                results = await asyncio.to_thread(self.model_fn, [item for item, _ in batch])
-            except Exception as exc:  # noqa: BLE001 - every caller in the batch gets the error
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
+            started = time.monotonic()
+            outcomes = await asyncio.to_thread(self._run, [item for item, _, _ in batch])
             if self.on_batch is not None:
-                self.on_batch(results)
-            for (_, future), result in zip(batch, results):
-                if not future.done():
-                    future.set_result((result, len(batch)))
+                self.on_batch(len(batch), [started - queued for _, _, queued in batch])
+            for (_, future, _), outcome in zip(batch, outcomes):
+                if future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+    async def _fill_while_idle(self) -> None:
+        """With batch_wait_timeout_s > 0, an idle model waits that long for a fuller batch."""
+        wait_s = self.config.batch_wait_timeout_s
+        if wait_s <= 0:
+            return
+        deadline = time.monotonic() + wait_s
+        while len(self._pending) < self.config.max_batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _run(self, items: list) -> list:
+        """Results, or per item the exception it raised (on the worker thread)."""
+        try:
+            results = self.batch_fn(items)
+            if len(results) != len(items):
+                raise RuntimeError(f"the model returned {len(results)} results for {len(items)} items")
+            return list(results)
+        except Exception as exc:  # noqa: BLE001 - isolated below
+            if len(items) == 1:
+                return [exc]
+            logger.warning("a batch of %d failed (%s: %s); running its items one by one", len(items),
+                           exc.__class__.__name__, exc)
+        outcomes = []
+        for item in items:
+            try:
+                outcomes.append(self.batch_fn([item])[0])
+            except Exception as exc:  # noqa: BLE001 - this item's caller gets it
+                outcomes.append(exc)
+        return outcomes
+
+
+class BatchedModelDeployment:
+    """What both model deployments share: a ModelBatcher and its live settings."""
+
+    batcher: ModelBatcher
+
+    def reconfigure(self, user_config: dict) -> None:
+        config = BatchConfig.from_user_config(user_config)
+        self.batcher.config = config
+        set_cpu_threads(config.torch_threads)

@@ -1,56 +1,48 @@
-"""Ray Serve deployment around SamSegmenter: one image-encoder pass per batch of images."""
+"""The segmenter deployment: boxes and clicks to masks, batched across requests (serve_app.models.segmenter).
+
+Requests for one image reach the replica caching its embedding through serve_app.deployments.routing.
+Its defaults are set here, not in configs/serve.yaml: the app has no Segmenter when SAM is off, and Serve
+refuses a config that names a deployment the app lacks. A `Segmenter` entry in the config overrides them.
+"""
 
 from __future__ import annotations
 
 from ray import serve
-from ray.serve.metrics import Counter, Gauge, Histogram
+from ray.serve.config import RequestRouterConfig
 
-from serve_app.deployments.batching import DEFAULT_BATCH_WAIT_TIMEOUT_S, DEFAULT_MAX_BATCH_SIZE, \
-    MAX_CONCURRENT_SERVE_BATCHES, BatchConfig, ModelBatcher, apply_batch_config
-from serve_app.deployments.detector import BATCH_BOUNDARIES
-from serve_app.models.device import set_cpu_threads
+from serve_app.deployments.batching import BatchedModelDeployment, ModelBatcher
+from serve_app.deployments.routing import ImageAffinityRouter
 from serve_app.models.messages import Masks, SegmentationRequest
 from serve_app.models.segmenter import SamSegmenter
+from serve_app.telemetry import EmbeddingCacheMetrics, ModelMetrics
 
 
-@serve.deployment(name="Segmenter", max_ongoing_requests=16)
-class Segmenter:
-    def __init__(self, checkpoint: str, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
+@serve.deployment(
+    name="Segmenter",
+    max_ongoing_requests=16,  # >= max_batch_size, so full batches can form
+    max_queued_requests=2048,  # items waiting in each caller; beyond it /predict answers 503 + Retry-After
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8, "upscale_delay_s": 10,
+                        "downscale_delay_s": 120},
+    request_router_config=RequestRouterConfig(request_router_class=ImageAffinityRouter),
+    user_config={"max_batch_size": 8, "batch_wait_timeout_s": 0.0, "torch_threads": 0},
+)
+class Segmenter(BatchedModelDeployment):
+    def __init__(self, checkpoint: str, *, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
                  setting: str = "SAM_CHECKPOINT", sha256: str = "", cache_dir: str = "", cache_bytes: int = 0):
-        self.model = SamSegmenter.load(checkpoint, model_type, device, precision, setting, sha256, cache_dir,
-                                       cache_bytes)
-        self.batcher = ModelBatcher(self._run_model, on_batch=self._observe_batch)
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.cache_lookups = Counter("grounded_serve_sam_embedding_cache_lookups",
-                                     description="SAM embedding cache lookups", tag_keys=("result",))
-        self.cache_bytes = Gauge("grounded_serve_sam_embedding_cache_bytes", description="Bytes of cached embeddings")
-        self.batch_size_histogram = Histogram(
-            "grounded_serve_segmenter_batch_size", description="Images per SAM image-encoder pass",
-            boundaries=BATCH_BOUNDARIES)
+        self.model = SamSegmenter.load(checkpoint, model_type=model_type, device=device, precision=precision,
+                                       setting=setting, sha256=sha256, cache_dir=cache_dir, cache_bytes=cache_bytes)
+        self.model_metrics = ModelMetrics()
+        self.cache_metrics = EmbeddingCacheMetrics()
+        self._reported = {"hits": 0, "misses": 0, "images_encoded": 0}
+        self.batcher = ModelBatcher(self.model.segment, on_batch=self._after_batch)
 
-    def reconfigure(self, user_config: dict) -> None:
-        config = BatchConfig.from_user_config(user_config)
-        apply_batch_config(self.segment, self.batcher, config)
-        self.model.encoder_batch_size = config.max_batch_size
-        set_cpu_threads(config.torch_threads)
+    async def segment(self, request: SegmentationRequest) -> Masks:
+        return await self.batcher.submit(request)
 
-    def _run_model(self, requests: list[SegmentationRequest]) -> list[tuple[Masks, dict]]:
-        results = self.model.segment(requests)
-        stats = {**self.model.cache.stats(), "images_encoded": self.model.images_encoded,
-                 "replica": self.replica_id}
-        return [(result, stats) for result in results]
-
-    def _observe_batch(self, results: list[tuple[Masks, dict]]) -> None:
-        self.batch_size_histogram.observe(len(results))
-        self.cache_bytes.set(results[0][1]["bytes"])
-        for masks, _ in results:
-            self.cache_lookups.inc(tags={"result": "hit" if masks.cache_hit else "miss"})
-
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S,
-                 max_concurrent_batches=MAX_CONCURRENT_SERVE_BATCHES)
-    async def segment(self, requests: list[SegmentationRequest]) -> list[tuple[Masks, int, dict]]:
-        """Each caller gets its masks, the model batch size it ran in, and this replica's cache statistics."""
-        return [(masks, batch_size, stats) for (masks, stats), batch_size in await self.batcher.run(requests)]
-
-    def ready(self) -> bool:
-        return True
+    def _after_batch(self, size: int, waits_s: list[float]) -> None:
+        self.model_metrics.observe_batch(size, waits_s)
+        stats = {**self.model.cache.stats(), "images_encoded": self.model.images_encoded}
+        delta = {name: stats[name] - self._reported[name] for name in self._reported}
+        self._reported = {name: stats[name] for name in self._reported}
+        self.cache_metrics.observe(hits=delta["hits"], misses=delta["misses"], encoded=delta["images_encoded"],
+                                   entries=stats["entries"], nbytes=stats["bytes"])

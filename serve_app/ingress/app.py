@@ -1,15 +1,19 @@
-"""The ingress deployment: Label Studio's ML backend HTTP API over the model deployments."""
+"""The ingress deployment: Label Studio's ML backend HTTP API, and the Ray calls into the model deployments.
+
+Routes parse HTTP and map errors to status codes; the labelling itself is serve_app.ingress.pipeline,
+given `_detect` and `_segment` (handle calls with one retry on a lost replica) as its model steps.
+"""
 
 # FastAPI must see real annotations (Request) on the ingress methods: no postponed evaluation.
 
 import asyncio
 import concurrent.futures
 import functools
-import hashlib
 import json
 import logging
 import os
 import time
+import uuid
 from typing import Any
 
 import httpx
@@ -22,16 +26,15 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.ingress.auth import OPEN_PATHS, BasicAuth
-from serve_app.ingress.errors import BadRequest
-from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy, decode_image
-from serve_app.ingress.interactive import Clicks, click_label, clicks_from_context
-from serve_app.ingress.label_config import THRESHOLD_NUMBERS, ProjectConfig, parse_label_config
+from serve_app.ingress.errors import BadRequest, ServiceUnavailable
+from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
+from serve_app.ingress.label_config import parse_label_config
 from serve_app.ingress.label_studio_auth import LabelStudioCredentials
-from serve_app.ingress.metrics import ServiceMetrics
-from serve_app.ingress.prompts import Prompt, parse_prompt, prompt_from_labels, prompt_text_from_context
-from serve_app.ingress.results import build_click_prediction, build_prediction, empty_prediction
-from serve_app.models.messages import DetectionRequest, SegmentationRequest
+from serve_app.ingress.metrics import MetricsView
+from serve_app.ingress.pipeline import LabellingPipeline
+from serve_app.models.messages import DetectionRequest, Detections, Masks, SegmentationRequest
 from serve_app.settings import Settings
+from serve_app.telemetry import IngressMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -39,26 +42,53 @@ MODEL_CLASS = "GroundedSam"
 # serve.status() costs ~40 ms of this replica's CPU (GIL held), so poll fast only until the models serve.
 READINESS_POLL_S = 1.0
 READY_POLL_S = 15.0
+# Label Studio's webhook actions; anything else is counted as "other" so /metrics stays bounded.
+WEBHOOK_ACTIONS = frozenset({
+    "PROJECT_CREATED", "PROJECT_UPDATED", "PROJECT_DELETED", "TASKS_CREATED", "TASKS_DELETED",
+    "ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
+    "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED", "REVIEW_CREATED", "REVIEW_UPDATED",
+    "REVIEWS_DELETED", "START_TRAINING",
+})
 
 api = FastAPI(title="grounded-serve", description="Label Studio ML backend: Grounding DINO + SAM on Ray Serve")
 api.state.basic_auth = None  # set by the Ingress constructor from the replica's environment
 
 
 @api.middleware("http")
-async def require_basic_auth(request: Request, call_next):
+async def auth_and_last_resort(request: Request, call_next):
     auth = request.app.state.basic_auth
     if auth is not None and request.url.path not in OPEN_PATHS and not auth.allows(request.headers.get("authorization")):
         logger.warning("refused %s %s: missing or wrong Basic auth credentials", request.method, request.url.path)
         return auth.refusal()
-    return await call_next(request)
+    try:
+        return await call_next(request)
+    except Exception:  # noqa: BLE001 - a bug must still be a JSON answer, never Starlette's plain text
+        reference = uuid.uuid4().hex[:12]
+        logger.exception("unexpected error in %s %s (reference %s)", request.method, request.url.path, reference)
+        return json_error(500, f"internal error (reference {reference} in the service log)")
 
 
-class ServiceUnavailable(Exception):
-    """The models cannot take this request now (overloaded, or a replica died twice): retry later."""
+def render_json(content: Any) -> bytes:
+    """orjson (a /predict answer can hold megabytes of RLE), and where orjson refuses a value (an integer
+    beyond 64 bits, a lone surrogate, deep nesting) the standard library with ASCII escapes: rendering the
+    answer must never lose the work already done."""
+    try:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+    except (orjson.JSONEncodeError, TypeError):
+        return json.dumps(content, ensure_ascii=True, default=_plain).encode()
 
-    def __init__(self, message: str, retry_after_s: int = 10):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+class SafeJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return render_json(content)
+
+
+def json_error(status: int, message: str) -> JSONResponse:
+    return SafeJSONResponse({"status": "error", "error": message}, status_code=status)
 
 
 def model_version_for(settings: Settings) -> str:
@@ -73,43 +103,8 @@ def model_version_for(settings: Settings) -> str:
     return version
 
 
-def _threshold(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise BadRequest(f"{name} must be a number between 0 and 1, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise BadRequest(f"{name} must be a number between 0 and 1, got {value!r}") from None
-    if not 0.0 <= number <= 1.0:
-        raise BadRequest(f"{name} must be between 0 and 1, got {number}")
-    return number
-
-
-def resolve_thresholds(settings: Settings, config: ProjectConfig, context: Any) -> dict[str, float]:
-    """Environment defaults < the config's Number tags' defaultValue < numbers sent in the context."""
-    thresholds = {"box_threshold": settings.box_threshold, "text_threshold": settings.text_threshold}
-    thresholds.update(config.thresholds)
-    results = context.get("result") if isinstance(context, dict) else None
-    for item in results if isinstance(results, list) else []:
-        if isinstance(item, dict) and item.get("type") == "number" and item.get("from_name") in THRESHOLD_NUMBERS:
-            value = (item.get("value") or {}).get("number")
-            thresholds[item["from_name"]] = _threshold(value, item["from_name"])
-    return thresholds
-
-
-async def _awaited(response):
-    return await response
-
-
-class FastJSONResponse(JSONResponse):
-    """orjson instead of json: a /predict answer can hold megabytes of RLE integers (20x faster to write)."""
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def _json_error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"status": "error", "error": message}, status_code=status)
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=64)
@@ -121,10 +116,12 @@ class Ingress:
         self.detector = detector
         self.segmenter = segmenter
         self.model_version = model_version_for(self.settings)
-        self.metrics = ServiceMetrics()
+        self.metrics = IngressMetrics()
+        # One client for every download, kept for the replica's life: /setup swaps credentials, not clients.
+        self.http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        self.metrics_view = MetricsView(serve.get_replica_context().app_name, self.http)
         self._setup_hostname = ""
         self._setup_token = ""
-        self.fetcher = self._make_fetcher()
         self.models_ready = {"detector": False, **({"segmenter": False} if segmenter else {})}
         self.model_status: dict[str, dict[str, Any]] = {}
         self._readiness_task = asyncio.get_event_loop().create_task(self._watch_readiness())
@@ -132,6 +129,10 @@ class Ingress:
         # once starve the event loop that feeds the model replicas, so this work gets few threads of its own.
         self._cpu_pool = concurrent.futures.ThreadPoolExecutor(self.settings.ingress_cpu_threads,
                                                                thread_name_prefix="ingress-cpu")
+        self.pipeline = LabellingPipeline(
+            settings=self.settings, model_version=self.model_version, detect=self._detect,
+            segment=self._segment if segmenter is not None else None, fetcher=self._make_fetcher(),
+            run_blocking=self._run_blocking, observe_stage=self.metrics.observe_stage)
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -144,7 +145,6 @@ class Ingress:
             document_root=s.local_files_document_root,
             host_allowlist=frozenset(h.strip().lower() for h in s.image_host_allowlist.split(",") if h.strip()),
         )
-        client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
         # Secrets come from the replica's environment (or Label Studio's /setup), never from Serve config args.
         key, source = "", ""
         for name in ("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN"):
@@ -153,8 +153,8 @@ class Ingress:
                 break
         if not key and self._setup_token:
             key, source = self._setup_token, "the access_token Label Studio sent to /setup"
-        credentials = LabelStudioCredentials(base_url, key, client, source) if key and base_url else None
-        return ImageFetcher(policy, client, credentials)
+        credentials = LabelStudioCredentials(base_url, key, self.http, source) if key and base_url else None
+        return ImageFetcher(policy, self.http, credentials)
 
     async def _watch_readiness(self) -> None:
         """/health must answer within Label Studio's 1 s even while model replicas load (or fail to),
@@ -177,15 +177,61 @@ class Ingress:
                 logger.debug("cannot read Serve status", exc_info=True)
             await asyncio.sleep(READY_POLL_S if all(self.models_ready.values()) else READINESS_POLL_S)
 
-    @staticmethod
-    async def _read_json(request: Request) -> Any:
-        body = await request.body()
+    async def _read_json(self, request: Request) -> Any:
+        """The body as JSON, bounded in bytes; anything unparsable is a 400 (or 413), never a 500."""
+        limit = self.settings.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BadRequest(f"the request body is {declared} bytes; the limit is {limit} (MAX_REQUEST_BYTES)",
+                             status_code=413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(f"the request body exceeds {limit} bytes (MAX_REQUEST_BYTES)", status_code=413)
+            chunks.append(chunk)
+        body = b"".join(chunks)
         if not body:
             raise BadRequest("the request body is empty; expected JSON")
         try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+            return json.loads(body, parse_constant=_refuse_constant)
+        except RecursionError:
+            raise BadRequest("the request body is nested too deeply") from None
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, NaN, integers beyond 4,300 digits
+            raise BadRequest(f"the request body is not valid JSON: {str(exc)[:200]}") from None
+
+    async def _run_blocking(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._cpu_pool, functools.partial(function, *args))
+
+    # -- model calls ----------------------------------------------------------------------------
+
+    async def _detect(self, request: DetectionRequest) -> Detections:
+        return await self._call_model("Detector", self.detector.detect, request)
+
+    async def _segment(self, request: SegmentationRequest) -> Masks:
+        return await self._call_model("Segmenter", self.segmenter.segment, request)
+
+    async def _call_model(self, name: str, method, request):
+        """One model call. A replica that dies mid-request is retried once, on another replica or the one Serve
+        starts in its place, for at most REPLICA_RETRY_TIMEOUT_S; after that the request gets a 503."""
+        try:
+            return await method.remote(request)
+        except BackPressureError as exc:
+            raise ServiceUnavailable(f"the {name} deployment is overloaded ({exc})") from None
+        except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
+            self.metrics.count(f"{name.lower()}_replica_failures")
+            logger.warning("%s replica failed (%s); retrying once", name, exc.__class__.__name__)
+        retry = method.remote(request)
+        try:
+            return await asyncio.wait_for(retry, timeout=self.settings.replica_retry_timeout_s)
+        except asyncio.TimeoutError:
+            retry.cancel()
+            raise ServiceUnavailable(f"the {name} deployment lost a replica and none was back within "
+                                     f"{self.settings.replica_retry_timeout_s:g} s (REPLICA_RETRY_TIMEOUT_S)") from None
+        except BackPressureError as exc:
+            raise ServiceUnavailable(f"the {name} deployment is overloaded ({exc})") from None
+        except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
+            raise ServiceUnavailable(f"the {name} deployment failed twice: {exc.__class__.__name__}") from None
 
     # -- routes ---------------------------------------------------------------------------------
 
@@ -206,197 +252,48 @@ class Ingress:
             hostname, token = body.get("hostname") or "", body.get("access_token") or ""
             if (hostname, token) != (self._setup_hostname, self._setup_token) and isinstance(hostname, str):
                 self._setup_hostname, self._setup_token = hostname, str(token)
-                old, self.fetcher = self.fetcher, self._make_fetcher()
-                asyncio.get_running_loop().create_task(old.aclose())
+                self.pipeline.fetcher = self._make_fetcher()
         except BadRequest as exc:
             logger.warning("/setup refused: %s", exc)
-            return _json_error(exc.status_code, exc.message)
-        return JSONResponse({"model_version": self.model_version})
+            return json_error(exc.status_code, exc.message)
+        return SafeJSONResponse({"model_version": self.model_version})
 
     @api.post("/webhook")
     async def webhook(self, request: Request) -> JSONResponse:
         try:
             body = await self._read_json(request)
         except BadRequest as exc:
-            return _json_error(exc.status_code, exc.message)
+            return json_error(exc.status_code, exc.message)
         action = body.get("action") if isinstance(body, dict) else None
-        self.metrics.count(f"webhook_{action or 'unknown'}")
-        return JSONResponse({"status": "ok", "action": action, "trained": False,
-                             "message": "zero-shot models: events are acknowledged, nothing is trained"})
+        known = action if action in WEBHOOK_ACTIONS else None
+        self.metrics.count(f"webhook_{known or 'other'}")
+        return SafeJSONResponse({"status": "ok", "action": known, "trained": False,
+                                 "message": "zero-shot models: events are acknowledged, nothing is trained"})
 
     @api.get("/metrics")
-    async def get_metrics(self) -> dict[str, Any]:
-        return {"model_version": self.model_version, "models_ready": dict(self.models_ready),
-                **self.metrics.snapshot()}
+    async def get_metrics(self) -> JSONResponse:
+        return SafeJSONResponse({"model_version": self.model_version, "models_ready": dict(self.models_ready),
+                                 **await self.metrics_view.snapshot()})
 
     @api.post("/predict")
     async def predict(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
         self.metrics.count("predict_requests")
         try:
-            body = await self._read_json(request)
-            response = await self._predict(body)
+            response = await self.pipeline.predict(await self._read_json(request))
         except BadRequest as exc:
             self.metrics.count("predict_request_errors")
             logger.warning("/predict refused (%d): %s", exc.status_code, exc)
-            return _json_error(exc.status_code, exc.message)
+            return json_error(exc.status_code, exc.message)
         except ServiceUnavailable as exc:
             # Nothing is returned, so Label Studio stores nothing and a later retrieval retries these tasks.
             self.metrics.count("predict_unavailable")
             logger.warning("/predict answered 503: %s", exc)
-            response = _json_error(503, str(exc))
-            response.headers["Retry-After"] = str(exc.retry_after_s)
-            return response
+            answer = json_error(503, str(exc))
+            answer.headers["Retry-After"] = str(exc.retry_after_s)
+            return answer
         finally:
-            self.metrics.observe_latency("predict", time.perf_counter() - started)
-        return FastJSONResponse(response)
-
-    # -- prediction -----------------------------------------------------------------------------
-
-    async def _predict(self, body: Any) -> dict[str, Any]:
-        s = self.settings
-        if not isinstance(body, dict):
-            raise BadRequest("the /predict body must be a JSON object")
-        tasks = body.get("tasks")
-        if not isinstance(tasks, list):
-            raise BadRequest("'tasks' must be a list of Label Studio tasks")
-        if not tasks:
-            raise BadRequest("'tasks' is empty")
-        if len(tasks) > s.max_tasks_per_request:
-            raise BadRequest(f"{len(tasks)} tasks in one request; the limit is {s.max_tasks_per_request} "
-                             "(MAX_TASKS_PER_REQUEST)", status_code=413)
-        config = parse_label_config(body.get("label_config"))
-        params = body.get("params") if isinstance(body.get("params"), dict) else {}
-        context = params.get("context")
-        text = prompt_text_from_context(context, config)
-        if text is None:
-            prompt = prompt_from_labels(config, s.max_phrases)
-        else:
-            prompt = parse_prompt(text, config, s.max_prompt_chars, s.max_phrases)
-        thresholds = resolve_thresholds(s, config, context)
-        for warning in prompt.warnings:
-            logger.info("prompt: %s", warning)
-
-        limit = asyncio.Semaphore(s.task_concurrency)
-
-        async def bounded(task: Any) -> dict[str, Any]:
-            async with limit:
-                return await self._predict_task(task, config, prompt, thresholds, context)
-
-        try:
-            async with asyncio.TaskGroup() as group:  # a ServiceUnavailable cancels the request's other tasks
-                running = [group.create_task(bounded(task)) for task in tasks]
-        except* ServiceUnavailable as failures:
-            raise failures.exceptions[0] from None
-        outcomes = [task.result() for task in running]
-        self.metrics.count("predict_tasks", len(tasks))
-        response: dict[str, Any] = {"results": [prediction for prediction, _ in outcomes],
-                                    "model_version": self.model_version}
-        # Label Studio reads only `results`; other clients (grounded-serve prelabel) learn which tasks failed.
-        errors = [{"index": i, "task": task.get("id") if isinstance(task, dict) else None, "error": error}
-                  for i, (task, (_, error)) in enumerate(zip(tasks, outcomes)) if error]
-        if errors:
-            response["task_errors"] = errors
-        if prompt.warnings:
-            response["warnings"] = list(prompt.warnings)
-        return response
-
-    async def _predict_task(self, task: Any, config: ProjectConfig, prompt: Prompt,
-                            thresholds: dict[str, float], context: Any) -> tuple[dict[str, Any], str | None]:
-        """The task's prediction and, when it failed, why (it then gets an empty prediction)."""
-        task_id = task.get("id") if isinstance(task, dict) else None
-        try:
-            return await asyncio.wait_for(self._run_task(task, config, prompt, thresholds, context),
-                                          timeout=self.settings.task_timeout_s), None
-        except BadRequest as exc:
-            error = str(exc)
-            logger.warning("task %s: %s", task_id, exc)
-        except ServiceUnavailable:
-            raise
-        except asyncio.TimeoutError:
-            error = f"no result within {self.settings.task_timeout_s:g} s (TASK_TIMEOUT_S)"
-            logger.error("task %s: %s", task_id, error)
-        except Exception as exc:  # noqa: BLE001 - one broken task must not lose the others
-            error = f"internal error: {exc.__class__.__name__}"
-            logger.exception("task %s failed", task_id)
-        self.metrics.count("task_errors")
-        return empty_prediction(self.model_version), error
-
-    async def _call_model(self, name: str, method, request):
-        """One model call. A replica that dies mid-request is retried once, on another replica or the one Serve
-        starts in its place, for at most REPLICA_RETRY_TIMEOUT_S; after that the request gets a 503."""
-        try:
-            return await method.remote(request)
-        except BackPressureError as exc:
-            raise ServiceUnavailable(f"the {name} deployment is overloaded ({exc})") from None
-        except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
-            self.metrics.count(f"{name.lower()}_replica_failures")
-            logger.warning("%s replica failed (%s); retrying once", name, exc.__class__.__name__)
-        retry = method.remote(request)
-        try:
-            return await asyncio.wait_for(_awaited(retry), timeout=self.settings.replica_retry_timeout_s)
-        except asyncio.TimeoutError:
-            retry.cancel()
-            raise ServiceUnavailable(f"the {name} deployment lost a replica and none was back within "
-                                     f"{self.settings.replica_retry_timeout_s:g} s (REPLICA_RETRY_TIMEOUT_S)") from None
-        except BackPressureError as exc:
-            raise ServiceUnavailable(f"the {name} deployment is overloaded ({exc})") from None
-        except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
-            raise ServiceUnavailable(f"the {name} deployment failed twice: {exc.__class__.__name__}") from None
-
-    async def _run_task(self, task: Any, config: ProjectConfig, prompt: Prompt,
-                        thresholds: dict[str, float], context: Any = None) -> dict[str, Any]:
-        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
-            raise BadRequest("the task has no 'data' object")
-        url = task["data"].get(config.image_key)
-        if url is None:
-            raise BadRequest(f"the task's data has no {config.image_key!r} key (from the Image tag's value)")
-        resolved = self.fetcher.resolve(url, task.get("id"))
-        data = await self.fetcher.fetch(resolved)
-        image = await self._on_cpu_pool(decode_image, data, self.settings.max_image_pixels)
-        image_key = hashlib.blake2b(data, digest_size=16).hexdigest()  # same bytes, same cached embedding
-        clicks = clicks_from_context(context, image.width, image.height)
-        if clicks and prompt.source == "labels":  # clicks or a drawn box alone: SAM only, no detector
-            return await self._segment_clicks(config, image, image_key, clicks)
-        if not prompt.phrases:
-            return build_prediction(config, prompt.phrases, [], [], [], None, image.width, image.height,
-                                    self.model_version)
-
-        detections, batch_size = await self._call_model("Detector", self.detector.detect, DetectionRequest(
-            image=image.pixels, phrases=[p.text for p in prompt.phrases],
-            box_threshold=thresholds["box_threshold"], text_threshold=thresholds["text_threshold"],
-            max_detections=1 if clicks else self.settings.max_detections))
-        self.metrics.observe_batch("Detector", batch_size)
-
-        masks = None
-        if self.segmenter is not None and config.mask_outputs and len(detections):
-            # with clicks, the best box and the clicks together refine one mask
-            request = SegmentationRequest(image=image.pixels, boxes=detections.boxes, image_key=image_key,
-                                          points=clicks.points if clicks else None,
-                                          point_labels=clicks.point_labels if clicks else None)
-            masks = (await self._segment(request)).masks
-        # RLE and polygons are CPU work: off the event loop, so other requests and /health are not held up
-        return await self._on_cpu_pool(build_prediction, config, prompt.phrases, detections.boxes, detections.scores,
-                                       detections.phrase_ids, masks, image.width, image.height, self.model_version,
-                                       self.settings.polygon_tolerance_px)
-
-    async def _on_cpu_pool(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._cpu_pool, functools.partial(function, *args))
-
-    async def _segment(self, request: SegmentationRequest):
-        segmented, batch_size, cache = await self._call_model("Segmenter", self.segmenter.segment, request)
-        self.metrics.observe_batch("Segmenter", batch_size)
-        self.metrics.observe_embedding_cache(segmented.cache_hit, cache)
-        return segmented
-
-    async def _segment_clicks(self, config: ProjectConfig, image, image_key: str, clicks: Clicks) -> dict[str, Any]:
-        if self.segmenter is None:
-            raise BadRequest("clicks and drawn boxes need SAM: start the service with USE_SAM or USE_MOBILE_SAM")
-        label = click_label(config, clicks.label)
-        segmented = await self._segment(SegmentationRequest(
-            image=image.pixels, boxes=clicks.box, image_key=image_key,
-            points=clicks.points if len(clicks.points) else None,
-            point_labels=clicks.point_labels if len(clicks.points) else None))
-        return await self._on_cpu_pool(build_click_prediction, config, label, segmented.masks[0],
-                                       segmented.scores[0], image.width, image.height, self.model_version,
-                                       self.settings.polygon_tolerance_px)
+            self.metrics.observe_request("predict", time.perf_counter() - started)
+        self.metrics.count("predict_tasks", len(response["results"]))
+        self.metrics.count("task_errors", len(response.get("task_errors", ())))
+        return SafeJSONResponse(response)

@@ -22,3 +22,11 @@ class ImageError(BadRequest):
     """A task's image could not be fetched or decoded."""
 
     status_code = 422
+
+
+class ServiceUnavailable(Exception):
+    """The models cannot take this request now (overloaded, or a replica died twice): answer 503, retry later."""
+
+    def __init__(self, message: str, retry_after_s: int = 10):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -11,6 +11,7 @@ from serve_app.ingress.label_config import ProjectConfig
 from serve_app.ingress.polygons import mask_to_polygons
 from serve_app.ingress.prompts import Phrase
 from serve_app.ingress.rle import mask_to_rle
+from serve_app.models.messages import Detections
 
 
 def _region_id() -> str:
@@ -41,7 +42,7 @@ def mask_regions(config: ProjectConfig, label: str, mask: np.ndarray, score: flo
     return regions
 
 
-def build_click_prediction(config: ProjectConfig, label: str, mask: np.ndarray, score: float, width: int,
+def build_click_prediction(config: ProjectConfig, label: str, mask: np.ndarray, score: float, *, width: int,
                            height: int, model_version: str, polygon_tolerance_px: float = 1.0) -> dict[str, Any]:
     """The mask an annotator's clicks or box produced, with the label they drew with."""
     common = {"original_width": int(width), "original_height": int(height), "image_rotation": 0}
@@ -49,18 +50,9 @@ def build_click_prediction(config: ProjectConfig, label: str, mask: np.ndarray, 
     return {"result": regions, "score": float(score) if regions else 0.0, "model_version": model_version}
 
 
-def build_prediction(
-    config: ProjectConfig,
-    phrases: tuple[Phrase, ...],
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    phrase_ids: np.ndarray,
-    masks: np.ndarray | None,
-    width: int,
-    height: int,
-    model_version: str,
-    polygon_tolerance_px: float = 1.0,
-) -> dict[str, Any]:
+def build_prediction(config: ProjectConfig, phrases: tuple[Phrase, ...], detections: Detections,
+                     masks: np.ndarray | None, *, width: int, height: int, model_version: str,
+                     polygon_tolerance_px: float = 1.0) -> dict[str, Any]:
     """One prediction: a rectangle per detection and, when masks are given, brush and/or polygon regions.
 
     Each kind is emitted only for labels its control declares and scores at or above the
@@ -69,7 +61,7 @@ def build_prediction(
     results: list[dict[str, Any]] = []
     kept_scores: list[float] = []
     common = {"original_width": int(width), "original_height": int(height), "image_rotation": 0}
-    for i, (box, score, phrase_id) in enumerate(zip(boxes, scores, phrase_ids)):
+    for i, (box, score, phrase_id) in enumerate(zip(detections.boxes, detections.scores, detections.phrase_ids)):
         label = phrases[int(phrase_id)].label
         score = float(score)
         box_control = config.boxes

@@ -1,0 +1,236 @@
+"""The labelling pipeline: a Label Studio `/predict` body in, one prediction per task out. No Ray, no HTTP.
+
+Per request, `parse` reads the label config, the context (prompt, thresholds, drawn regions) and the prompt
+once into a `LabellingRequest`. Per task, `label_task` resolves and fetches the image, decodes it, detects,
+segments and builds Label Studio results. The model steps are async callables the caller provides: handle
+calls into the model deployments in the service (serve_app.ingress.app), the model classes themselves in the
+benchmarks and fast tests, so "what the graph adds" is measured against this very code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from serve_app.ingress.context import DrawnRegions, parse_context
+from serve_app.ingress.errors import BadRequest, ServiceUnavailable
+from serve_app.ingress.images import ImageFetcher, LoadedImage, decode_image
+from serve_app.ingress.interactive import Clicks, click_label
+from serve_app.ingress.label_config import ProjectConfig, parse_label_config
+from serve_app.ingress.prompts import Prompt, parse_prompt, prompt_from_labels
+from serve_app.ingress.results import build_click_prediction, build_prediction, empty_prediction
+from serve_app.models.messages import DetectionRequest, Detections, Masks, SegmentationRequest
+from serve_app.settings import Settings
+
+logger = logging.getLogger("ray.serve")
+
+Detect = Callable[[DetectionRequest], Awaitable[Detections]]
+Segment = Callable[[SegmentationRequest], Awaitable[Masks]]
+RunBlocking = Callable[..., Awaitable[Any]]  # run_blocking(function, *args): off the event loop
+ObserveStage = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    box: float
+    text: float
+
+
+@dataclass(frozen=True)
+class LabellingRequest:
+    """Everything a request's tasks share, parsed once."""
+
+    tasks: list[Any]
+    config: ProjectConfig
+    prompt: Prompt
+    thresholds: Thresholds
+    regions: DrawnRegions
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    prediction: dict[str, Any]
+    error: str | None = None  # why the task failed; its prediction is then empty
+
+
+def in_thread(batch_fn: Callable[[list], list]) -> Callable[[Any], Awaitable[Any]]:
+    """A model's batch method as a one-item async callable (in-process use: benchmarks, fast tests)."""
+    async def call(item: Any) -> Any:
+        return (await asyncio.to_thread(batch_fn, [item]))[0]
+
+    return call
+
+
+async def _to_thread(function, *args):
+    return await asyncio.to_thread(function, *args)
+
+
+class LabellingPipeline:
+    def __init__(self, *, settings: Settings, model_version: str, detect: Detect, segment: Segment | None,
+                 fetcher: ImageFetcher, run_blocking: RunBlocking = _to_thread,
+                 observe_stage: ObserveStage | None = None):
+        self.settings = settings
+        self.model_version = model_version
+        self.detect = detect
+        self.segment = segment
+        self.fetcher = fetcher  # replaced by the service when Label Studio sends new credentials to /setup
+        self.run_blocking = run_blocking
+        self.observe_stage = observe_stage
+
+    # -- per request ----------------------------------------------------------------------------
+
+    def parse(self, body: Any) -> LabellingRequest:
+        s = self.settings
+        if not isinstance(body, dict):
+            raise BadRequest("the /predict body must be a JSON object")
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise BadRequest("'tasks' must be a list of Label Studio tasks")
+        if not tasks:
+            raise BadRequest("'tasks' is empty")
+        if len(tasks) > s.max_tasks_per_request:
+            raise BadRequest(f"{len(tasks)} tasks in one request; the limit is {s.max_tasks_per_request} "
+                             "(MAX_TASKS_PER_REQUEST)", status_code=413)
+        config = parse_label_config(body.get("label_config"))
+        params = body.get("params")
+        context = parse_context(params.get("context") if isinstance(params, dict) else None, config,
+                                s.max_context_items)
+        if context.prompt_text is None:
+            prompt = prompt_from_labels(config, s.max_phrases)
+        else:
+            prompt = parse_prompt(context.prompt_text, config, s.max_prompt_chars, s.max_phrases)
+        # environment defaults < the config's Number tags' defaultValue < numbers sent in the context
+        thresholds = {"box_threshold": s.box_threshold, "text_threshold": s.text_threshold,
+                      **config.thresholds, **context.thresholds}
+        return LabellingRequest(tasks=tasks, config=config, prompt=prompt,
+                                thresholds=Thresholds(thresholds["box_threshold"], thresholds["text_threshold"]),
+                                regions=context.regions)
+
+    async def predict(self, body: Any) -> dict[str, Any]:
+        """The `/predict` answer: one prediction per task, in order. Raises BadRequest for the request as a
+        whole and ServiceUnavailable when the models cannot take it; a failing task only fails itself."""
+        request = self.parse(body)
+        for warning in request.prompt.warnings:
+            logger.info("prompt: %s", warning)
+        outcomes = await self.label_tasks(request)
+        response: dict[str, Any] = {"results": [o.prediction for o in outcomes], "model_version": self.model_version}
+        # Label Studio reads only `results`; other clients (grounded-serve prelabel) learn which tasks failed.
+        errors = [{"index": i, "task": _task_id(task), "error": outcome.error}
+                  for i, (task, outcome) in enumerate(zip(request.tasks, outcomes)) if outcome.error]
+        if errors:
+            response["task_errors"] = errors
+        if request.prompt.warnings:
+            response["warnings"] = list(request.prompt.warnings)
+        return response
+
+    async def label_tasks(self, request: LabellingRequest) -> list[TaskOutcome]:
+        """Every task, at most TASK_CONCURRENCY at once. A ServiceUnavailable cancels the others and propagates."""
+        limit = asyncio.Semaphore(self.settings.task_concurrency)
+
+        async def bounded(task: Any) -> TaskOutcome:
+            async with limit:
+                return await self._label_task_or_error(request, task)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                running = [group.create_task(bounded(task)) for task in request.tasks]
+        except* ServiceUnavailable as failures:
+            raise failures.exceptions[0] from None
+        return [task.result() for task in running]
+
+    # -- per task -------------------------------------------------------------------------------
+
+    async def _label_task_or_error(self, request: LabellingRequest, task: Any) -> TaskOutcome:
+        task_id = _task_id(task)
+        timeout_s = self.settings.task_timeout_s
+        try:
+            return TaskOutcome(await asyncio.wait_for(self.label_task(request, task), timeout=timeout_s))
+        except BadRequest as exc:
+            error = str(exc)
+            logger.warning("task %s: %s", task_id, exc)
+        except ServiceUnavailable:
+            raise
+        except asyncio.TimeoutError:
+            error = f"no result within {timeout_s:g} s (TASK_TIMEOUT_S)"
+            logger.error("task %s: %s", task_id, error)
+        except Exception as exc:  # noqa: BLE001 - one broken task must not lose the others
+            error = f"internal error: {exc.__class__.__name__}"
+            logger.exception("task %s failed", task_id)
+        return TaskOutcome(empty_prediction(self.model_version), error)
+
+    async def label_task(self, request: LabellingRequest, task: Any) -> dict[str, Any]:
+        """One task's prediction: image -> detections -> masks -> Label Studio results."""
+        config, prompt, s = request.config, request.prompt, self.settings
+        image, image_key = await self._load_image(config, task)
+        clicks = request.regions.in_pixels(image.width, image.height) if request.regions else None
+        if clicks and prompt.source == "labels":  # clicks or a drawn box alone: SAM only, no detector
+            return await self._segment_clicks(config, image, image_key, clicks)
+        if not prompt.phrases:
+            detections = Detections()
+        else:
+            with self._stage("detect"):
+                detections = await self.detect(DetectionRequest(
+                    image=image.pixels, phrases=[p.text for p in prompt.phrases],
+                    box_threshold=request.thresholds.box, text_threshold=request.thresholds.text,
+                    max_detections=1 if clicks else s.max_detections))
+        masks = None
+        if self.segment is not None and config.mask_outputs and len(detections):
+            with self._stage("segment"):
+                # with clicks, the best box and the clicks together refine one mask
+                masks = (await self.segment(SegmentationRequest(
+                    image=image.pixels, boxes=detections.boxes, image_key=image_key,
+                    points=clicks.points if clicks else None,
+                    point_labels=clicks.point_labels if clicks else None))).masks
+        with self._stage("results"):
+            # RLE and polygons are CPU work: off the event loop, so other requests and /health are not held up
+            return await self.run_blocking(functools.partial(
+                build_prediction, config, prompt.phrases, detections, masks, width=image.width,
+                height=image.height, model_version=self.model_version,
+                polygon_tolerance_px=s.polygon_tolerance_px))
+
+    async def _load_image(self, config: ProjectConfig, task: Any) -> tuple[LoadedImage, str]:
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise BadRequest("the task has no 'data' object")
+        url = task["data"].get(config.image_key)
+        if url is None:
+            raise BadRequest(f"the task's data has no {config.image_key!r} key (from the Image tag's value)")
+        with self._stage("fetch"):
+            data = await self.fetcher.fetch(self.fetcher.resolve(url, task.get("id")))
+        with self._stage("decode"):
+            image = await self.run_blocking(decode_image, data, self.settings.max_image_pixels)
+        return image, hashlib.blake2b(data, digest_size=16).hexdigest()  # same bytes, same cached embedding
+
+    async def _segment_clicks(self, config: ProjectConfig, image: LoadedImage, image_key: str,
+                              clicks: Clicks) -> dict[str, Any]:
+        if self.segment is None:
+            raise BadRequest("clicks and drawn boxes need SAM: start the service with USE_SAM or USE_MOBILE_SAM")
+        label = click_label(config, clicks.label)
+        with self._stage("segment"):
+            segmented = await self.segment(SegmentationRequest(
+                image=image.pixels, boxes=clicks.box, image_key=image_key,
+                points=clicks.points if len(clicks.points) else None,
+                point_labels=clicks.point_labels if len(clicks.points) else None))
+        with self._stage("results"):
+            return await self.run_blocking(functools.partial(
+                build_click_prediction, config, label, segmented.masks[0], float(segmented.scores[0]),
+                width=image.width, height=image.height, model_version=self.model_version,
+                polygon_tolerance_px=self.settings.polygon_tolerance_px))
+
+    @contextlib.contextmanager
+    def _stage(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.observe_stage is not None:
+                self.observe_stage(name, time.perf_counter() - started)
+
+
+def _task_id(task: Any) -> Any:
+    return task.get("id") if isinstance(task, dict) else None
