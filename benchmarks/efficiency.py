@@ -23,15 +23,25 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.harness import (ImageServer, batch_sizes, distinct_images, histogram_delta, machine, replica_rss_mb,
-                                run_load, start_service, text_prompt_body, user_config)
+from benchmarks.harness import (
+    ImageServer,
+    batch_sizes,
+    distinct_images,
+    histogram_delta,
+    machine,
+    replica_rss_mb,
+    run_load,
+    start_service,
+    text_prompt_body,
+    user_config,
+)
 from benchmarks.models import MODEL_SETS, model_env
 from benchmarks.pipeline import load_models
-from tests.serve_process import model_deployments
 from serve_app.models.grounding_dino import GroundingDinoDetector
 from serve_app.models.messages import DetectionRequest, SegmentationRequest
 from serve_app.models.segmenter import SamSegmenter
 from serve_app.settings import Settings
+from tests.serve_process import model_deployments
 
 
 def in_process_images_per_s(detector: GroundingDinoDetector, segmenter: SamSegmenter, settings: Settings,

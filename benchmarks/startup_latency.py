@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import psutil
 
+from benchmarks.harness import service_processes
 from serve_app.models.tiny import make_tiny_models
 from tests.imaging import data_url, pattern, png_bytes
-from benchmarks.harness import service_processes
 from tests.serve_process import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from ray import serve
 
+from serve_app import get_logger
 from serve_app.deployments.detector import Detector
 from serve_app.deployments.segmenter import Segmenter
 from serve_app.ingress.app import Ingress
 from serve_app.settings import Settings
 
-logger = logging.getLogger("ray.serve")
+logger = get_logger(__name__)
 
 
 def cluster_has_gpus() -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import signal
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,9 @@ from typing import Any
 
 import httpx
 
-logger = logging.getLogger("grounded_serve.prelabel")
+from serve_app import get_logger
+
+logger = get_logger(__name__)
 
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 

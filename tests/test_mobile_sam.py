@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from serve_app.models.mobile_sam import UNUSED_KEYS
 from serve_app.models.errors import CheckpointError
+from serve_app.models.mobile_sam import UNUSED_KEYS
 from serve_app.models.sam_loading import load_sam
 from tests.conftest import SHARED
 from tests.mobile_sam_weights import LAYOUT, synthetic_state_dict

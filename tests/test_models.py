@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from serve_app.models.errors import CheckpointError
 from serve_app.models.grounding_dino import GroundingDinoDetector, build_caption
 from serve_app.models.messages import DetectionRequest, SegmentationRequest
-from serve_app.models.errors import CheckpointError
 from serve_app.models.sam_loading import load_sam
 from serve_app.models.segmenter import SamSegmenter
 from tests.imaging import pattern

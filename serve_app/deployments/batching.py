@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from serve_app import get_logger
 from serve_app.models.device import set_cpu_threads
 
-logger = logging.getLogger("ray.serve")
+logger = get_logger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 8
 

@@ -10,7 +10,6 @@ import asyncio
 import concurrent.futures
 import functools
 import json
-import logging
 import os
 import time
 import uuid
@@ -25,6 +24,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import get_logger
 from serve_app.ingress.auth import OPEN_PATHS, BasicAuth
 from serve_app.ingress.errors import BadRequest, ServiceUnavailable
 from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
@@ -36,7 +36,7 @@ from serve_app.models.messages import DetectionRequest, Detections, Masks, Segme
 from serve_app.settings import Settings
 from serve_app.telemetry import IngressMetrics
 
-logger = logging.getLogger("ray.serve")
+logger = get_logger(__name__)
 
 MODEL_CLASS = "GroundedSam"
 # serve.status() costs ~40 ms of this replica's CPU (GIL held), so poll fast only until the models serve.

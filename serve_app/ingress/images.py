@@ -15,7 +15,6 @@ import base64
 import binascii
 import io
 import ipaddress
-import logging
 import socket
 import warnings
 from dataclasses import dataclass
@@ -26,10 +25,11 @@ import httpx
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from serve_app import get_logger
 from serve_app.ingress.errors import ImageError
 from serve_app.ingress.label_studio_auth import LabelStudioAuthError, LabelStudioCredentials
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 MAX_REDIRECTS = 3
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import time
 
 import httpx
 
-logger = logging.getLogger("ray.serve")
+from serve_app import get_logger
+
+logger = get_logger(__name__)
 
 ACCESS_LIFETIME_S = 300.0  # Label Studio's access-token lifetime when the token does not say
 REFRESH_MARGIN_S = 60.0  # exchange again this long before expiry

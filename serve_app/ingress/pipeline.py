@@ -13,11 +13,11 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from serve_app import get_logger
 from serve_app.ingress.context import DrawnRegions, parse_context
 from serve_app.ingress.errors import BadRequest, ServiceUnavailable
 from serve_app.ingress.images import ImageFetcher, LoadedImage, decode_image
@@ -28,7 +28,7 @@ from serve_app.ingress.results import build_click_prediction, build_prediction, 
 from serve_app.models.messages import DetectionRequest, Detections, Masks, SegmentationRequest
 from serve_app.settings import Settings
 
-logger = logging.getLogger("ray.serve")
+logger = get_logger(__name__)
 
 Detect = Callable[[DetectionRequest], Awaitable[Detections]]
 Segment = Callable[[SegmentationRequest], Awaitable[Masks]]

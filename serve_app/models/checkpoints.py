@@ -10,16 +10,16 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import logging
 import os
 import re
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from serve_app import get_logger
 from serve_app.models.errors import CheckpointError
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "grounded-serve" / "checkpoints"
 _CHUNK = 1 << 20

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from serve_app import get_logger
+
 
 def pick_device(requested: str = "auto") -> torch.device:
     """`auto` uses CUDA when a GPU is visible to this process, else the CPU."""
@@ -24,12 +26,11 @@ def set_cpu_threads(num_threads: int | None) -> None:
 def autocast_for(device: torch.device, precision: str = "fp32"):
     """fp16/bf16 autocast on CUDA only; on CPU it would be slower and less exact, so it stays fp32."""
     import contextlib
-    import logging
 
     if precision == "fp32":
         return contextlib.nullcontext()
     if device.type != "cuda":
-        logging.getLogger(__name__).warning("PRECISION=%s applies to GPUs only; running fp32 on %s", precision, device)
+        get_logger(__name__).warning("PRECISION=%s applies to GPUs only; running fp32 on %s", precision, device)
         return contextlib.nullcontext()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     return torch.autocast(device_type="cuda", dtype=dtype)

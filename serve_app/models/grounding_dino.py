@@ -8,18 +8,18 @@ user typed (and from there to one Label Studio label).
 
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
 import torch
 from PIL import Image
 
+from serve_app import get_logger
 from serve_app.models.device import autocast_for, pick_device
 from serve_app.models.errors import ModelLoadError
 from serve_app.models.messages import DEFAULT_GROUNDING_DINO, DetectionRequest, Detections
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 def describe_load_failure(model: str, exc: Exception) -> str:
     if os.path.isdir(model):

@@ -6,16 +6,16 @@ checkpoint's keys and shapes; MobileSAM checkpoints are renamed to timm's TinyVi
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
+from serve_app import get_logger
 from serve_app.models.errors import CheckpointError
 from serve_app.models.mobile_sam import remap_mobile_sam_keys
 from serve_app.models.sam_builders import build_sam
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 # Width of the image encoder's patch embedding identifies the ViT size.
 _VIT_TYPE_BY_EMBED_DIM = {1280: "vit_h", 1024: "vit_l", 768: "vit_b", 64: "tiny"}

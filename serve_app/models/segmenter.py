@@ -6,11 +6,10 @@ mask post-processing) are segment-anything's own, so results match `SamPredictor
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 
+from serve_app import get_logger
 from serve_app.models.checkpoints import resolve_checkpoint
 from serve_app.models.device import autocast_for, pick_device
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
@@ -18,7 +17,7 @@ from serve_app.models.errors import CheckpointError
 from serve_app.models.messages import Masks, SegmentationRequest
 from serve_app.models.sam_loading import load_sam
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class SamSegmenter:

@@ -33,8 +33,15 @@ def make_tiny_grounding_dino(out_dir: str | Path, seed: int = 0, full_size: bool
 
     `full_size`: the default configuration instead (grounding-dino-tiny's layout, 172M parameters, the
     real 800-1333 px preprocessing), still random and with the small vocabulary: for benchmarks."""
-    from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+    from transformers import (
+        BertConfig,
+        BertTokenizerFast,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
