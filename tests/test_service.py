@@ -254,7 +254,7 @@ def test_prometheus_exports_the_projects_metrics_next_to_serves(client, service,
     """Ray's own metrics endpoints (listed in its Prometheus service-discovery file) carry the batch-size
     histogram each model deployment records, tagged with the deployment, beside Serve's ray_serve_* series."""
     client.post("/predict", json=interactive_body(f"{image_server}/img1.png", "cats")).raise_for_status()
-    [discovery] = Path(service.ray_tmp).glob("ray/session_*/prom_metrics_service_discovery.json")
+    discovery = Path(service.ray_tmp) / "ray" / "prom_metrics_service_discovery.json"
     targets = json.loads(discovery.read_text())[0]["targets"]
     deadline = time.monotonic() + 30
     while True:
