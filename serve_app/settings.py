@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from serve_app.models.messages import DEFAULT_GROUNDING_DINO, OFFICIAL_CHECKPOINTS
 from serve_app.unit_interval import unit_interval
@@ -22,8 +23,20 @@ _FALSE = {"0", "false", "no", "off", ""}
 _ENV_ALIASES = {"label_studio_url": ("LABEL_STUDIO_HOST",)}
 
 
+# The operator's Label Studio key: a secret, so read from the environment only, never from Serve config args.
+KEY_VARIABLES = ("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN")
+
+
 class SettingsError(ValueError):
     pass
+
+
+def environment_key(env: Mapping[str, str]) -> tuple[str, str]:
+    """(key, variable name) of the operator's Label Studio key, or ("", "")."""
+    for name in KEY_VARIABLES:
+        if env.get(name):
+            return env[name], name
+    return "", ""
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,7 @@ class Settings:
     max_context_items: int = 1_000  # MAX_CONTEXT_ITEMS: regions, clicks and numbers in params.context.result
     max_request_bytes: int = 256 * 1024 * 1024  # MAX_REQUEST_BYTES: a /predict, /setup or /webhook body (413 above)
     max_image_pixels: int = 40_000_000  # MAX_IMAGE_PIXELS: width x height after decoding
+    ingress_image_memory_bytes: int = 2 << 30  # INGRESS_IMAGE_MEMORY_BYTES: decoded images + masks per ingress replica
     max_download_bytes: int = 50 * 1024 * 1024  # MAX_DOWNLOAD_BYTES
     download_timeout_s: float = 20.0  # DOWNLOAD_TIMEOUT_S: whole download, connect included
     task_timeout_s: float = 90.0  # TASK_TIMEOUT_S: one task end to end (Label Studio gives /predict 100 s)
@@ -113,7 +127,15 @@ class Settings:
             values[f.name] = _parse(f.name, f.type, raw, source)
         settings = cls(**values)
         settings._validate()
+        settings.check_key_destination(env)
         return settings
+
+    def check_key_destination(self, env: Mapping[str, str]) -> None:
+        """A Label Studio key goes only to LABEL_STUDIO_URL; without it, a /setup from anyone could redirect it."""
+        _, variable = environment_key(env)
+        if variable and not self.label_studio_url:
+            raise SettingsError(f"{variable} is set but LABEL_STUDIO_URL is not: the key is only ever sent to "
+                                f"LABEL_STUDIO_URL, so set both (or unset {variable})")
 
     def _validate(self) -> None:
         for name in ("box_threshold", "text_threshold"):
@@ -122,7 +144,7 @@ class Settings:
             except ValueError as exc:
                 raise SettingsError(str(exc)) from None
         for name in ("max_tasks_per_request", "task_concurrency", "ingress_cpu_threads", "max_detections",
-                     "max_prompt_chars", "max_phrases", "max_context_items", "max_request_bytes", "max_image_pixels",
+                     "max_prompt_chars", "max_phrases", "max_context_items", "max_request_bytes", "max_image_pixels", "ingress_image_memory_bytes",
                      "max_download_bytes"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be a positive integer, got {getattr(self, name)}")
@@ -138,10 +160,26 @@ class Settings:
         for name in ("detector_cpus", "detector_gpus", "segmenter_cpus", "segmenter_gpus"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name.upper()} must not be negative, got {getattr(self, name)}")
-        if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
-            raise SettingsError(f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}")
+        if self.label_studio_url:
+            problem = url_problem(self.label_studio_url)
+            if problem:
+                raise SettingsError(f"LABEL_STUDIO_URL={self.label_studio_url!r}: {problem}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise SettingsError(f"DEVICE must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+def url_problem(url: str) -> str:
+    """Why `url` cannot be a Label Studio base URL, or "" when it can."""
+    if not url.startswith(("http://", "https://")):
+        return "must start with http:// or https://"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError when out of range
+    except ValueError as exc:
+        return f"not a valid URL ({exc})"
+    if not parts.hostname:
+        return "has no host"
+    return ""
 
 
 def _parse(name: str, type_name: Any, raw: Any, source: str) -> Any:

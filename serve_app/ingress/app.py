@@ -29,11 +29,11 @@ from serve_app.ingress.auth import OPEN_PATHS, BasicAuth
 from serve_app.ingress.errors import BadRequest, ServiceUnavailable
 from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
 from serve_app.ingress.label_config import parse_label_config
-from serve_app.ingress.label_studio_auth import LabelStudioCredentials
+from serve_app.ingress.label_studio_auth import LabelStudioCredentials, choose_credential
 from serve_app.ingress.metrics import MetricsView
 from serve_app.ingress.pipeline import LabellingPipeline
 from serve_app.models.messages import DetectionRequest, Detections, Masks, SegmentationRequest
-from serve_app.settings import Settings
+from serve_app.settings import Settings, url_problem
 from serve_app.telemetry import IngressMetrics
 
 logger = get_logger(__name__)
@@ -103,6 +103,24 @@ def model_version_for(settings: Settings) -> str:
     return version
 
 
+def setup_fields(body: dict, hostname: str, token: str) -> tuple[str, str]:
+    """The Label Studio host and token a /setup body leaves in force. Empty or missing fields keep the current
+    ones (grounded-serve prelabel sends both empty); anything else is checked before any state changes."""
+    new_hostname, new_token = body.get("hostname"), body.get("access_token")
+    if new_hostname not in (None, ""):
+        if not isinstance(new_hostname, str):
+            raise BadRequest("'hostname' must be a string")
+        problem = url_problem(new_hostname.strip())
+        if problem:
+            raise BadRequest(f"'hostname' {new_hostname[:200]!r} {problem}")
+        hostname = new_hostname.strip().rstrip("/")
+    if new_token not in (None, ""):
+        if not isinstance(new_token, str):
+            raise BadRequest("'access_token' must be a string")
+        token = new_token
+    return hostname, token
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -112,6 +130,7 @@ def _refuse_constant(name: str) -> Any:
 class Ingress:
     def __init__(self, settings: dict, detector: DeploymentHandle, segmenter: DeploymentHandle | None = None):
         self.settings = Settings(**settings)
+        self.settings.check_key_destination(os.environ)  # the replica's environment may differ from the driver's
         api.state.basic_auth = BasicAuth.from_environment()
         self.detector = detector
         self.segmenter = segmenter
@@ -145,15 +164,11 @@ class Ingress:
             document_root=s.local_files_document_root,
             host_allowlist=frozenset(h.strip().lower() for h in s.image_host_allowlist.split(",") if h.strip()),
         )
-        # Secrets come from the replica's environment (or Label Studio's /setup), never from Serve config args.
-        key, source = "", ""
-        for name in ("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN"):
-            if os.environ.get(name):
-                key, source = os.environ[name], name
-                break
-        if not key and self._setup_token:
-            key, source = self._setup_token, "the access_token Label Studio sent to /setup"
-        credentials = LabelStudioCredentials(base_url, key, self.http, source) if key and base_url else None
+        # Secrets come from the replica's environment (or Label Studio's /setup), never from Serve config args,
+        # and each goes only to the origin it was issued for.
+        chosen = choose_credential(label_studio_url=s.label_studio_url, setup_hostname=self._setup_hostname,
+                                   setup_token=self._setup_token, env=os.environ)
+        credentials = LabelStudioCredentials(chosen[0], chosen[1], self.http, chosen[2]) if chosen else None
         return ImageFetcher(policy, self.http, credentials)
 
     async def _watch_readiness(self) -> None:
@@ -177,6 +192,16 @@ class Ingress:
                 logger.debug("cannot read Serve status", exc_info=True)
             await asyncio.sleep(READY_POLL_S if all(self.models_ready.values()) else READINESS_POLL_S)
 
+    async def check_health(self) -> None:
+        """Serve calls this every health_check_period_s, on the replica's event loop (user code runs there,
+        RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0). A wedged loop never answers, the check times out, and
+        Serve replaces the replica instead of leaving a service that accepts requests and answers none."""
+        if self._readiness_task.done():  # /health would report stale model states for ever
+            logger.warning("the model-readiness watcher stopped (%s); starting it again",
+                           self._readiness_task.exception() if not self._readiness_task.cancelled() else "cancelled")
+            self._readiness_task = asyncio.get_running_loop().create_task(self._watch_readiness())
+        await asyncio.sleep(0)
+
     async def _read_json(self, request: Request) -> Any:
         """The body as JSON, bounded in bytes; anything unparsable is a 400 (or 413), never a 500."""
         limit = self.settings.max_request_bytes
@@ -194,7 +219,8 @@ class Ingress:
         if not body:
             raise BadRequest("the request body is empty; expected JSON")
         try:
-            return json.loads(body, parse_constant=_refuse_constant)
+            # off the event loop: a large body takes long enough to parse to hold up /health
+            return await self._run_blocking(functools.partial(json.loads, body, parse_constant=_refuse_constant))
         except RecursionError:
             raise BadRequest("the request body is nested too deeply") from None
         except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, NaN, integers beyond 4,300 digits
@@ -248,14 +274,15 @@ class Ingress:
             if not isinstance(body, dict):
                 raise BadRequest("the /setup body must be a JSON object")
             if body.get("schema"):
-                parse_label_config(body["schema"])  # a config we cannot serve fails at connect time
-            hostname, token = body.get("hostname") or "", body.get("access_token") or ""
-            if (hostname, token) != (self._setup_hostname, self._setup_token) and isinstance(hostname, str):
-                self._setup_hostname, self._setup_token = hostname, str(token)
-                self.pipeline.fetcher = self._make_fetcher()
+                await self._run_blocking(parse_label_config, body["schema"])  # unservable configs fail here
+            hostname, token = setup_fields(body, self._setup_hostname, self._setup_token)
         except BadRequest as exc:
             logger.warning("/setup refused: %s", exc)
             return json_error(exc.status_code, exc.message)
+        if (hostname, token) != (self._setup_hostname, self._setup_token):
+            # downloads in flight keep the fetcher they started with; the HTTP client is shared, never closed
+            self._setup_hostname, self._setup_token = hostname, token
+            self.pipeline.fetcher = self._make_fetcher()
         return SafeJSONResponse({"model_version": self.model_version})
 
     @api.post("/webhook")

@@ -13,10 +13,13 @@ import asyncio
 import base64
 import json
 import time
+from typing import Mapping
 
 import httpx
 
 from serve_app import get_logger
+from serve_app.ingress.origins import origin
+from serve_app.settings import environment_key
 
 logger = get_logger(__name__)
 
@@ -26,6 +29,24 @@ REFRESH_MARGIN_S = 60.0  # exchange again this long before expiry
 
 class LabelStudioAuthError(RuntimeError):
     pass
+
+
+def choose_credential(*, label_studio_url: str, setup_hostname: str, setup_token: str,
+                      env: Mapping[str, str]) -> tuple[str, str, str] | None:
+    """(base URL, key, where it came from) for Label Studio downloads, or None.
+
+    A key from the environment is only ever sent to LABEL_STUDIO_URL (the service refuses to start with the
+    key and no URL). A token that came with /setup is only ever sent to the host of that same /setup: with
+    LABEL_STUDIO_URL set, only when /setup named that same origin."""
+    key, variable = environment_key(env)
+    if key:
+        return (label_studio_url, key, variable) if label_studio_url else None
+    if not setup_token or not setup_hostname:
+        return None
+    if label_studio_url and origin(label_studio_url) != origin(setup_hostname):
+        return None
+    return setup_hostname, setup_token, "the access_token Label Studio sent to /setup"
+
 
 
 def jwt_claims(token: str) -> dict | None:
