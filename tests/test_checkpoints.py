@@ -140,3 +140,13 @@ def test_a_full_disk_names_the_setting_and_leaves_nothing(server, tmp_path):
     with pytest.raises(CheckpointError, match="SAM_CHECKPOINT: the disk is full .* set CHECKPOINT_CACHE_DIR"):
         resolve_checkpoint(url, "SAM_CHECKPOINT", tmp_path)
     assert not target.exists()
+
+
+def test_presigned_checkpoint_urls_never_show_their_signature(server, tmp_path):
+    """Start-up errors reach the open /health (models.<name>.message): no query string, no password."""
+    for url in (f"{server}/cut/sam.pth?X-Amz-Signature=s3cr3t&X-Amz-Credential=AKIA",
+                f"http://user:s3cr3t@127.0.0.1:{free_port()}/sam.pth?sig=s3cr3t"):
+        with pytest.raises(CheckpointError) as info:
+            resolve_checkpoint(url, "SAM_CHECKPOINT", tmp_path, timeout_s=5)
+        assert "s3cr3t" not in str(info.value) and "AKIA" not in str(info.value)
+        assert "/sam.pth" in str(info.value)

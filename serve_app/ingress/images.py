@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import ipaddress
 import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, unquote_to_bytes, urljoin, urlsplit
+from urllib.parse import parse_qs, unquote_to_bytes, urljoin, urlsplit, urlunsplit
 
 import httpx
 import numpy as np
@@ -28,11 +29,18 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from serve_app import get_logger
 from serve_app.ingress.errors import ImageError
 from serve_app.ingress.label_studio_auth import LabelStudioAuthError, LabelStudioCredentials
+from serve_app.ingress.origins import origin as url_origin
 
 logger = get_logger(__name__)
 
 MAX_REDIRECTS = 3
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
+# What the service decodes; everything else (EPS through Ghostscript, PSD, ...) is refused unread. Pillow's
+# JPEG opener also returns cameras' multi-picture (MPO) JPEGs.
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+# Grounding DINO scales the longest side to at most 1333 px and SAM to 1024 px: beyond 1000:1 the short side
+# would become less than a pixel and the model's preprocessing would fail for the whole batch.
+MAX_ASPECT_RATIO = 1000
 
 
 @dataclass(frozen=True)
@@ -57,17 +65,37 @@ class LoadedImage:
     height: int
 
 
-def _host_port(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return (parts.hostname or "").lower(), port
+def origin(url: str) -> tuple[str, str, int]:
+    """serve_app.ingress.origins.origin, with a malformed URL (bad port, broken IPv6 literal) as an ImageError."""
+    try:
+        return url_origin(url)
+    except ValueError as exc:
+        raise ImageError(f"malformed URL {url[:200]!r}: {exc}") from None
+
+
+# IPv6 ranges that carry or reach IPv4 addresses (NAT64 maps 64:ff9b::a9fe:a9fe to 169.254.169.254) or are
+# deprecated local scopes; Python's is_global does not refuse all of them.
+_TRANSLATING_V6 = tuple(ipaddress.ip_network(n) for n in (
+    "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "::/96", "::ffff:0:0/96", "2001::/32", "fec0::/10"))
 
 
 def _is_public(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        elif any(ip in network for network in _TRANSLATING_V6):
+            return False
     return ip.is_global and not ip.is_multicast
+
+
+def pinned(url: str, address: str) -> tuple[str, str, str]:
+    """(URL with the host replaced by `address`, the Host header, the TLS server name) for one request."""
+    parts = urlsplit(url)
+    literal = f"[{address}]" if ":" in address else address
+    netloc = literal + (f":{parts.port}" if parts.port else "")
+    host_header = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), host_header, parts.hostname or ""
 
 
 class ImageFetcher:
@@ -75,33 +103,43 @@ class ImageFetcher:
                  credentials: LabelStudioCredentials | None = None):
         self.policy = policy
         self._client = client or httpx.AsyncClient(follow_redirects=False, trust_env=False)
-        self._ls_host = _host_port(policy.label_studio_url) if policy.label_studio_url else None
-        self.credentials = credentials  # sent to the Label Studio host only
+        self._ls_origin = origin(policy.label_studio_url) if policy.label_studio_url else None
+        # sent only to the origin the credential was issued for (its base_url), never to another host or scheme
+        self.credentials = credentials
+        self._credential_origin = origin(credentials.base_url) if credentials else None
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
     def _allowed_without_ip_check(self, url: str) -> bool:
-        host, port = _host_port(url)
+        _, host, port = origin(url)
         allow = self.policy.host_allowlist
-        trusted_ls = self.policy.trust_label_studio_host and (host, port) == self._ls_host
+        trusted_ls = self.policy.trust_label_studio_host and origin(url) == self._ls_origin
         return trusted_ls or host in allow or f"{host}:{port}" in allow
 
-    async def _check_host(self, url: str) -> None:
+    async def _checked_address(self, url: str) -> str | None:
+        """The address to connect to, resolved once and checked: every address the name resolves to must be
+        public. None for trusted hosts (the Label Studio URL, IMAGE_HOST_ALLOWLIST), reached by name."""
         if self._allowed_without_ip_check(url):
-            return
-        host, port = _host_port(url)
+            return None
+        _, host, port = origin(url)
         if not host:
-            raise ImageError(f"image URL has no host: {url[:200]}")
+            raise ImageError(f"image URL has no host: {url[:200]!r}")
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
+            infos = await self._resolve(host, port)
+        except (socket.gaierror, UnicodeError) as exc:
             raise ImageError(f"cannot resolve image host {host!r}: {exc}") from None
-        blocked = sorted({info[4][0] for info in infos if not _is_public(info[4][0])})
-        if blocked:
+        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        blocked = [address for address in addresses if not _is_public(address)]
+        if blocked or not addresses:
             raise ImageError(
                 f"image host {host!r} resolves to a non-public address ({', '.join(blocked)}); "
                 "add it to IMAGE_HOST_ALLOWLIST to allow it", status_code=403)
+        return addresses[0]
+
+    @staticmethod
+    async def _resolve(host: str, port: int):
+        return await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
 
     def resolve(self, url: str, task_id: object = None) -> str:
         if not isinstance(url, str) or not url.strip():
@@ -116,13 +154,13 @@ class ImageFetcher:
             return local.as_uri()
         if not scheme and url.startswith(("/data/", "/storage-data/", "/tasks/")):
             if not base:
-                raise ImageError(f"{url[:200]} is relative to Label Studio; set LABEL_STUDIO_URL to fetch it")
+                raise ImageError(f"{url[:200]!r} is relative to Label Studio; set LABEL_STUDIO_URL to fetch it")
             return urljoin(base.rstrip("/") + "/", url.lstrip("/"))
         if scheme in CLOUD_SCHEMES:
             if not base:
-                raise ImageError(f"{url[:200]} is in cloud storage; set LABEL_STUDIO_URL so Label Studio can presign it")
+                raise ImageError(f"{url[:200]!r} is in cloud storage; set LABEL_STUDIO_URL so Label Studio can presign it")
             if not isinstance(task_id, int) or isinstance(task_id, bool):
-                raise ImageError(f"{url[:200]} is in cloud storage; presigning it needs the task's integer id")
+                raise ImageError(f"{url[:200]!r} is in cloud storage; presigning it needs the task's integer id")
             encoded = base64.urlsafe_b64encode(url.encode()).decode()
             return f"{base.rstrip('/')}/tasks/{task_id}/presign/?fileuri={encoded}"
         raise ImageError(f"unsupported image URL {url[:100]!r}: only http(s), data, Label Studio /data/ paths and "
@@ -140,9 +178,12 @@ class ImageFetcher:
             candidate = Path(url)  # a bare absolute path
         else:
             return None
-        candidate = candidate.resolve()  # symlinks and ".." are resolved before the check
+        try:
+            candidate = candidate.resolve()  # symlinks and ".." are resolved before the check
+        except (ValueError, OSError) as exc:  # a NUL byte in the path, a symlink loop
+            raise ImageError(f"unusable local file path {url[:200]!r}: {exc}") from None
         if not candidate.is_relative_to(root):
-            raise ImageError(f"{url[:200]} is outside the document root (LOCAL_FILES_DOCUMENT_ROOT)", status_code=403)
+            raise ImageError(f"{url[:200]!r} is outside the document root (LOCAL_FILES_DOCUMENT_ROOT)", status_code=403)
         return candidate
 
     async def fetch(self, url: str) -> bytes:
@@ -153,34 +194,42 @@ class ImageFetcher:
         try:
             return await asyncio.wait_for(self._download(url), timeout=self.policy.timeout_s)
         except asyncio.TimeoutError:
-            raise ImageError(f"downloading {url[:200]} took longer than {self.policy.timeout_s:g} s "
+            raise ImageError(f"downloading {url[:200]!r} took longer than {self.policy.timeout_s:g} s "
                              "(DOWNLOAD_TIMEOUT_S)", status_code=504) from None
         except httpx.HTTPError as exc:
-            raise ImageError(f"cannot download {url[:200]}: {exc.__class__.__name__}: {exc}", status_code=502) from None
+            raise ImageError(f"cannot download {url[:200]!r}: {exc.__class__.__name__}: {exc}", status_code=502) from None
 
     async def _download(self, url: str) -> bytes:
         refreshed = False
         redirects = 0
         while redirects <= MAX_REDIRECTS:
-            await self._check_host(url)
-            to_label_studio = self._ls_host is not None and _host_port(url) == self._ls_host
+            # Connect to the address that was checked, not to the name: a second DNS answer (rebinding) could
+            # point at an internal host. The Host header and TLS server name stay the URL's.
+            address = await self._checked_address(url)
+            to_label_studio = self._ls_origin is not None and origin(url) == self._ls_origin
+            with_credential = self.credentials is not None and origin(url) == self._credential_origin
             headers = {}
-            if to_label_studio and self.credentials:
+            if with_credential:
                 try:
                     headers = await self.credentials.headers(force_refresh=refreshed)
                 except LabelStudioAuthError as exc:
                     raise ImageError(str(exc), status_code=502) from None
-            async with self._client.stream("GET", url, headers=headers) as response:
-                if (response.status_code == 401 and to_label_studio and self.credentials
+            target, extensions = url, {}
+            if address is not None:
+                target, host_header, server_name = pinned(url, address)
+                headers = {**headers, "Host": host_header}
+                extensions = {"sni_hostname": server_name}
+            async with self._client.stream("GET", target, headers=headers, extensions=extensions) as response:
+                if (response.status_code == 401 and with_credential
                         and self.credentials.is_personal_access_token and not refreshed):
                     refreshed = True  # the access token may have just expired: exchange once more
                     continue
                 if to_label_studio and response.status_code != 200 and not response.is_redirect:
-                    used = self.credentials.describe() if self.credentials else "no credential"
+                    used = self.credentials.describe() if with_credential else "no credential"
                     hint = {401: "; set LABEL_STUDIO_API_KEY to a valid token",
                             403: "; the token's user cannot see this project",
                             404: "; the file is not in Label Studio"}.get(response.status_code, "")
-                    raise ImageError(f"Label Studio answered HTTP {response.status_code} for {url[:200]} "
+                    raise ImageError(f"Label Studio answered HTTP {response.status_code} for {url[:200]!r} "
                                      f"(sent: {used}){hint}", status_code=502)
                 if response.is_redirect:
                     redirects += 1
@@ -189,7 +238,7 @@ class ImageFetcher:
                         raise ImageError("image redirect to a non-http URL refused", status_code=403)
                     continue
                 if response.status_code != 200:
-                    raise ImageError(f"image URL answered HTTP {response.status_code}: {url[:200]}",
+                    raise ImageError(f"image URL answered HTTP {response.status_code}: {url[:200]!r}",
                                      status_code=502 if response.status_code >= 500 else 422)
                 declared = response.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > self.policy.max_bytes:
@@ -201,7 +250,7 @@ class ImageFetcher:
                         raise ImageError(self._too_big(size), status_code=413)
                     chunks.append(chunk)
                 return b"".join(chunks)
-        raise ImageError(f"more than {MAX_REDIRECTS} redirects for {url[:200]}")
+        raise ImageError(f"more than {MAX_REDIRECTS} redirects for {url[:200]!r}")
 
     def _too_big(self, size: int) -> str:
         return f"image is larger than {self.policy.max_bytes} bytes ({size}+; MAX_DOWNLOAD_BYTES)"
@@ -216,9 +265,11 @@ class ImageFetcher:
                 raise ImageError(self._too_big(size), status_code=413)
             return path.read_bytes()
         except FileNotFoundError:
-            raise ImageError(f"no such file in the document root: {path.name}", status_code=404) from None
-        except (IsADirectoryError, PermissionError) as exc:
-            raise ImageError(f"cannot read {path.name}: {exc.__class__.__name__}", status_code=403) from None
+            raise ImageError(f"no such file in the document root: {path.name!r}", status_code=404) from None
+        except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+            raise ImageError(f"cannot read {path.name!r}: {exc.__class__.__name__}", status_code=403) from None
+        except (OSError, ValueError) as exc:
+            raise ImageError(f"cannot read {path.name!r}: {exc.__class__.__name__}") from None
 
     def _decode_data_url(self, url: str) -> bytes:
         header, sep, payload = url.partition(",")
@@ -235,44 +286,67 @@ class ImageFetcher:
         return unquote_to_bytes(payload)
 
 
-def decode_image(data: bytes, max_pixels: int) -> LoadedImage:
-    """Decode to RGB uint8 with EXIF orientation applied, refusing oversized images before decoding."""
+@contextlib.contextmanager
+def _as_image_errors():
+    """Every way Pillow can fail on hostile bytes becomes a per-task ImageError (422), never a 500."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb limit is checked from the header, like ours; ours gives the message.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"not a decodable image (supported: {', '.join(IMAGE_FORMATS)})") \
+            from None
+    except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many types on corrupt files
+        raise ImageError(f"cannot decode the image: {exc.__class__.__name__}: {str(exc)[:200]!r}") from None
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """The image with only its header read, refused when too large or too narrow for the models."""
     if not data:
         raise ImageError("the image is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            # Pillow's own bomb limit is checked from the header, like ours below; ours gives the message.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            try:
-                image = Image.open(io.BytesIO(data))
-            except Image.DecompressionBombError as exc:
-                raise ImageError(f"{exc}; the limit is {max_pixels} (MAX_IMAGE_PIXELS)", status_code=413) from None
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
-                                 "(MAX_IMAGE_PIXELS)", status_code=413)
-            image.seek(0)  # first frame of animations
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            pixels = _to_rgb(image)
-    except ImageError:
-        raise
-    except UnidentifiedImageError as exc:
-        raise ImageError(f"not a decodable image: {exc}") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt files
-        raise ImageError(f"cannot decode the image: {exc}") from None
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{exc}; the limit is {max_pixels} (MAX_IMAGE_PIXELS)", status_code=413) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} "
+                         "(MAX_IMAGE_PIXELS)", status_code=413)
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageError(f"image is {width}x{height}: the models cannot use an image narrower than "
+                         f"1:{MAX_ASPECT_RATIO}")
+    return image
+
+
+def image_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the header alone: what decoding will cost is known before it starts."""
+    with _as_image_errors():
+        return _open(data, max_pixels).size
+
+
+def decode_image(data: bytes, max_pixels: int) -> LoadedImage:
+    """Decode to RGB uint8 with EXIF orientation applied, refusing oversized images before decoding."""
+    with _as_image_errors():
+        image = _open(data, max_pixels)
+        image.seek(0)  # first frame of animations
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        pixels = _to_rgb(image)
     return LoadedImage(pixels=pixels, width=pixels.shape[1], height=pixels.shape[0])
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit grey: scale to 8 bits instead of clipping (PIL's convert clips at 255)
-        grey = np.asarray(image, dtype=np.float64)
+        grey = np.asarray(image, dtype=np.float32)  # 4 bytes a pixel at the peak, not float64's 8
         top = 65535.0 if image.mode.startswith("I;16") or grey.max() > 255 else 255.0
         grey = np.clip(grey / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
     if image.mode == "F":
-        grey = np.asarray(image, dtype=np.float64)
+        grey = np.asarray(image, dtype=np.float32)
         span = float(grey.max() - grey.min()) or 1.0
         grey = ((grey - grey.min()) / span * 255.0 + 0.5).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))

@@ -14,7 +14,7 @@ import os
 import re
 import time
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from serve_app import get_logger
 from serve_app.models.errors import CheckpointError
@@ -28,6 +28,16 @@ _PROGRESS_EVERY_S = 5.0
 
 def is_url(source: str) -> bool:
     return source.lower().startswith(("http://", "https://"))
+
+
+def redacted(url: str) -> str:
+    """A URL fit for logs and /health: no query string or fragment (presigned URLs carry their signature
+    there) and no user:password."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def cached_path(url: str, cache_dir: Path) -> Path:
@@ -65,7 +75,7 @@ def resolve_checkpoint(source: str, setting: str, cache_dir: str | Path | None =
                 _download(source, target, setting, timeout_s)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise CheckpointError(f"{setting}: the disk is full while saving {source} under {target.parent}; "
+            raise CheckpointError(f"{setting}: the disk is full while saving {redacted(source)} under {target.parent}; "
                                   "free space or set CHECKPOINT_CACHE_DIR") from None
         raise CheckpointError(f"{setting}: cannot write the checkpoint cache {target.parent}: {exc}; "
                               "set CHECKPOINT_CACHE_DIR to a writable directory") from None
@@ -83,12 +93,12 @@ def _download(url: str, target: Path, setting: str, timeout_s: float) -> None:
     import httpx
 
     partial = target.with_suffix(target.suffix + ".part")
-    logger.info("downloading %s (%s) to %s", url, setting, target)
+    logger.info("downloading %s (%s) to %s", redacted(url), setting, target)
     started = last_log = time.monotonic()
     try:
         with httpx.stream("GET", url, follow_redirects=True, timeout=timeout_s) as response:
             if response.status_code != 200:
-                raise CheckpointError(f"{setting}: downloading {url} answered HTTP {response.status_code}")
+                raise CheckpointError(f"{setting}: downloading {redacted(url)} answered HTTP {response.status_code}")
             expected = int(response.headers.get("content-length") or 0)
             received = 0
             with open(partial, "wb") as out:
@@ -98,14 +108,16 @@ def _download(url: str, target: Path, setting: str, timeout_s: float) -> None:
                     if time.monotonic() - last_log > _PROGRESS_EVERY_S:
                         last_log = time.monotonic()
                         share = f" ({100 * received / expected:.0f} %)" if expected else ""
-                        logger.info("downloading %s: %.1f MB%s", url, received / 1e6, share)
+                        logger.info("downloading %s: %.1f MB%s", redacted(url), received / 1e6, share)
                 out.flush()
                 os.fsync(out.fileno())
         if expected and received != expected:
-            raise CheckpointError(f"{setting}: the download of {url} stopped at {received} of {expected} bytes")
+            raise CheckpointError(f"{setting}: the download of {redacted(url)} stopped at {received} of {expected} "
+                                  "bytes")
         os.replace(partial, target)  # only complete files ever get the final name
-        logger.info("downloaded %s: %.1f MB in %.1f s", url, received / 1e6, time.monotonic() - started)
+        logger.info("downloaded %s: %.1f MB in %.1f s", redacted(url), received / 1e6, time.monotonic() - started)
     except httpx.HTTPError as exc:
-        raise CheckpointError(f"{setting}: cannot download {url}: {exc.__class__.__name__}: {exc}") from None
+        # httpx's message repeats the full URL: only its class is shown
+        raise CheckpointError(f"{setting}: cannot download {redacted(url)}: {exc.__class__.__name__}") from None
     finally:
         partial.unlink(missing_ok=True)
