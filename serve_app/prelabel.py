@@ -150,8 +150,8 @@ class Prelabeler:
             return
         errors = {e["index"]: e["error"] for e in reply.get("task_errors", [])}
         for index, (task, prediction) in enumerate(zip(chunk, reply["results"])):
-            if index in errors:  # not stored, so the next run tries it again
-                self.summary.failed[task.id] = errors[index]
+            if index in errors or not isinstance(prediction, dict):  # not stored: the next run tries it again
+                self.summary.failed[task.id] = errors.get(index, "no prediction")
             else:
                 try:
                     await self._store(task.id, prediction, version)

@@ -159,19 +159,30 @@ def test_interactive_prompt_from_the_labeling_ui(run):
     assert len(run.client.predictions.list(task=task_id)) == 1  # interactive results are not stored
 
 
-def test_a_refused_upload_is_logged_with_the_credential_and_the_rest_survive(run):
+def test_a_failed_task_stores_nothing_and_a_second_retrieve_completes_it(run, image_dir, image_server):
     missing = f"/data/upload/{run.project.id}/does-not-exist.png"
-    run.client.projects.import_tasks(run.project.id, request=[{"image": missing}])
+    late = f"late-{run.kind.replace(' ', '-')}.png"  # an image that appears only after the first retrieval
+    run.client.projects.import_tasks(run.project.id, request=[{"image": missing}, {"image": f"{image_server}/{late}"}])
     tasks = run.client.tasks.list(project=run.project.id)
     broken = next(t for t in tasks if t.data["image"] == missing)
+    retried = next(t for t in tasks if t.data["image"].endswith(late))
     retrieve_predictions(run)
-    [prediction] = run.client.predictions.list(task=broken.id)
-    assert prediction.result == []
+    # the service answered [] for both: Label Studio stored no prediction, so both stay retryable
+    assert run.client.predictions.list(task=broken.id) == []
+    assert run.client.predictions.list(task=retried.id) == []
     # Label Studio 1.23 answers a missing upload with a 500
     assert run.service.wait_for_log(
-        rf"task {broken.id}: Label Studio answered HTTP (404|500) for {re.escape(run.label_studio.url + missing)} "
+        rf"task {broken.id}: Label Studio answered HTTP (404|500) for {re.escape(repr(run.label_studio.url + missing))} "
         rf"\(sent: {re.escape(run.credential)}\)")
     for task_id in run.sizes:  # the others still have their one prediction
+        assert len(run.client.predictions.list(task=task_id)) == 1
+
+    (image_dir / late).write_bytes(png_bytes(pattern(60, 80, seed=11)))
+    retrieve_predictions(run)
+    [prediction] = run.client.predictions.list(task=retried.id)
+    assert prediction.result and prediction.model_version == httpx.get(f"{run.service.url}/health").json()["model_version"]
+    assert run.client.predictions.list(task=broken.id) == []  # still missing: still nothing stored
+    for task_id in run.sizes:  # the second retrieval skipped the finished tasks: no duplicates
         assert len(run.client.predictions.list(task=task_id)) == 1
 
 

@@ -31,9 +31,24 @@ def test_predicted_values_map_to_their_label():
 def test_unmatched_phrases_are_dropped_with_a_warning():
     prompt = parse("dog. house. tree_trees")
     assert prompt.phrases == (Phrase("house", "house"),)
-    assert len(prompt.warnings) == 2
+    assert len(prompt.warnings) == 3
     assert "'dog' matches no label" in prompt.warnings[0]
     assert "no label 'trees'" in prompt.warnings[1]
+    assert prompt.warnings[2] == "labels in the config: cats, house"
+
+
+def test_warnings_are_deduplicated_and_bounded_whatever_the_config_and_prompt():
+    labels = "".join(f'<Label value="label{i}"/>' for i in range(2000))
+    config = parse_label_config(f'<View><Image name="image" value="$image"/>'
+                                f'<RectangleLabels name="l" toName="image">{labels}</RectangleLabels></View>')
+    text = ". ".join(["dog"] * 200 + [f"thing{i}" for i in range(300)] + ["x\ud800"])
+    prompt = parse_prompt(text, config, max_chars=10_000, max_phrases=32)
+    assert prompt.phrases == ()
+    assert sum("'dog'" in w for w in prompt.warnings) == 1  # a phrase typed 200 times is named once
+    assert len(prompt.warnings) == 12 and "and 292 more phrases dropped" in prompt.warnings[10]
+    assert prompt.warnings[-1].endswith("and 1950 more") and prompt.warnings[-1].count("label") == 51
+    assert sum(len(w) for w in prompt.warnings) < 5_000
+    assert all(w.encode("utf-8") for w in prompt.warnings)  # user text is written with repr: no lone surrogate
 
 
 def test_single_label_configs_take_any_phrase():

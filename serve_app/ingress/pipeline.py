@@ -20,11 +20,12 @@ from typing import Any, Awaitable, Callable
 from serve_app import get_logger
 from serve_app.ingress.context import DrawnRegions, parse_context
 from serve_app.ingress.errors import BadRequest, ServiceUnavailable
-from serve_app.ingress.images import ImageFetcher, LoadedImage, decode_image
+from serve_app.ingress.images import ImageFetcher, LoadedImage, decode_image, image_size
 from serve_app.ingress.interactive import Clicks, click_label
 from serve_app.ingress.label_config import ProjectConfig, parse_label_config
+from serve_app.ingress.memory import ByteBudget, task_bytes
 from serve_app.ingress.prompts import Prompt, parse_prompt, prompt_from_labels
-from serve_app.ingress.results import build_click_prediction, build_prediction, empty_prediction
+from serve_app.ingress.results import build_click_prediction, build_prediction
 from serve_app.models.messages import DetectionRequest, Detections, Masks, SegmentationRequest
 from serve_app.settings import Settings
 
@@ -53,10 +54,16 @@ class LabellingRequest:
     regions: DrawnRegions
 
 
+# What a failed task gets in `results`. Label Studio 1.23 stores nothing for an empty list (ml/models.py,
+# _get_predictions_from_ml_backend), so the task stays retryable; `{"result": []}` would be stored as a
+# prediction of this model version and skipped by every later "Retrieve predictions".
+NO_PREDICTION: list = []
+
+
 @dataclass(frozen=True)
 class TaskOutcome:
-    prediction: dict[str, Any]
-    error: str | None = None  # why the task failed; its prediction is then empty
+    prediction: dict[str, Any] | list
+    error: str | None = None  # why the task failed; its prediction is then NO_PREDICTION
 
 
 def in_thread(batch_fn: Callable[[list], list]) -> Callable[[Any], Awaitable[Any]]:
@@ -74,7 +81,7 @@ async def _to_thread(function, *args):
 class LabellingPipeline:
     def __init__(self, *, settings: Settings, model_version: str, detect: Detect, segment: Segment | None,
                  fetcher: ImageFetcher, run_blocking: RunBlocking = _to_thread,
-                 observe_stage: ObserveStage | None = None):
+                 observe_stage: ObserveStage | None = None, memory: ByteBudget | None = None):
         self.settings = settings
         self.model_version = model_version
         self.detect = detect
@@ -82,6 +89,7 @@ class LabellingPipeline:
         self.fetcher = fetcher  # replaced by the service when Label Studio sends new credentials to /setup
         self.run_blocking = run_blocking
         self.observe_stage = observe_stage
+        self.memory = memory or ByteBudget(settings.ingress_image_memory_bytes)  # decoded images and masks
 
     # -- per request ----------------------------------------------------------------------------
 
@@ -115,13 +123,13 @@ class LabellingPipeline:
     async def predict(self, body: Any) -> dict[str, Any]:
         """The `/predict` answer: one prediction per task, in order. Raises BadRequest for the request as a
         whole and ServiceUnavailable when the models cannot take it; a failing task only fails itself."""
-        request = self.parse(body)
+        request = await self.run_blocking(self.parse, body)  # label config and context: CPU work, off the loop
         for warning in request.prompt.warnings:
             logger.info("prompt: %s", warning)
         outcomes = await self.label_tasks(request)
         response: dict[str, Any] = {"results": [o.prediction for o in outcomes], "model_version": self.model_version}
         # Label Studio reads only `results`; other clients (grounded-serve prelabel) learn which tasks failed.
-        errors = [{"index": i, "task": _task_id(task), "error": outcome.error}
+        errors = [{"index": i, "task": echoable_id(_task_id(task)), "error": outcome.error}
                   for i, (task, outcome) in enumerate(zip(request.tasks, outcomes)) if outcome.error]
         if errors:
             response["task_errors"] = errors
@@ -147,7 +155,7 @@ class LabellingPipeline:
     # -- per task -------------------------------------------------------------------------------
 
     async def _label_task_or_error(self, request: LabellingRequest, task: Any) -> TaskOutcome:
-        task_id = _task_id(task)
+        task_id = echoable_id(_task_id(task))  # logs, like answers, never carry a 5,000-digit id or a surrogate
         timeout_s = self.settings.task_timeout_s
         try:
             return TaskOutcome(await asyncio.wait_for(self.label_task(request, task), timeout=timeout_s))
@@ -162,12 +170,26 @@ class LabellingPipeline:
         except Exception as exc:  # noqa: BLE001 - one broken task must not lose the others
             error = f"internal error: {exc.__class__.__name__}"
             logger.exception("task %s failed", task_id)
-        return TaskOutcome(empty_prediction(self.model_version), error)
+        return TaskOutcome(list(NO_PREDICTION), error)
 
     async def label_task(self, request: LabellingRequest, task: Any) -> dict[str, Any]:
         """One task's prediction: image -> detections -> masks -> Label Studio results."""
+        config, s = request.config, self.settings
+        data = await self._fetch(config, task)
+        width, height = await self.run_blocking(image_size, data, s.max_image_pixels)
+        masks_at_most = 1 if request.regions else (s.max_detections if self._masks_wanted(config) else 0)
+        async with self.memory.hold(task_bytes(width, height, masks_at_most)):
+            with self._stage("decode"):
+                image = await self.run_blocking(decode_image, data, s.max_image_pixels)
+            image_key = hashlib.blake2b(data, digest_size=16).hexdigest()  # same bytes, same cached embedding
+            del data  # only the pixels are needed from here on
+            return await self._label_image(request, image, image_key)
+
+    def _masks_wanted(self, config: ProjectConfig) -> bool:
+        return self.segment is not None and bool(config.mask_outputs)
+
+    async def _label_image(self, request: LabellingRequest, image: LoadedImage, image_key: str) -> dict[str, Any]:
         config, prompt, s = request.config, request.prompt, self.settings
-        image, image_key = await self._load_image(config, task)
         clicks = request.regions.in_pixels(image.width, image.height) if request.regions else None
         if clicks and prompt.source == "labels":  # clicks or a drawn box alone: SAM only, no detector
             return await self._segment_clicks(config, image, image_key, clicks)
@@ -180,7 +202,7 @@ class LabellingPipeline:
                     box_threshold=request.thresholds.box, text_threshold=request.thresholds.text,
                     max_detections=1 if clicks else s.max_detections))
         masks = None
-        if self.segment is not None and config.mask_outputs and len(detections):
+        if self._masks_wanted(config) and len(detections):
             with self._stage("segment"):
                 # with clicks, the best box and the clicks together refine one mask
                 masks = (await self.segment(SegmentationRequest(
@@ -194,17 +216,14 @@ class LabellingPipeline:
                 height=image.height, model_version=self.model_version,
                 polygon_tolerance_px=s.polygon_tolerance_px))
 
-    async def _load_image(self, config: ProjectConfig, task: Any) -> tuple[LoadedImage, str]:
+    async def _fetch(self, config: ProjectConfig, task: Any) -> bytes:
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise BadRequest("the task has no 'data' object")
         url = task["data"].get(config.image_key)
         if url is None:
             raise BadRequest(f"the task's data has no {config.image_key!r} key (from the Image tag's value)")
         with self._stage("fetch"):
-            data = await self.fetcher.fetch(self.fetcher.resolve(url, task.get("id")))
-        with self._stage("decode"):
-            image = await self.run_blocking(decode_image, data, self.settings.max_image_pixels)
-        return image, hashlib.blake2b(data, digest_size=16).hexdigest()  # same bytes, same cached embedding
+            return await self.fetcher.fetch(self.fetcher.resolve(url, task.get("id")))
 
     async def _segment_clicks(self, config: ProjectConfig, image: LoadedImage, image_key: str,
                               clicks: Clicks) -> dict[str, Any]:
@@ -234,3 +253,17 @@ class LabellingPipeline:
 
 def _task_id(task: Any) -> Any:
     return task.get("id") if isinstance(task, dict) else None
+
+
+def echoable_id(task_id: Any) -> int | str | None:
+    """A task id as the answer may repeat it: Label Studio's ids are 64-bit integers; anything else (huge
+    integers, long or unencodable strings, objects) is not echoed."""
+    if isinstance(task_id, int) and not isinstance(task_id, bool) and -2**63 <= task_id < 2**64:
+        return task_id
+    if isinstance(task_id, str) and len(task_id) <= 256 and task_id.isprintable():
+        try:
+            task_id.encode("utf-8")
+            return task_id
+        except UnicodeEncodeError:  # a lone surrogate
+            return None
+    return None

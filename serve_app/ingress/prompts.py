@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from serve_app.ingress.errors import BadRequest
 from serve_app.ingress.label_config import ProjectConfig
 
+MAX_PROMPT_WARNINGS = 10
+MAX_LABELS_NAMED = 50
+
 
 @dataclass(frozen=True)
 class Phrase:
@@ -41,28 +44,40 @@ def parse_prompt(text: str, config: ProjectConfig, max_chars: int, max_phrases: 
         raise BadRequest("the prompt is empty: type phrases separated by '.', e.g. 'brown cat_cats. house'")
 
     phrases: dict[Phrase, None] = {}
-    warnings = []
+    dropped: dict[str, str] = {}  # phrase as typed -> why; each distinct phrase once
     only_label = config.labels[0] if len(config.labels) == 1 else None
-    for part in parts:
+    for part in dict.fromkeys(parts):
         words, label = part, None
         if "_" in part:
             words, suffix = (s.strip() for s in part.rsplit("_", 1))
             label = config.aliases.get(suffix.lower())
             if label is None:
-                warnings.append(f"{part!r}: no label {suffix!r} in the labeling config "
-                                f"(labels: {', '.join(config.labels)})")
+                dropped[part] = f"{part[:100]!r}: no label {suffix[:100]!r} in the labeling config"
                 continue
         else:
             label = config.aliases.get(part.lower(), only_label)
             if label is None:
-                warnings.append(f"{part!r} matches no label; add a suffix such as '{part}_{config.labels[0]}' "
-                                f"(labels: {', '.join(config.labels)})")
+                dropped[part] = (f"{part[:100]!r} matches no label; add a suffix such as "
+                                 f"{part[:100] + '_' + config.labels[0]!r}")
                 continue
         if words:
             phrases[Phrase(words.lower(), label)] = None
     if len(phrases) > max_phrases:
         raise BadRequest(f"the prompt has {len(phrases)} phrases; the limit is {max_phrases} (MAX_PHRASES)")
-    return Prompt(tuple(phrases), "prompt", tuple(warnings))
+    return Prompt(tuple(phrases), "prompt", _warnings(list(dropped.values()), config.labels))
+
+
+def _warnings(reasons: list[str], labels: tuple[str, ...]) -> tuple[str, ...]:
+    """At most MAX_PROMPT_WARNINGS reasons, then the config's labels named once (at most MAX_LABELS_NAMED):
+    a 2,000-label config and a 2 KB prompt must not make a 100 MB answer."""
+    if not reasons:
+        return ()
+    shown = reasons[:MAX_PROMPT_WARNINGS]
+    if len(reasons) > len(shown):
+        shown.append(f"... and {len(reasons) - len(shown)} more phrases dropped")
+    named = ", ".join(label[:100] for label in labels[:MAX_LABELS_NAMED])
+    more = f" and {len(labels) - MAX_LABELS_NAMED} more" if len(labels) > MAX_LABELS_NAMED else ""
+    return (*shown, f"labels in the config: {named}{more}")
 
 
 def prompt_from_labels(config: ProjectConfig, max_phrases: int) -> Prompt:

@@ -18,10 +18,6 @@ def _region_id() -> str:
     return uuid.uuid4().hex[:10]
 
 
-def empty_prediction(model_version: str) -> dict[str, Any]:
-    return {"result": [], "score": 0.0, "model_version": model_version}
-
-
 def mask_regions(config: ProjectConfig, label: str, mask: np.ndarray, score: float, common: dict,
                  polygon_tolerance_px: float) -> list[dict[str, Any]]:
     """A brush region (RLE) for a BrushLabels tag and polygon regions for a PolygonLabels tag."""
