@@ -72,7 +72,7 @@ def service(tiny_models, hosts, tmp_path_factory):
     env = {"GROUNDING_DINO_MODEL": str(tiny_models["grounding_dino"]), "USE_SAM": "true",
            "SAM_CHECKPOINT": str(tiny_models["sam"]), "IMAGE_HOST_ALLOWLIST": "127.0.0.1",
            "LABEL_STUDIO_URL": label_studio, "LABEL_STUDIO_API_KEY": OPERATOR_KEY,
-           "MAX_CONTEXT_ITEMS": "1000"}
+           "MAX_CONTEXT_ITEMS": "1000", "MAX_REQUEST_BYTES": str(64 * 2**20)}
     process = ServeProcess(env, tmp_path_factory.mktemp("serve")).start()
     yield process
     process.stop()
@@ -188,6 +188,14 @@ def test_a_huge_context_is_refused_at_once_and_health_stays_fast(service, hosts)
     assert response.status_code == 413
     assert "MAX_CONTEXT_ITEMS" in response.json()["error"]
     assert health_times and max(health_times) < 1.0  # Label Studio's health timeout
+
+
+def test_a_body_over_max_request_bytes_is_a_413_before_it_is_parsed(service):
+    started = time.perf_counter()
+    response = httpx.post(f"{service.url}/predict", content=b" " * (64 * 2**20 + 1) + b"{}", timeout=60,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and "MAX_REQUEST_BYTES" in response.json()["error"]
+    assert time.perf_counter() - started < 10
 
 
 def test_a_burst_of_hostile_requests_during_a_long_request_leaves_the_service_answering(service, hosts):
