@@ -53,3 +53,15 @@ def test_invalid_settings_fail_with_the_variable_named(env, message):
 def test_unknown_args_are_refused():
     with pytest.raises(SettingsError, match="unknown setting"):
         Settings.load({"box_treshold": 0.2}, env={})
+
+
+def test_every_setting_is_documented_in_the_readme_and_security_caps_in_docs():
+    from dataclasses import fields
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    assert [f.name.upper() for f in fields(Settings) if f"`{f.name.upper()}" not in readme] == []
+    security = (root / "docs" / "security.md").read_text()
+    caps = [f.name.upper() for f in fields(Settings) if f.name.startswith(("max_", "ingress_image"))]
+    assert [cap for cap in caps if cap not in security] == []
