@@ -14,18 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.harness import (
-    ImageServer,
-    batch_sizes,
-    distinct_images,
-    histogram_delta,
-    machine,
-    replica_rss_mb,
-    run_load,
-    start_service,
-    text_prompt_body,
-    user_config,
-)
+from benchmarks.harness import (ImageServer, batch_sizes, distinct_images, histogram_delta, machine, replica_rss_mb,
+                                run_load, start_service, text_prompt_body, user_config)
 from benchmarks.models import MODEL_SETS, model_env
 
 

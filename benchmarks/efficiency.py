@@ -23,18 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.harness import (
-    ImageServer,
-    batch_sizes,
-    distinct_images,
-    histogram_delta,
-    machine,
-    replica_rss_mb,
-    run_load,
-    start_service,
-    text_prompt_body,
-    user_config,
-)
+from benchmarks.harness import (ImageServer, batch_sizes, distinct_images, histogram_delta, machine, replica_rss_mb,
+                                run_load, start_service, text_prompt_body, user_config)
 from benchmarks.models import MODEL_SETS, model_env
 from benchmarks.pipeline import load_models
 from serve_app.models.grounding_dino import GroundingDinoDetector

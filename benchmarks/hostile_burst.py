@@ -43,14 +43,18 @@ def main() -> None:
         time.sleep(8)
         deep = b"[" * 100_000 + b"]" * 100_000
         one = retrieve_body([f"{images.url}/{names[16]}"])
-        wrong = copy.deepcopy(one); wrong["params"] = {"context": {"result": [{"type": "number", "from_name": "box_threshold", "value": {"number": [0.1]}}]}}
+        wrong = copy.deepcopy(one)
+        wrong["params"] = {"context": {"result": [{"type": "number", "from_name": "box_threshold",
+                                                   "value": {"number": [0.1]}}]}}
         burst = [("/predict", deep), ("/predict", b'{"tasks": [{"id": ' + b"9" * 5000 + b'}]}'),
                  ("/predict", json.dumps(wrong).encode()), ("/webhook", b'{"action": "\\ud800"}'),
                  ("/webhook", b'{"action": "ANNOTATION_CREATED"}'), ("/webhook", b'{"action": "START_TRAINING"}')]
         codes = []
         for path, content in burst:
             try:
-                codes.append((path, httpx.post(f"{url}{path}", content=content, headers={"Content-Type": "application/json"}, timeout=30).status_code))
+                response = httpx.post(f"{url}{path}", content=content, timeout=30,
+                                      headers={"Content-Type": "application/json"})
+                codes.append((path, response.status_code))
             except Exception as exc:
                 codes.append((path, repr(exc)[:80]))
         try:

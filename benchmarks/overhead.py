@@ -21,18 +21,8 @@ from pathlib import Path
 import httpx
 import torch
 
-from benchmarks.harness import (
-    ImageServer,
-    batch_sizes,
-    histogram_delta,
-    machine,
-    replica_rss_mb,
-    run_load,
-    start_service,
-    text_prompt_body,
-    user_config,
-    without_masks,
-)
+from benchmarks.harness import (ImageServer, batch_sizes, histogram_delta, machine, replica_rss_mb, run_load,
+                                start_service, text_prompt_body, user_config, without_masks)
 from benchmarks.models import model_env
 from benchmarks.pipeline import InProcessPipeline
 from serve_app.settings import Settings

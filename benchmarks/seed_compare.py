@@ -23,18 +23,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from benchmarks.harness import (
-    ROOT,
-    ImageServer,
-    batch_sizes,
-    distinct_images,
-    histogram_delta,
-    machine,
-    replica_rss_mb,
-    retrieve_body,
-    run_load,
-    start_service,
-)
+from benchmarks.harness import (ROOT, ImageServer, batch_sizes, distinct_images, histogram_delta, machine,
+                                replica_rss_mb, retrieve_body, run_load, start_service)
 from benchmarks.models import MODEL_SETS, model_env
 from tests.serve_process import free_port
 
