@@ -3,7 +3,7 @@
 The service runs with small limits so that overload and timeouts are cheap to reach: one ingress
 request at a time plus one queued, 3 s image downloads, 8 tasks in flight per request, a 12 s Serve
 request timeout, and a detector
-that waits up to 2 s to fill a batch (so a request is reliably inside the replica when it is killed).
+that waits up to 3 s to fill a batch (so a request is reliably inside the replica when it is killed).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def small_limits(config):
             deployment.update(max_ongoing_requests=1, max_queued_requests=1,
                               backpressure_config={"status_code": 503, "retry_after_s": 7})
         if deployment["name"] == "Detector":
-            deployment["user_config"]["batch_wait_timeout_s"] = 2.0
+            deployment["user_config"]["batch_wait_timeout_s"] = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +223,9 @@ def test_a_detector_replica_killed_mid_request_means_retry_or_503(client, servic
     [pid] = replica_pids(service, "Detector")
 
     def kill_soon():
-        time.sleep(1.0)  # the request's items are now waiting in the replica's 2 s batch window
+        # the request's items are now waiting in the replica's 3 s batch window (they reach it in well under
+        # 1.5 s: fetch, header probe and decode of a small loopback image)
+        time.sleep(1.5)
         os.kill(pid, signal.SIGKILL)
 
     killer = threading.Thread(target=kill_soon)
