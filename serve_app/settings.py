@@ -70,8 +70,11 @@ class Settings:
     box_threshold: float = 0.30  # BOX_THRESHOLD
     text_threshold: float = 0.25  # TEXT_THRESHOLD
     # Bounds on the work one request can cause
-    max_tasks_per_request: int = 10_000  # MAX_TASKS_PER_REQUEST
-    task_concurrency: int = 32  # TASK_CONCURRENCY: tasks of one request in flight at once
+    max_tasks_per_request: int = 100_000  # MAX_TASKS_PER_REQUEST: tasks in one /predict (413 above)
+    task_concurrency: int = 32  # TASK_CONCURRENCY: tasks in flight at once while a /predict waits for them
+    predict_deadline_s: float = 30.0  # PREDICT_DEADLINE_S: a batch /predict answers by then; the rest go on in the background
+    background_task_concurrency: int = 8  # BACKGROUND_TASK_CONCURRENCY: tasks in flight for background jobs alone
+    max_background_tasks: int = 100_000  # MAX_BACKGROUND_TASKS: tasks queued for jobs at once (ids and image URLs)
     ingress_cpu_threads: int = 2  # INGRESS_CPU_THREADS: threads per ingress replica for image decoding and RLE
     max_detections: int = 50  # MAX_DETECTIONS: boxes kept per task
     max_prompt_chars: int = 2_000  # MAX_PROMPT_CHARS
@@ -143,14 +146,15 @@ class Settings:
                 unit_interval(getattr(self, name), name.upper())
             except ValueError as exc:
                 raise SettingsError(str(exc)) from None
-        for name in ("max_tasks_per_request", "task_concurrency", "ingress_cpu_threads", "max_detections",
+        for name in ("max_tasks_per_request", "task_concurrency", "background_task_concurrency", "max_background_tasks",
+                     "ingress_cpu_threads", "max_detections",
                      "max_prompt_chars", "max_phrases", "max_context_items", "max_request_bytes", "max_image_pixels", "ingress_image_memory_bytes",
                      "max_download_bytes"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be a positive integer, got {getattr(self, name)}")
         if self.sam_embedding_cache_bytes < 0 or self.polygon_tolerance_px < 0:
             raise SettingsError("SAM_EMBEDDING_CACHE_BYTES and POLYGON_TOLERANCE_PX must not be negative")
-        for name in ("download_timeout_s", "task_timeout_s", "replica_retry_timeout_s"):
+        for name in ("download_timeout_s", "task_timeout_s", "replica_retry_timeout_s", "predict_deadline_s"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be positive, got {getattr(self, name)}")
         if self.precision not in ("fp32", "fp16", "bf16"):

@@ -20,6 +20,8 @@ IMAGES_ENCODED = PREFIX + "images_encoded"
 EVENTS = PREFIX + "events"
 REQUEST_SECONDS = PREFIX + "request_seconds"
 STAGE_SECONDS = PREFIX + "stage_seconds"
+JOB_TASKS = PREFIX + "job_tasks"
+RUNNING_JOBS = PREFIX + "running_jobs"
 
 # Exact sizes up to 16 (the usual max_batch_size range), coarser above.
 BATCH_SIZE_BOUNDARIES = [float(n) for n in range(1, 17)] + [24.0, 32.0, 48.0, 64.0]
@@ -71,6 +73,9 @@ class IngressMetrics:
                                          boundaries=SECONDS_BOUNDARIES, tag_keys=("route",))
         self.stage_seconds = Histogram(STAGE_SECONDS, description="Seconds per pipeline stage of one task",
                                        boundaries=SECONDS_BOUNDARIES, tag_keys=("stage",))
+        self.job_tasks = Gauge(JOB_TASKS, description="Tasks of the background jobs in GET /jobs, by state",
+                               tag_keys=("state",))
+        self.running_jobs = Gauge(RUNNING_JOBS, description="Background jobs still running")
 
     def count(self, event: str, n: int = 1) -> None:
         if n:
@@ -81,3 +86,8 @@ class IngressMetrics:
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_seconds.observe(seconds, tags={"stage": stage})
+
+    def observe_jobs(self, totals: dict[str, int]) -> None:
+        self.running_jobs.set(totals["running_jobs"])
+        for state in ("pending", "stored", "failed"):
+            self.job_tasks.set(totals[f"{state}_tasks"], tags={"state": state})

@@ -55,3 +55,67 @@ def assert_matches_sam_predictor(sam, images, boxes, results) -> None:
         assert result.masks.shape == (len(box), *image.shape[:2]) and result.masks.dtype == bool
         assert np.array_equal(result.masks, masks[:, 0].numpy())
         np.testing.assert_allclose(result.scores, scores[:, 0].numpy(), atol=1e-5)
+
+
+class PredictionsStandIn:
+    """Label Studio's `/api/predictions/` as far as background jobs use it, for tests that need no real Label
+    Studio (tests/test_label_studio_e2e.py and test_background_jobs_e2e.py use the real one). Stores what is
+    POSTed; `fail_after_storing` answers that many POSTs 502 *after* storing them (a proxy that lost the reply)."""
+
+    def __init__(self, token: str = "stand-in-token", fail_after_storing: int = 0):
+        import json
+        import urllib.parse
+
+        self.token = token
+        self.rows: list[dict] = []
+        self.posts = 0
+        self.fail_after_storing = fail_after_storing
+        self.lock = threading.Lock()
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, status: int, body) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _authorized(self) -> bool:
+                if self.headers.get("Authorization") != f"Token {stand_in.token}":
+                    self._answer(401, {"detail": "Authentication credentials were not provided."})
+                    return False
+                return True
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length))
+                if not self._authorized():
+                    return
+                if self.path.rstrip("/") != "/api/predictions":
+                    return self._answer(404, {})
+                with stand_in.lock:
+                    stand_in.posts += 1
+                    stand_in.rows.append(body)
+                    fail = stand_in.fail_after_storing > 0
+                    stand_in.fail_after_storing -= fail
+                self._answer(502 if fail else 201, {"id": len(stand_in.rows), **body})
+
+            def do_GET(self):
+                if not self._authorized():
+                    return
+                parts = urllib.parse.urlsplit(self.path)
+                task = urllib.parse.parse_qs(parts.query).get("task", [""])[0]
+                with stand_in.lock:
+                    rows = [row for row in stand_in.rows if str(row.get("task")) == task]
+                self._answer(200, rows)
+
+        self.handler = Handler
+
+    def for_task(self, task_id: int) -> list[dict]:
+        with self.lock:
+            return [row for row in self.rows if row.get("task") == task_id]

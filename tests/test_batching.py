@@ -143,3 +143,73 @@ def test_batch_config_rejects_unknown_and_negative_values():
         BatchConfig.from_user_config({"batch_wait_timeout_s": -1})
     with pytest.raises(ValueError, match="invalid"):
         BatchConfig.from_user_config({"batch_wait_timeout_s": float("nan")})
+
+
+def test_a_click_queued_behind_background_items_is_in_the_very_next_batch():
+    from dataclasses import dataclass
+
+    from serve_app.models.messages import Priority
+
+    @dataclass
+    class Item:
+        name: str
+        priority: int
+
+    batches = []
+    release = threading.Event()
+
+    def model(items):
+        batches.append([item.name for item in items])
+        if len(batches) == 1:
+            release.wait(5)
+        return [item.name for item in items]
+
+    async def scenario():
+        batcher = batcher_of(model, max_batch_size=3)
+        running = asyncio.ensure_future(batcher.submit(Item("b0", Priority.BACKGROUND)))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(batcher.submit(Item(f"b{i}", Priority.BACKGROUND))) for i in range(1, 5)]
+        queued.append(asyncio.ensure_future(batcher.submit(Item("r1", Priority.BATCH))))
+        queued.append(asyncio.ensure_future(batcher.submit(Item("click", Priority.INTERACTIVE))))
+        await asyncio.sleep(0.05)
+        release.set()
+        await asyncio.gather(running, *queued)
+
+    asyncio.run(scenario())
+    # most urgent first, arrival order within a priority
+    assert batches == [["b0"], ["click", "r1", "b1"], ["b2", "b3", "b4"]]
+
+
+def test_the_ingress_cpu_pool_takes_the_editors_work_before_background_work():
+    from serve_app.ingress.cpu_pool import PriorityPool
+    from serve_app.models.messages import Priority
+
+    order = []
+    busy = threading.Event()
+
+    def work(name):
+        def run():
+            if name == "first":
+                busy.wait(5)
+            order.append(name)
+            return name
+        return run
+
+    async def scenario():
+        pool = PriorityPool(1)
+        first = asyncio.ensure_future(pool.run(Priority.BACKGROUND, work("first")))
+        await asyncio.sleep(0.05)
+        later = [asyncio.ensure_future(pool.run(Priority.BACKGROUND, work(f"background{i}"))) for i in range(3)]
+        cancelled = asyncio.ensure_future(pool.run(Priority.INTERACTIVE, work("abandoned")))
+        click = asyncio.ensure_future(pool.run(Priority.INTERACTIVE, work("click")))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        busy.set()
+        results = await asyncio.gather(first, click, *later)
+        with pytest.raises(ZeroDivisionError):  # an error reaches its caller
+            await pool.run(Priority.INTERACTIVE, lambda: 1 / 0)
+        pool.shutdown()
+        return results
+
+    assert asyncio.run(scenario())[:2] == ["first", "click"]
+    assert order == ["first", "click", "background0", "background1", "background2"]  # the cancelled one skipped

@@ -10,7 +10,8 @@ loaded. Its settings are read in the deployment's `reconfigure`, so `serve deplo
 from __future__ import annotations
 
 import asyncio
-import collections
+import heapq
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -51,6 +52,9 @@ class ModelBatcher:
     A batch function takes a list of items and returns one result per item. When it raises, the items of
     that batch are run again one by one, so only the item that fails gets the error: a bad image never
     fails the other callers' items that happened to share its batch.
+
+    Items with a lower `priority` attribute (serve_app.models.messages.Priority) are taken first, in arrival
+    order within a priority: a click queued behind a background job's items is in the very next batch.
     """
 
     def __init__(self, batch_fn: Callable[[list], list], *, config: BatchConfig = BatchConfig(),
@@ -58,7 +62,8 @@ class ModelBatcher:
         self.batch_fn = batch_fn
         self.config = config
         self.on_batch = on_batch  # called on the event loop with each batch's size and its items' queue waits
-        self._pending: collections.deque[tuple[Any, asyncio.Future, float]] = collections.deque()
+        self._pending: list[tuple[int, int, Any, asyncio.Future, float]] = []  # a heap
+        self._arrivals = itertools.count()
         self._arrived = asyncio.Event()
         self._runner: asyncio.Task | None = None
 
@@ -66,7 +71,8 @@ class ModelBatcher:
         """The item's result, computed in a batch with whatever else is waiting."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((item, future, time.monotonic()))
+        priority = int(getattr(item, "priority", 0))
+        heapq.heappush(self._pending, (priority, next(self._arrivals), item, future, time.monotonic()))
         self._arrived.set()
         if self._runner is None or self._runner.done():
             self._runner = loop.create_task(self._drain())
@@ -75,8 +81,8 @@ class ModelBatcher:
     async def _drain(self) -> None:
         while self._pending:
             await self._fill_while_idle()
-            taken = [self._pending.popleft() for _ in range(min(len(self._pending), self.config.max_batch_size))]
-            batch = [(item, future, queued) for item, future, queued in taken if not future.done()]  # cancelled
+            taken = [heapq.heappop(self._pending) for _ in range(min(len(self._pending), self.config.max_batch_size))]
+            batch = [(item, future, queued) for _, _, item, future, queued in taken if not future.done()]  # cancelled
             if not batch:
                 continue
             started = time.monotonic()

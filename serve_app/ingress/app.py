@@ -7,7 +7,6 @@ given `_detect` and `_segment` (handle calls with one retry on a lost replica) a
 # FastAPI must see real annotations (Request) on the ingress methods: no postponed evaluation.
 
 import asyncio
-import concurrent.futures
 import functools
 import json
 import os
@@ -26,12 +25,15 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app import get_logger
 from serve_app.ingress.auth import OPEN_PATHS, BasicAuth
+from serve_app.ingress.cpu_pool import PriorityPool
 from serve_app.ingress.errors import BadRequest, ServiceUnavailable
 from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
+from serve_app.ingress.jobs import JobBoard
 from serve_app.ingress.label_config import parse_label_config
 from serve_app.ingress.label_studio_auth import LabelStudioCredentials, choose_credential
 from serve_app.ingress.metrics import MetricsView
-from serve_app.ingress.pipeline import LabellingPipeline
+from serve_app.ingress.pipeline import LabellingPipeline, task_priority
+from serve_app.ingress.prediction_writer import PredictionWriter
 from serve_app.models.messages import DetectionRequest, Detections, Masks, SegmentationRequest
 from serve_app.settings import Settings, url_problem
 from serve_app.telemetry import IngressMetrics
@@ -146,12 +148,13 @@ class Ingress:
         self._readiness_task = asyncio.get_event_loop().create_task(self._watch_readiness())
         # Decoding and result building (RLE, polygons) hold the GIL much of the time. Many threads doing it at
         # once starve the event loop that feeds the model replicas, so this work gets few threads of its own.
-        self._cpu_pool = concurrent.futures.ThreadPoolExecutor(self.settings.ingress_cpu_threads,
-                                                               thread_name_prefix="ingress-cpu")
+        self._cpu_pool = PriorityPool(self.settings.ingress_cpu_threads)
         self.pipeline = LabellingPipeline(
             settings=self.settings, model_version=self.model_version, detect=self._detect,
             segment=self._segment if segmenter is not None else None, fetcher=self._make_fetcher(),
             run_blocking=self._run_blocking, observe_stage=self.metrics.observe_stage)
+        # batch /predicts become jobs that outlive their request (serve_app.ingress.jobs)
+        self.jobs = JobBoard(pipeline=self.pipeline, settings=self.settings, on_event=self._job_event)
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -170,6 +173,17 @@ class Ingress:
                                    setup_token=self._setup_token, env=os.environ)
         credentials = LabelStudioCredentials(chosen[0], chosen[1], self.http, chosen[2]) if chosen else None
         return ImageFetcher(policy, self.http, credentials)
+
+    def _writer(self) -> PredictionWriter | None:
+        """Where background jobs store predictions: the same Label Studio and credential as downloads."""
+        fetcher = self.pipeline.fetcher
+        if fetcher.credentials is None:
+            return None
+        return PredictionWriter(fetcher.credentials, route=fetcher.connect_target)
+
+    def _job_event(self, event: str, n: int) -> None:
+        self.metrics.count(event, n)
+        self.metrics.observe_jobs(self.jobs.totals())
 
     async def _watch_readiness(self) -> None:
         """/health must answer within Label Studio's 1 s even while model replicas load (or fail to),
@@ -227,7 +241,20 @@ class Ingress:
             raise BadRequest(f"the request body is not valid JSON: {str(exc)[:200]}") from None
 
     async def _run_blocking(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._cpu_pool, functools.partial(function, *args))
+        return await self._cpu_pool.run(task_priority(), functools.partial(function, *args))
+
+    # -- background jobs -------------------------------------------------------------------------
+
+    @api.get("/jobs")
+    async def list_jobs(self) -> JSONResponse:
+        return SafeJSONResponse({"jobs": self.jobs.summaries(), **self.jobs.totals()})
+
+    @api.delete("/jobs/{job_id}")
+    async def cancel_job(self, job_id: str) -> JSONResponse:
+        if not self.jobs.cancel(job_id):
+            return json_error(404, f"no running job {job_id[:64]!r} (GET /jobs lists them)")
+        self.metrics.observe_jobs(self.jobs.totals())
+        return SafeJSONResponse({"cancelled": job_id})
 
     # -- model calls ----------------------------------------------------------------------------
 
@@ -300,14 +327,19 @@ class Ingress:
     @api.get("/metrics")
     async def get_metrics(self) -> JSONResponse:
         return SafeJSONResponse({"model_version": self.model_version, "models_ready": dict(self.models_ready),
-                                 **await self.metrics_view.snapshot()})
+                                 "jobs": self.jobs.totals(), **await self.metrics_view.snapshot()})
 
     @api.post("/predict")
     async def predict(self, request: Request) -> JSONResponse:
         started = time.perf_counter()
         self.metrics.count("predict_requests")
         try:
-            response = await self.pipeline.predict(await self._read_json(request))
+            parsed = await self.pipeline.parse_off_loop(await self._read_json(request))
+            if parsed.interactive:  # the editor shows this answer and stores nothing: no background job
+                response = await self.pipeline.answer(parsed)
+            else:
+                response = await self.jobs.predict(parsed, self._writer())
+                self.metrics.observe_jobs(self.jobs.totals())
         except BadRequest as exc:
             self.metrics.count("predict_request_errors")
             logger.warning("/predict refused (%d): %s", exc.status_code, exc)

@@ -117,6 +117,16 @@ class ImageFetcher:
         trusted_ls = self.policy.trust_label_studio_host and origin(url) == self._ls_origin
         return trusted_ls or host in allow or f"{host}:{port}" in allow
 
+    async def connect_target(self, url: str) -> tuple[str, dict[str, str], dict[str, str]]:
+        """(URL to request, headers, httpx extensions) that reach `url`'s host at its checked address, keeping
+        the Host header and TLS server name. Every outgoing request of the ingress goes this way: image
+        downloads, and predictions written to a Label Studio named by /setup."""
+        address = await self._checked_address(url)
+        if address is None:
+            return url, {}, {}
+        target, host_header, server_name = pinned(url, address)
+        return target, {"Host": host_header}, {"sni_hostname": server_name}
+
     async def _checked_address(self, url: str) -> str | None:
         """The address to connect to, resolved once and checked: every address the name resolves to must be
         public. None for trusted hosts (the Label Studio URL, IMAGE_HOST_ALLOWLIST), reached by name."""
@@ -205,20 +215,14 @@ class ImageFetcher:
         while redirects <= MAX_REDIRECTS:
             # Connect to the address that was checked, not to the name: a second DNS answer (rebinding) could
             # point at an internal host. The Host header and TLS server name stay the URL's.
-            address = await self._checked_address(url)
+            target, headers, extensions = await self.connect_target(url)
             to_label_studio = self._ls_origin is not None and origin(url) == self._ls_origin
             with_credential = self.credentials is not None and origin(url) == self._credential_origin
-            headers = {}
             if with_credential:
                 try:
-                    headers = await self.credentials.headers(force_refresh=refreshed)
+                    headers = {**headers, **await self.credentials.headers(force_refresh=refreshed)}
                 except LabelStudioAuthError as exc:
                     raise ImageError(str(exc), status_code=502) from None
-            target, extensions = url, {}
-            if address is not None:
-                target, host_header, server_name = pinned(url, address)
-                headers = {**headers, "Host": host_header}
-                extensions = {"sni_hostname": server_name}
             async with self._client.stream("GET", target, headers=headers, extensions=extensions) as response:
                 if (response.status_code == 401 and with_credential
                         and self.credentials.is_personal_access_token and not refreshed):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import hashlib
 import time
@@ -26,7 +27,7 @@ from serve_app.ingress.label_config import ProjectConfig, parse_label_config
 from serve_app.ingress.memory import ByteBudget, task_bytes
 from serve_app.ingress.prompts import Prompt, parse_prompt, prompt_from_labels
 from serve_app.ingress.results import build_click_prediction, build_prediction
-from serve_app.models.messages import DetectionRequest, Detections, Masks, SegmentationRequest
+from serve_app.models.messages import DetectionRequest, Detections, Masks, Priority, SegmentationRequest
 from serve_app.settings import Settings
 
 logger = get_logger(__name__)
@@ -52,6 +53,17 @@ class LabellingRequest:
     prompt: Prompt
     thresholds: Thresholds
     regions: DrawnRegions
+    interactive: bool = False  # sent from the editor (a context): Label Studio shows the answer, stores nothing
+    project: str = ""  # as Label Studio names it: "<project id>.<created timestamp>"
+
+
+# The priority of the task this code runs for (an asyncio task copies it when created): the model requests
+# carry it to the replicas' queues, and the ingress's CPU pool reads it. Background jobs set it for their tasks.
+TASK_PRIORITY: contextvars.ContextVar[int] = contextvars.ContextVar("task_priority", default=Priority.INTERACTIVE)
+
+
+def task_priority() -> int:
+    return TASK_PRIORITY.get()
 
 
 # What a failed task gets in `results`. Label Studio 1.23 stores nothing for an empty list (ml/models.py,
@@ -64,6 +76,7 @@ NO_PREDICTION: list = []
 class TaskOutcome:
     prediction: dict[str, Any] | list
     error: str | None = None  # why the task failed; its prediction is then NO_PREDICTION
+    unavailable: bool = False  # it failed because the models could not take it (a 503 if no task succeeded)
 
 
 def in_thread(batch_fn: Callable[[list], list]) -> Callable[[Any], Awaitable[Any]]:
@@ -107,8 +120,8 @@ class LabellingPipeline:
                              "(MAX_TASKS_PER_REQUEST)", status_code=413)
         config = parse_label_config(body.get("label_config"))
         params = body.get("params")
-        context = parse_context(params.get("context") if isinstance(params, dict) else None, config,
-                                s.max_context_items)
+        raw_context = params.get("context") if isinstance(params, dict) else None
+        context = parse_context(raw_context, config, s.max_context_items)
         if context.prompt_text is None:
             prompt = prompt_from_labels(config, s.max_phrases)
         else:
@@ -118,24 +131,23 @@ class LabellingPipeline:
                       **config.thresholds, **context.thresholds}
         return LabellingRequest(tasks=tasks, config=config, prompt=prompt,
                                 thresholds=Thresholds(thresholds["box_threshold"], thresholds["text_threshold"]),
-                                regions=context.regions)
+                                regions=context.regions, interactive=raw_context is not None,
+                                project=_project(body.get("project")))
 
     async def predict(self, body: Any) -> dict[str, Any]:
         """The `/predict` answer: one prediction per task, in order. Raises BadRequest for the request as a
         whole and ServiceUnavailable when the models cannot take it; a failing task only fails itself."""
+        return await self.answer(await self.parse_off_loop(body))
+
+    async def parse_off_loop(self, body: Any) -> LabellingRequest:
         request = await self.run_blocking(self.parse, body)  # label config and context: CPU work, off the loop
         for warning in request.prompt.warnings:
             logger.info("prompt: %s", warning)
-        outcomes = await self.label_tasks(request)
-        response: dict[str, Any] = {"results": [o.prediction for o in outcomes], "model_version": self.model_version}
-        # Label Studio reads only `results`; other clients (grounded-serve prelabel) learn which tasks failed.
-        errors = [{"index": i, "task": echoable_id(_task_id(task)), "error": outcome.error}
-                  for i, (task, outcome) in enumerate(zip(request.tasks, outcomes)) if outcome.error]
-        if errors:
-            response["task_errors"] = errors
-        if request.prompt.warnings:
-            response["warnings"] = list(request.prompt.warnings)
-        return response
+        return request
+
+    async def answer(self, request: LabellingRequest) -> dict[str, Any]:
+        """Every task's prediction, however long it takes (the editor's requests, in-process callers)."""
+        return response_for(request, await self.label_tasks(request), self.model_version)
 
     async def label_tasks(self, request: LabellingRequest) -> list[TaskOutcome]:
         """Every task, at most TASK_CONCURRENCY at once. A ServiceUnavailable cancels the others and propagates."""
@@ -143,7 +155,7 @@ class LabellingPipeline:
 
         async def bounded(task: Any) -> TaskOutcome:
             async with limit:
-                return await self._label_task_or_error(request, task)
+                return await self.label_task_outcome(request, task)
 
         try:
             async with asyncio.TaskGroup() as group:
@@ -154,7 +166,8 @@ class LabellingPipeline:
 
     # -- per task -------------------------------------------------------------------------------
 
-    async def _label_task_or_error(self, request: LabellingRequest, task: Any) -> TaskOutcome:
+    async def label_task_outcome(self, request: LabellingRequest, task: Any) -> TaskOutcome:
+        """The task's prediction, or NO_PREDICTION and why. Only ServiceUnavailable escapes."""
         task_id = echoable_id(_task_id(task))  # logs, like answers, never carry a 5,000-digit id or a surrogate
         timeout_s = self.settings.task_timeout_s
         try:
@@ -200,7 +213,7 @@ class LabellingPipeline:
                 detections = await self.detect(DetectionRequest(
                     image=image.pixels, phrases=[p.text for p in prompt.phrases],
                     box_threshold=request.thresholds.box, text_threshold=request.thresholds.text,
-                    max_detections=1 if clicks else s.max_detections))
+                    max_detections=1 if clicks else s.max_detections, priority=task_priority()))
         masks = None
         if self._masks_wanted(config) and len(detections):
             with self._stage("segment"):
@@ -208,7 +221,7 @@ class LabellingPipeline:
                 masks = (await self.segment(SegmentationRequest(
                     image=image.pixels, boxes=detections.boxes, image_key=image_key,
                     points=clicks.points if clicks else None,
-                    point_labels=clicks.point_labels if clicks else None))).masks
+                    point_labels=clicks.point_labels if clicks else None, priority=task_priority()))).masks
         with self._stage("results"):
             # RLE and polygons are CPU work: off the event loop, so other requests and /health are not held up
             return await self.run_blocking(functools.partial(
@@ -234,7 +247,7 @@ class LabellingPipeline:
             segmented = await self.segment(SegmentationRequest(
                 image=image.pixels, boxes=clicks.box, image_key=image_key,
                 points=clicks.points if len(clicks.points) else None,
-                point_labels=clicks.point_labels if len(clicks.points) else None))
+                point_labels=clicks.point_labels if len(clicks.points) else None, priority=task_priority()))
         with self._stage("results"):
             return await self.run_blocking(functools.partial(
                 build_click_prediction, config, label, segmented.masks[0], float(segmented.scores[0]),
@@ -249,6 +262,25 @@ class LabellingPipeline:
         finally:
             if self.observe_stage is not None:
                 self.observe_stage(name, time.perf_counter() - started)
+
+
+def response_for(request: LabellingRequest, outcomes: list[TaskOutcome], model_version: str,
+                 warnings: list[str] = ()) -> dict[str, Any]:
+    """The /predict answer: one entry per task, in order."""
+    response: dict[str, Any] = {"results": [o.prediction for o in outcomes], "model_version": model_version}
+    # Label Studio reads only `results`; other clients (grounded-serve prelabel) learn which tasks failed.
+    errors = [{"index": i, "task": echoable_id(_task_id(task)), "error": outcome.error}
+              for i, (task, outcome) in enumerate(zip(request.tasks, outcomes)) if outcome.error]
+    if errors:
+        response["task_errors"] = errors
+    warnings = [*request.prompt.warnings, *warnings]
+    if warnings:
+        response["warnings"] = warnings
+    return response
+
+
+def _project(value: Any) -> str:
+    return value if isinstance(value, str) and len(value) <= 64 and value.isprintable() else ""
 
 
 def _task_id(task: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 import numpy as np
 
@@ -16,6 +17,15 @@ OFFICIAL_CHECKPOINTS = {
 }
 
 
+class Priority(IntEnum):
+    """Which work a model replica takes first when items queue: lower first. A click in the editor must
+    not wait behind a "Retrieve predictions" or a background job (serve_app.ingress.jobs)."""
+
+    INTERACTIVE = 0  # the labeling editor: a prompt, a click, a drawn box
+    BATCH = 1  # a /predict that Label Studio is still waiting for
+    BACKGROUND = 2  # tasks finished after the /predict answered, written through Label Studio's API
+
+
 @dataclass
 class DetectionRequest:
     image: np.ndarray  # H x W x 3, uint8, RGB, EXIF orientation already applied
@@ -23,6 +33,7 @@ class DetectionRequest:
     box_threshold: float = 0.30
     text_threshold: float = 0.25
     max_detections: int = 100
+    priority: int = Priority.INTERACTIVE
 
 
 @dataclass
@@ -44,6 +55,7 @@ class SegmentationRequest:
     image_key: str = ""  # content hash of the image: embedding-cache key and replica-affinity key
     points: np.ndarray | None = None  # P x 2, xy in pixels
     point_labels: np.ndarray | None = None  # P, 1 = positive click, 0 = negative click
+    priority: int = Priority.INTERACTIVE
 
 
 @dataclass
