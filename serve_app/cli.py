@@ -65,7 +65,22 @@ examples:
     prelabel.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
     prelabel.add_argument("--retries", type=int, default=5, help="retries of transient errors (default 5)")
     prelabel.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    jobs = commands.add_parser(
+        "jobs", help="show the service's background jobs (Retrieve predictions finishing after its answer)",
+        description="Lists the background jobs of the running service (GET /jobs), newest first, with a progress "
+                    "bar, rate, time left and failed tasks. BASIC_AUTH_USER/BASIC_AUTH_PASS are sent if set.")
+    jobs.add_argument("--service", default=os.environ.get("GROUNDED_SERVE_URL", "http://127.0.0.1:9090"),
+                      help="the running service; default: $GROUNDED_SERVE_URL or http://127.0.0.1:9090")
+    jobs.add_argument("--watch", action="store_true", help="refresh every 2 s until no job runs")
+    jobs.add_argument("--cancel", metavar="ID", help="cancel this job (its unfinished tasks stay retryable)")
     args = parser.parse_args(argv)
+
+    if args.command == "jobs":
+        from serve_app.jobs_cli import run_jobs
+
+        user, password = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
+        return run_jobs(args.service, auth=(user, password) if user and password else None, watch=args.watch,
+                        cancel=args.cancel)
 
     if args.command == "prelabel":
         return _prelabel(parser, args)

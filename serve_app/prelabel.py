@@ -23,10 +23,11 @@ from typing import Any
 import httpx
 
 from serve_app import get_logger
+from serve_app.ingress.label_studio_auth import LabelStudioCredentials
+from serve_app.ingress.prediction_writer import PredictionRefused, PredictionWriter
+from serve_app.retries import TRANSIENT_STATUS, TransientError, retry_after, with_retries
 
 logger = get_logger(__name__)
-
-TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Summary:
     total: int = 0
     done: int = 0
     skipped: int = 0
+    background: int = 0  # the service's background job finishes and stores them (GET /jobs)
     failed: dict[int, str] = field(default_factory=dict)  # task id -> reason
     interrupted: bool = False
     model_version: str = ""
@@ -59,27 +61,9 @@ class Summary:
 
     def line(self) -> str:
         state = "interrupted" if self.interrupted else "finished"
+        background = f", {self.background} finishing in the service's background job" if self.background else ""
         return (f"{state}: {self.done} pre-labelled, {self.skipped} skipped (already had {self.model_version}), "
-                f"{len(self.failed)} failed, of {self.total} tasks in {self.seconds:.1f} s")
-
-
-class TransientError(RuntimeError):
-    def __init__(self, message: str, retry_after_s: float | None = None):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-async def with_retries(call, retries: int, what: str):
-    """Retry transient failures with exponential backoff (1, 2, 4 ... 30 s), honouring Retry-After."""
-    for attempt in range(retries + 1):
-        try:
-            return await call()
-        except TransientError as exc:
-            if attempt == retries:
-                raise
-            delay = exc.retry_after_s if exc.retry_after_s is not None else min(30.0, 2.0 ** attempt)
-            logger.warning("%s: %s; retry %d/%d in %.0f s", what, exc, attempt + 1, retries, delay)
-            await asyncio.sleep(delay)
+                f"{len(self.failed)} failed{background}, of {self.total} tasks in {self.seconds:.1f} s")
 
 
 def prompt_context(options: PrelabelOptions) -> dict | None:
@@ -116,9 +100,8 @@ class Prelabeler:
         except httpx.TransportError as exc:
             raise TransientError(f"{exc.__class__.__name__}: {exc}") from None
         if response.status_code in TRANSIENT_STATUS:
-            retry_after = response.headers.get("retry-after")
             raise TransientError(f"service answered HTTP {response.status_code}",
-                                 float(retry_after) if retry_after and retry_after.isdigit() else None)
+                                 retry_after(response.headers.get("retry-after")))
         if response.status_code != 200:
             raise RuntimeError(f"service answered HTTP {response.status_code}: {response.text[:300]}")
         return response.json()
@@ -128,16 +111,7 @@ class Prelabeler:
                                        include="id,data,predictions_model_versions")
         return list(pager)
 
-    async def _store(self, task_id: int, prediction: dict, version: str) -> None:
-        async def create():
-            try:
-                await asyncio.to_thread(self.client.predictions.create, task=task_id, result=prediction["result"],
-                                        score=prediction.get("score", 0.0), model_version=version)
-            except Exception as exc:  # noqa: BLE001 - the sdk raises many kinds; retry them all
-                raise TransientError(f"storing the prediction failed: {exc}") from None
-        await with_retries(create, self.options.retries, f"task {task_id}")
-
-    async def _run_chunk(self, http, chunk, label_config, context, version, progress) -> None:
+    async def _run_chunk(self, http, writer, chunk, label_config, context, version, progress) -> None:
         body = {"tasks": [{"id": t.id, "data": t.data} for t in chunk], "label_config": label_config,
                 "project": str(self.options.project), "params": {"context": context}}
         try:
@@ -150,14 +124,21 @@ class Prelabeler:
             return
         errors = {e["index"]: e["error"] for e in reply.get("task_errors", [])}
         for index, (task, prediction) in enumerate(zip(chunk, reply["results"])):
-            if index in errors or not isinstance(prediction, dict):  # not stored: the next run tries it again
-                self.summary.failed[task.id] = errors.get(index, "no prediction")
+            if index in errors:  # not stored: the next run tries it again
+                self.summary.failed[task.id] = errors[index]
+            elif not isinstance(prediction, dict):
+                # [] without an error: past the service's PREDICT_DEADLINE_S. Its background job stores it under
+                # the service's model_version, which is this run's when no prompt is given.
+                if reply.get("job") and version == reply.get("model_version"):
+                    self.summary.background += 1
+                else:
+                    self.summary.failed[task.id] = "no prediction (the service answered [] for it)"
             else:
                 try:
-                    await self._store(task.id, prediction, version)
+                    await writer.create(task.id, prediction, version)
                     self.summary.done += 1
-                except TransientError as exc:
-                    self.summary.failed[task.id] = str(exc)
+                except (TransientError, PredictionRefused) as exc:
+                    self.summary.failed[task.id] = f"storing the prediction failed: {exc}"
             progress.update(1)
 
     async def run(self) -> Summary:
@@ -167,7 +148,11 @@ class Prelabeler:
         options = self.options
         project = await asyncio.to_thread(self.client.projects.get, id=options.project)
         auth = httpx.BasicAuth(*options.basic_auth) if options.basic_auth else None
-        async with httpx.AsyncClient(base_url=options.service_url, auth=auth, timeout=options.request_timeout_s) as http:
+        async with httpx.AsyncClient(base_url=options.service_url, auth=auth, timeout=options.request_timeout_s) as http, \
+                httpx.AsyncClient(trust_env=False) as ls_http:
+            # the same writer as the service's background jobs
+            writer = PredictionWriter(LabelStudioCredentials(options.label_studio_url, options.api_key, ls_http,
+                                                             "--api-key"), retries=options.retries)
             setup = await with_retries(lambda: self._post(http, "/setup", {
                 "project": str(options.project), "schema": project.label_config}), options.retries, "setup")
             version = self.summary.model_version = versioned(setup["model_version"], options.prompt)
@@ -181,7 +166,7 @@ class Prelabeler:
 
             async def bounded(chunk):
                 async with limit:
-                    await self._run_chunk(http, chunk, project.label_config, context, version, progress)
+                    await self._run_chunk(http, writer, chunk, project.label_config, context, version, progress)
 
             try:
                 await asyncio.gather(*(bounded(c) for c in chunks))
