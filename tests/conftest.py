@@ -55,8 +55,9 @@ def image_server(image_dir) -> str:
 
 
 @pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
-    """A real Label Studio on 127.0.0.1 (see tests/label_studio.py), one per test module."""
+def label_studio(request, tmp_path_factory):
+    """A real Label Studio on 127.0.0.1 (see tests/label_studio.py), one per test module; a module's
+    LABEL_STUDIO_ENV (for example a low ML_TIMEOUT_PREDICT) is added to its environment."""
     from tests.label_studio import LabelStudio, label_studio_binary
 
     if label_studio_binary() is None:
@@ -64,6 +65,7 @@ def label_studio(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail(message)  # CI installs it; a missing install must not pass as a skip
         pytest.skip(message)
-    server = LabelStudio(tmp_path_factory.mktemp("label-studio")).start()
+    server = LabelStudio(tmp_path_factory.mktemp("label-studio"),
+                         extra_env=getattr(request.module, "LABEL_STUDIO_ENV", {})).start()
     yield server
     server.stop()

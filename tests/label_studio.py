@@ -73,7 +73,7 @@ def ensure_template(binary: Path) -> Path:
 
 
 class LabelStudio:
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, extra_env: dict[str, str] | None = None):
         binary = label_studio_binary()
         if binary is None:
             raise RuntimeError(f"Label Studio is not installed in {LS_VENV}; run scripts/install-label-studio")
@@ -84,6 +84,7 @@ class LabelStudio:
         self.log_path = workdir / "label-studio.log"
         self.process: subprocess.Popen | None = None
         self._personal_access_token = ""
+        self.extra_env = dict(extra_env or {})
 
     def start(self, timeout_s: float = 240) -> "LabelStudio":
         shutil.copytree(ensure_template(self.binary), self.data_dir)
@@ -91,7 +92,7 @@ class LabelStudio:
         self.process = subprocess.Popen(
             [str(self.binary), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(self.port),
              "--data-dir", str(self.data_dir)],
-            env=_env(self.data_dir, self.port), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env={**_env(self.data_dir, self.port), **self.extra_env}, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s

@@ -135,10 +135,14 @@ class ServeProcess:
         except OSError:
             return ""
 
-    def stop(self, timeout_s: float = 60) -> None:
+    def kill(self) -> None:
+        """As a crash or an OOM kill would: SIGKILL to `serve run` and every Ray process of its session."""
+        self.stop(timeout_s=5, first_signal=signal.SIGKILL)
+
+    def stop(self, timeout_s: float = 60, first_signal: int = signal.SIGINT) -> None:
         if self.process is None:
             return
         # Ray's own processes run in the same session: whatever outlives `serve run` is killed too.
-        stop_session(self.process, signal.SIGINT, timeout_s)
+        stop_session(self.process, first_signal, timeout_s)
         self.process = None
         shutil.rmtree(self.ray_tmp, ignore_errors=True)

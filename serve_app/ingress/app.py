@@ -174,10 +174,16 @@ class Ingress:
         credentials = LabelStudioCredentials(chosen[0], chosen[1], self.http, chosen[2]) if chosen else None
         return ImageFetcher(policy, self.http, credentials)
 
-    def _writer(self) -> PredictionWriter | None:
-        """Where background jobs store predictions: the same Label Studio and credential as downloads."""
+    async def _writer(self) -> PredictionWriter | None:
+        """Where background jobs store predictions: the same Label Studio and credential as downloads, reached
+        under the same address rules (a /setup host must be public or in IMAGE_HOST_ALLOWLIST)."""
         fetcher = self.pipeline.fetcher
         if fetcher.credentials is None:
+            return None
+        try:
+            await fetcher.connect_target(fetcher.credentials.base_url)
+        except BadRequest as exc:
+            logger.warning("background jobs cannot store predictions in %s: %s", fetcher.credentials.base_url, exc)
             return None
         return PredictionWriter(fetcher.credentials, route=fetcher.connect_target)
 
@@ -338,7 +344,7 @@ class Ingress:
             if parsed.interactive:  # the editor shows this answer and stores nothing: no background job
                 response = await self.pipeline.answer(parsed)
             else:
-                response = await self.jobs.predict(parsed, self._writer())
+                response = await self.jobs.predict(parsed, await self._writer())
                 self.metrics.observe_jobs(self.jobs.totals())
         except BadRequest as exc:
             self.metrics.count("predict_request_errors")

@@ -217,8 +217,8 @@ class JobBoard:
         deadline = f"{self.settings.predict_deadline_s:g} s (PREDICT_DEADLINE_S)"
         if job.writer is None:
             self._drop_unfinished(job)
-            message = (f"{unfinished} tasks did not finish within {deadline} and the service has no Label Studio "
-                       "credentials to store them later: run \"Retrieve predictions\" again for them, or set "
+            message = (f"{unfinished} tasks did not finish within {deadline} and the service has no usable Label "
+                       "Studio credential to store them later: run \"Retrieve predictions\" again for them, or set "
                        "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY so that the service finishes them in the background")
             logger.warning("job %s: %s", job.id, message)
             self._maybe_finish(job)

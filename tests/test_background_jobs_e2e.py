@@ -1,0 +1,178 @@
+""""Retrieve predictions" on more tasks than Label Studio waits for, end to end with the real Label Studio 1.23.
+
+Label Studio runs with ML_TIMEOUT_PREDICT=15; the service answers within PREDICT_DEADLINE_S=5 and a background
+job stores the rest through Label Studio's API. Images come from a loopback server that takes IMAGE_DELAY_S each
+(slow storage), so 60 tasks take about 15 s at 4 at a time on any machine, whatever the models' speed.
+"""
+
+from __future__ import annotations
+
+import http.server
+import time
+
+import httpx
+import pytest
+from label_studio_sdk import LabelStudio as LabelStudioClient
+
+from tests.configs import SEED_CONFIG
+from tests.imaging import pattern, png_bytes
+from tests.label_studio import LEGACY_TOKEN
+from tests.loopback import loopback_http
+from tests.serve_process import ServeProcess
+
+pytestmark = [pytest.mark.serve, pytest.mark.e2e]
+
+LABEL_STUDIO_ENV = {"ML_TIMEOUT_PREDICT": "15"}  # read by tests/conftest.py's label_studio fixture
+ML_TIMEOUT_PREDICT_S = 15
+DEADLINE_S = 5
+IMAGE_DELAY_S = 1.0
+IMAGE = png_bytes(pattern(120, 160, seed=21))
+
+
+class SlowImages(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        time.sleep(IMAGE_DELAY_S)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(IMAGE)))
+            self.end_headers()
+            self.wfile.write(IMAGE)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def images():
+    with loopback_http(SlowImages) as url:
+        yield url
+
+
+def service_env(tiny_models, **extra) -> dict[str, str]:
+    return {"GROUNDING_DINO_MODEL": str(tiny_models["grounding_dino"]), "USE_SAM": "true",
+            "SAM_CHECKPOINT": str(tiny_models["sam"]), "PREDICT_DEADLINE_S": str(DEADLINE_S),
+            "TASK_CONCURRENCY": "4", "BACKGROUND_TASK_CONCURRENCY": "4", **extra}
+
+
+@pytest.fixture(scope="module")
+def client(label_studio):
+    return LabelStudioClient(base_url=label_studio.url, api_key=LEGACY_TOKEN)
+
+
+def new_project(client, images: str, title: str, n: int):
+    project = client.projects.create(title=title, label_config=SEED_CONFIG)
+    client.projects.import_tasks(project.id, request=[{"image": f"{images}/{title}-{i}.png"} for i in range(n)])
+    tasks = sorted(client.tasks.list(project=project.id), key=lambda t: t.id)
+    assert len(tasks) == n
+    return project, [t.id for t in tasks]
+
+
+def retrieve(client, project) -> float:
+    started = time.monotonic()
+    client.actions.create(id="retrieve_tasks_predictions", project=project.id,
+                          selected_items={"all": True, "excluded": []})
+    return time.monotonic() - started
+
+
+def predictions_per_task(client, task_ids: list[int]) -> dict[int, list]:
+    return {task_id: client.predictions.list(task=task_id) for task_id in task_ids}
+
+
+def wait_until_every_task_has_a_prediction(client, task_ids, timeout_s: float = 180) -> dict[int, list]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stored = predictions_per_task(client, task_ids)
+        if all(stored.values()):
+            return stored
+        assert time.monotonic() < deadline, f"{sum(1 for p in stored.values() if not p)} tasks still lack one"
+        time.sleep(2)
+
+
+def jobs(service) -> dict:
+    return httpx.get(f"{service.url}/jobs", timeout=10).json()
+
+
+def test_a_retrieve_beyond_ml_timeout_predict_is_answered_in_time_and_finished_in_the_background(
+        label_studio, client, images, tiny_models, tmp_path_factory):
+    service = ServeProcess(service_env(tiny_models, LABEL_STUDIO_URL=label_studio.url,
+                                       LABEL_STUDIO_API_KEY=LEGACY_TOKEN, IMAGE_HOST_ALLOWLIST="127.0.0.1"),
+                           tmp_path_factory.mktemp("serve")).start()
+    try:
+        project, task_ids = new_project(client, images, "sixty", 60)
+        client.ml.create(project=project.id, url=service.url, is_interactive=True, title="grounded-serve")
+        version = httpx.get(f"{service.url}/health").json()["model_version"]
+
+        took = retrieve(client, project)
+        assert took < ML_TIMEOUT_PREDICT_S, took  # answered before Label Studio hung up
+        listing = jobs(service)
+        [job] = [j for j in listing["jobs"] if j["state"] == "running"]
+        # what finished by the deadline went back in the answer; the rest is pending in the job
+        assert 0 < job["tasks"]["answered"] < 60 and job["tasks"]["pending"] > 0
+        stored_now = [t for t, p in predictions_per_task(client, task_ids).items() if p]
+        assert len(stored_now) >= job["tasks"]["answered"]  # Label Studio stored the answer
+
+        # the user clicks "Retrieve predictions" again while the job runs: nothing is computed or stored twice
+        assert retrieve(client, project) < ML_TIMEOUT_PREDICT_S
+        progress = jobs(service)
+        assert any(j["id"] == job["id"] and j["tasks"]["done"] >= job["tasks"]["done"] for j in progress["jobs"])
+
+        stored = wait_until_every_task_has_a_prediction(client, task_ids)
+        deadline = time.monotonic() + 60
+        while jobs(service)["running_jobs"] and time.monotonic() < deadline:
+            time.sleep(1)
+        stored = predictions_per_task(client, task_ids)
+        assert {len(p) for p in stored.values()} == {1}, {t: len(p) for t, p in stored.items() if len(p) != 1}
+        assert {p[0].model_version for p in stored.values()} == {version}
+        assert all(p[0].result for p in stored.values())
+        [finished] = [j for j in jobs(service)["jobs"] if j["id"] == job["id"]]
+        assert finished["state"] == "finished" and finished["tasks"]["failed"] == 0
+        assert finished["tasks"]["stored"] + finished["tasks"]["answered"] == 60
+
+        # a restart mid-job loses at most the tasks in flight; the next Retrieve completes the project
+        project2, task_ids2 = new_project(client, images, "restart", 40)
+        ml = client.ml.create(project=project2.id, url=service.url, is_interactive=True, title="grounded-serve 2")
+        retrieve(client, project2)
+        assert jobs(service)["running_jobs"] == 1
+        service.kill()
+        service = ServeProcess(service.env, tmp_path_factory.mktemp("serve")).start()
+        client.ml.update(id=ml.id, url=service.url, project=project2.id)
+        assert any(not p for p in predictions_per_task(client, task_ids2).values())  # the job died with it
+        retrieve(client, project2)
+        stored = wait_until_every_task_has_a_prediction(client, task_ids2)
+        deadline = time.monotonic() + 60
+        while jobs(service)["running_jobs"] and time.monotonic() < deadline:
+            time.sleep(1)
+        stored = predictions_per_task(client, task_ids2)
+        assert {len(p) for p in stored.values()} == {1}, {t: len(p) for t, p in stored.items() if len(p) != 1}
+        assert {p[0].model_version for p in stored.values()} == {version}
+    finally:
+        service.stop()
+
+
+def test_without_a_usable_credential_the_answer_keeps_what_finished_and_a_second_retrieve_completes_it(
+        label_studio, client, images, tiny_models, tmp_path_factory):
+    # No key in the environment: the service would use /setup's token, but Label Studio's host (127.0.0.1 on
+    # its own port) is private and not allowlisted, so nothing can be stored in the background. Images are.
+    image_host = images.removeprefix("http://")
+    service = ServeProcess(service_env(tiny_models, IMAGE_HOST_ALLOWLIST=image_host),
+                           tmp_path_factory.mktemp("serve")).start()
+    try:
+        project, task_ids = new_project(client, images, "nocred", 30)
+        client.ml.create(project=project.id, url=service.url, is_interactive=True, title="no credential")
+        assert retrieve(client, project) < ML_TIMEOUT_PREDICT_S
+        first = [t for t, p in predictions_per_task(client, task_ids).items() if p]
+        assert 0 < len(first) < 30
+        assert service.wait_for_log(r"no usable Label Studio credential to store them later")
+        time.sleep(3)  # nothing arrives later: the unfinished tasks were cancelled, not stored
+        assert len([t for t, p in predictions_per_task(client, task_ids).items() if p]) == len(first)
+        for _ in range(3):  # each Retrieve sends only the tasks still lacking a prediction
+            retrieve(client, project)
+            stored = predictions_per_task(client, task_ids)
+            if all(stored.values()):
+                break
+        assert {len(p) for p in stored.values()} == {1}
+    finally:
+        service.stop()
