@@ -200,7 +200,7 @@ class JobBoard:
         if not job.waiting:
             return []
         job.waiting = False
-        job.background_since = time.monotonic()
+        job.background_since = time.monotonic()  # the rate in GET /jobs counts from here
         for index, (outcome, task_id) in list(job.finished.items()):
             if answered:
                 outcomes[index] = outcome
@@ -317,6 +317,9 @@ class JobBoard:
             return
         job.state = "finished"
         job.finished_at = time.monotonic()
+        if job.background_since is None or not (job.stored or job.failed or job.cancelled_tasks):
+            del self.jobs[job.id]  # all of it went back in the answer: nothing to show in GET /jobs
+            return
         logger.info("job %s finished: %d answered, %d stored, %d failed, %d cancelled of %d tasks", job.id,
                     job.answered, job.stored, len(job.failed), job.cancelled_tasks, job.total)
         self._trim_history()
