@@ -13,7 +13,7 @@ import torch
 from label_studio_sdk.converter.brush import decode_rle
 
 from serve_app.ingress.images import decode_image
-from serve_app.ingress.polygons import mask_to_polygons
+from serve_app.masks.polygons import mask_to_polygons
 from serve_app.models.sam_loading import load_sam
 from tests.configs import CLICK_CONFIG, POLYGON_CLICK_CONFIG
 from tests.conftest import load_ls_fixture

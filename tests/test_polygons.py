@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from serve_app.ingress.polygons import mask_to_polygons, rasterize
+from serve_app.masks.polygons import mask_to_polygons, rasterize
 
 
 def shapes():

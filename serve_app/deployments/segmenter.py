@@ -7,11 +7,14 @@ refuses a config that names a deployment the app lacks. A `Segmenter` entry in t
 
 from __future__ import annotations
 
+import asyncio
+
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from serve_app.deployments.batching import BatchedModelDeployment, ModelBatcher
 from serve_app.deployments.routing import ImageAffinityRouter
+from serve_app.masks.encode import encode_masks
 from serve_app.models.messages import Masks, SegmentationRequest
 from serve_app.models.segmenter import SamSegmenter
 from serve_app.telemetry import EmbeddingCacheMetrics, ModelMetrics
@@ -37,7 +40,10 @@ class Segmenter(BatchedModelDeployment):
         self.batcher = ModelBatcher(self.model.segment, on_batch=self._after_batch)
 
     async def segment(self, request: SegmentationRequest) -> Masks:
-        return await self.batcher.submit(request)
+        masks = await self.batcher.submit(request)
+        if request.encodings:  # beside the next batch, not in the model's thread: RLE here, not in the ingress
+            masks = await asyncio.to_thread(encode_masks, masks, request.encodings, request.polygon_tolerance_px)
+        return masks
 
     def _after_batch(self, size: int, waits_s: list[float]) -> None:
         self.model_metrics.observe_batch(size, waits_s)

@@ -26,7 +26,7 @@ from serve_app.ingress.interactive import Clicks, click_label
 from serve_app.ingress.label_config import ProjectConfig, parse_label_config
 from serve_app.ingress.memory import ByteBudget, task_bytes
 from serve_app.ingress.prompts import Prompt, parse_prompt, prompt_from_labels
-from serve_app.ingress.results import build_click_prediction, build_prediction
+from serve_app.ingress.results import build_click_prediction, build_prediction, mask_encodings
 from serve_app.models.messages import DetectionRequest, Detections, Masks, Priority, SegmentationRequest
 from serve_app.settings import Settings
 
@@ -218,12 +218,13 @@ class LabellingPipeline:
         if self._masks_wanted(config) and len(detections):
             with self._stage("segment"):
                 # with clicks, the best box and the clicks together refine one mask
-                masks = (await self.segment(SegmentationRequest(
+                masks = await self.segment(SegmentationRequest(
                     image=image.pixels, boxes=detections.boxes, image_key=image_key,
                     points=clicks.points if clicks else None,
-                    point_labels=clicks.point_labels if clicks else None, priority=task_priority()))).masks
+                    point_labels=clicks.point_labels if clicks else None, priority=task_priority(),
+                    encodings=mask_encodings(config), polygon_tolerance_px=s.polygon_tolerance_px))
         with self._stage("results"):
-            # RLE and polygons are CPU work: off the event loop, so other requests and /health are not held up
+            # off the event loop; RLE and polygons come from the segmenter replica when it ran in one
             return await self.run_blocking(functools.partial(
                 build_prediction, config, prompt.phrases, detections, masks, width=image.width,
                 height=image.height, model_version=self.model_version,
@@ -247,10 +248,11 @@ class LabellingPipeline:
             segmented = await self.segment(SegmentationRequest(
                 image=image.pixels, boxes=clicks.box, image_key=image_key,
                 points=clicks.points if len(clicks.points) else None,
-                point_labels=clicks.point_labels if len(clicks.points) else None, priority=task_priority()))
+                point_labels=clicks.point_labels if len(clicks.points) else None, priority=task_priority(),
+                encodings=mask_encodings(config), polygon_tolerance_px=self.settings.polygon_tolerance_px))
         with self._stage("results"):
             return await self.run_blocking(functools.partial(
-                build_click_prediction, config, label, segmented.masks[0], float(segmented.scores[0]),
+                build_click_prediction, config, label, segmented, float(segmented.scores[0]),
                 width=image.width, height=image.height, model_version=self.model_version,
                 polygon_tolerance_px=self.settings.polygon_tolerance_px))
 

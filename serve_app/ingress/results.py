@@ -8,28 +8,37 @@ from typing import Any
 import numpy as np
 
 from serve_app.ingress.label_config import ProjectConfig
-from serve_app.ingress.polygons import mask_to_polygons
 from serve_app.ingress.prompts import Phrase
-from serve_app.ingress.rle import mask_to_rle
-from serve_app.models.messages import Detections
+from serve_app.masks.encode import POLYGONS, RLE, polygons_of, rle_of
+from serve_app.models.messages import Detections, Masks
 
 
 def _region_id() -> str:
     return uuid.uuid4().hex[:10]
 
 
-def mask_regions(config: ProjectConfig, label: str, mask: np.ndarray, score: float, common: dict,
+def mask_encodings(config: ProjectConfig) -> tuple[str, ...]:
+    """What a segmenter should send back for this config (serve_app.masks.encode) instead of pixel masks."""
+    return (RLE,) * bool(config.masks) + (POLYGONS,) * bool(config.polygons)
+
+
+def _as_masks(masks: Masks | np.ndarray) -> Masks:
+    return masks if isinstance(masks, Masks) else Masks(masks=np.asarray(masks, bool))
+
+
+def mask_regions(config: ProjectConfig, label: str, masks: Masks, index: int, score: float, common: dict,
                  polygon_tolerance_px: float) -> list[dict[str, Any]]:
-    """A brush region (RLE) for a BrushLabels tag and polygon regions for a PolygonLabels tag."""
+    """A brush region (RLE) for a BrushLabels tag and polygon regions for a PolygonLabels tag, from the
+    segmenter's encodings when it sent them, else encoded here."""
     regions = []
     brush, polygons = config.masks, config.polygons
     if brush and label in brush.labels and score >= (brush.score_threshold or 0.0):
         regions.append({
             "id": _region_id(), "from_name": brush.name, "to_name": brush.to_name, "type": "brushlabels",
-            "score": score, **common, "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+            "score": score, **common, "value": {"format": "rle", "rle": rle_of(masks, index), "brushlabels": [label]},
         })
     if polygons and label in polygons.labels and score >= (polygons.score_threshold or 0.0):
-        for points in mask_to_polygons(mask, polygon_tolerance_px):
+        for points in polygons_of(masks, index, polygon_tolerance_px):
             regions.append({
                 "id": _region_id(), "from_name": polygons.name, "to_name": polygons.to_name,
                 "type": "polygonlabels", "score": score, **common,
@@ -38,16 +47,18 @@ def mask_regions(config: ProjectConfig, label: str, mask: np.ndarray, score: flo
     return regions
 
 
-def build_click_prediction(config: ProjectConfig, label: str, mask: np.ndarray, score: float, *, width: int,
-                           height: int, model_version: str, polygon_tolerance_px: float = 1.0) -> dict[str, Any]:
-    """The mask an annotator's clicks or box produced, with the label they drew with."""
+def build_click_prediction(config: ProjectConfig, label: str, masks: Masks | np.ndarray, score: float, *,
+                           width: int, height: int, model_version: str,
+                           polygon_tolerance_px: float = 1.0) -> dict[str, Any]:
+    """The (first) mask an annotator's clicks or box produced, with the label they drew with."""
     common = {"original_width": int(width), "original_height": int(height), "image_rotation": 0}
-    regions = mask_regions(config, label, mask, float(score), common, polygon_tolerance_px)
+    masks = _as_masks(masks[None] if isinstance(masks, np.ndarray) and masks.ndim == 2 else masks)
+    regions = mask_regions(config, label, masks, 0, float(score), common, polygon_tolerance_px)
     return {"result": regions, "score": float(score) if regions else 0.0, "model_version": model_version}
 
 
 def build_prediction(config: ProjectConfig, phrases: tuple[Phrase, ...], detections: Detections,
-                     masks: np.ndarray | None, *, width: int, height: int, model_version: str,
+                     masks: Masks | np.ndarray | None, *, width: int, height: int, model_version: str,
                      polygon_tolerance_px: float = 1.0) -> dict[str, Any]:
     """One prediction: a rectangle per detection and, when masks are given, brush and/or polygon regions.
 
@@ -56,6 +67,7 @@ def build_prediction(config: ProjectConfig, phrases: tuple[Phrase, ...], detecti
     """
     results: list[dict[str, Any]] = []
     kept_scores: list[float] = []
+    masks = _as_masks(masks) if masks is not None else None
     common = {"original_width": int(width), "original_height": int(height), "image_rotation": 0}
     for i, (box, score, phrase_id) in enumerate(zip(detections.boxes, detections.scores, detections.phrase_ids)):
         label = phrases[int(phrase_id)].label
@@ -74,7 +86,7 @@ def build_prediction(config: ProjectConfig, phrases: tuple[Phrase, ...], detecti
             })
             kept_scores.append(score)
         if masks is not None:
-            regions = mask_regions(config, label, masks[i], score, common, polygon_tolerance_px)
+            regions = mask_regions(config, label, masks, i, score, common, polygon_tolerance_px)
             results.extend(regions)
             kept_scores.extend([score] * len(regions))
     return {

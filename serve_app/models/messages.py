@@ -55,6 +55,10 @@ class SegmentationRequest:
     image_key: str = ""  # content hash of the image: embedding-cache key and replica-affinity key
     points: np.ndarray | None = None  # P x 2, xy in pixels
     point_labels: np.ndarray | None = None  # P, 1 = positive click, 0 = negative click
+    # Forms to send back instead of pixel masks ("rle", "polygons"; serve_app.masks.encode), computed in the
+    # segmenter replica; empty: the pixel masks themselves.
+    encodings: tuple[str, ...] = ()
+    polygon_tolerance_px: float = 1.0
     priority: int = Priority.INTERACTIVE
 
 
@@ -63,6 +67,8 @@ class Masks:
     masks: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), bool))  # N x H x W
     scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))  # predicted IoU
     cache_hit: bool = False  # the image embedding came from the cache: the encoder did not run for it
+    rle: list[np.ndarray] | None = None  # per mask, Label Studio brush RLE bytes, when requested
+    polygons: list[list] | None = None  # per mask, its polygons in percent of the image, when requested
 
     # Between processes masks travel packed, 8 pixels per byte: 25 masks of 640x480 are 0.96 MB, not 7.7 MB,
     # to write into and read from Ray's object store.

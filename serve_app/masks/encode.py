@@ -1,0 +1,41 @@
+"""Encode masks where they are made: in the segmenter replica, not in the ingress.
+
+A full-size mask costs the ingress CPU twice, once to unpack it and once for RLE, and that CPU is shared with
+the event loop that answers /health (measured: 54 % of the ingress's CPU under 48 clients went to RLE). The
+segmenter replicas scale out; the ingress does not. So an ingress asks for the encodings its label config needs
+(`SegmentationRequest.encodings`) and gets them instead of the masks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from serve_app.masks.polygons import mask_to_polygons
+from serve_app.masks.rle import mask_to_rle
+from serve_app.models.messages import Masks
+
+RLE = "rle"
+POLYGONS = "polygons"
+ENCODINGS = frozenset({RLE, POLYGONS})
+
+
+def encode_masks(masks: Masks, encodings: tuple[str, ...], polygon_tolerance_px: float = 1.0) -> Masks:
+    """`masks` with the requested encodings filled in and the pixel masks dropped (only their shape kept)."""
+    unknown = set(encodings) - ENCODINGS
+    if unknown:
+        raise ValueError(f"unknown mask encodings {sorted(unknown)}")
+    pixels = np.asarray(masks.masks, bool)
+    return Masks(
+        masks=np.zeros((pixels.shape[0], 0, 0), bool), scores=masks.scores, cache_hit=masks.cache_hit,
+        rle=[mask_to_rle(mask) for mask in pixels] if RLE in encodings else None,
+        polygons=[mask_to_polygons(mask, polygon_tolerance_px) for mask in pixels] if POLYGONS in encodings else None)
+
+
+def rle_of(masks: Masks, index: int) -> np.ndarray:
+    return masks.rle[index] if masks.rle is not None else mask_to_rle(masks.masks[index])
+
+
+def polygons_of(masks: Masks, index: int, polygon_tolerance_px: float) -> list:
+    if masks.polygons is not None:
+        return masks.polygons[index]
+    return mask_to_polygons(masks.masks[index], polygon_tolerance_px)
