@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=500)
     parser.add_argument("--deadline-s", type=float, default=5.0)
     parser.add_argument("--idle-clicks", type=int, default=20)
+    parser.add_argument("--background-concurrency", type=int, default=None,
+                        help="BACKGROUND_TASK_CONCURRENCY (default: the service's, 8)")
     parser.add_argument("--models", choices=MODEL_SETS, default="tiny")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -68,7 +70,9 @@ def main() -> None:
     store = PredictionsStandIn()
     with loopback_http(store.handler) as label_studio:
         service = start_service({**model_env(args.models), "LABEL_STUDIO_URL": label_studio,
-                                 "LABEL_STUDIO_API_KEY": store.token, "PREDICT_DEADLINE_S": str(args.deadline_s)})
+                                 "LABEL_STUDIO_API_KEY": store.token, "PREDICT_DEADLINE_S": str(args.deadline_s),
+                                 **({"BACKGROUND_TASK_CONCURRENCY": str(args.background_concurrency)}
+                                    if args.background_concurrency else {})})
         try:
             result = measure(service, images.url, store, args)
         finally:
@@ -121,6 +125,7 @@ def measure(service, image_url: str, store: PredictionsStandIn, args) -> dict:
     background = len(stored_ids)
     return {
         "tasks": args.tasks, "predict_deadline_s": args.deadline_s,
+        "background_task_concurrency": args.background_concurrency or 8,
         "answer_after_s": round(answer["after_s"], 2), "answered_tasks": answered,
         "stored_by_job": background, "missing": args.tasks - answered - background, "duplicates": duplicates,
         "failed": sum(j["tasks"]["failed"] for j in jobs),

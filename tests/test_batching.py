@@ -176,8 +176,8 @@ def test_a_click_queued_behind_background_items_is_in_the_very_next_batch():
         await asyncio.gather(running, *queued)
 
     asyncio.run(scenario())
-    # most urgent first, arrival order within a priority
-    assert batches == [["b0"], ["click", "r1", "b1"], ["b2", "b3", "b4"]]
+    # most urgent first, arrival order within a priority, one priority a batch
+    assert batches == [["b0"], ["click"], ["r1"], ["b1", "b2", "b3"], ["b4"]]
 
 
 def test_the_ingress_cpu_pool_takes_the_editors_work_before_background_work():
@@ -213,3 +213,31 @@ def test_the_ingress_cpu_pool_takes_the_editors_work_before_background_work():
 
     assert asyncio.run(scenario())[:2] == ["first", "click"]
     assert order == ["first", "click", "background0", "background1", "background2"]  # the cancelled one skipped
+
+
+def test_background_batches_last_about_background_batch_s():
+    from dataclasses import dataclass
+
+    from serve_app.models.messages import Priority
+
+    @dataclass
+    class Item:
+        priority: int
+
+    sizes = []
+
+    def model(items):
+        time.sleep(0.02 * len(items))  # 20 ms an item
+        sizes.append((items[0].priority, len(items)))
+        return [0] * len(items)
+
+    async def scenario():
+        batcher = ModelBatcher(model, config=BatchConfig(max_batch_size=8, background_batch_s=0.05))
+        await batcher.submit(Item(Priority.BACKGROUND))  # measures the model's time per item
+        await asyncio.gather(*(batcher.submit(Item(Priority.BACKGROUND)) for _ in range(8)))
+        await asyncio.gather(*(batcher.submit(Item(Priority.BATCH)) for _ in range(8)))
+
+    asyncio.run(scenario())
+    background = [size for priority, size in sizes[1:] if priority == Priority.BACKGROUND]
+    assert max(background) <= 3 and sum(background) == 8  # 0.05 s / 0.02 s an item: 2 a batch
+    assert (Priority.BATCH, 8) in sizes  # a Retrieve Label Studio waits for is not capped

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 from serve_app import get_logger
 from serve_app.models.device import set_cpu_threads
+from serve_app.models.messages import Priority
 
 logger = get_logger(__name__)
 
@@ -29,6 +30,9 @@ class BatchConfig:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     batch_wait_timeout_s: float = 0.0  # wait this long for more items only when the model is idle
     torch_threads: int = 0  # 0 keeps Ray's default (OMP_NUM_THREADS=1 in replicas)
+    # A batch of background items (Priority.BACKGROUND) holds only as many as the model runs in this long, so a
+    # click arriving meanwhile waits at most about that; 0 = no cap. On a GPU the cap is max_batch_size anyway.
+    background_batch_s: float = 0.25
 
     @classmethod
     def from_user_config(cls, user_config: Mapping[str, Any] | None) -> "BatchConfig":
@@ -40,8 +44,10 @@ class BatchConfig:
             max_batch_size=int(config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)),
             batch_wait_timeout_s=float(config.get("batch_wait_timeout_s", 0.0)),
             torch_threads=int(config.get("torch_threads", 0)),
+            background_batch_s=float(config.get("background_batch_s", 0.25)),
         )
-        if parsed.max_batch_size < 1 or not parsed.batch_wait_timeout_s >= 0 or parsed.torch_threads < 0:
+        if (parsed.max_batch_size < 1 or not parsed.batch_wait_timeout_s >= 0 or parsed.torch_threads < 0
+                or not parsed.background_batch_s >= 0):
             raise ValueError(f"invalid batch settings: {parsed}")
         return parsed
 
@@ -54,7 +60,9 @@ class ModelBatcher:
     fails the other callers' items that happened to share its batch.
 
     Items with a lower `priority` attribute (serve_app.models.messages.Priority) are taken first, in arrival
-    order within a priority: a click queued behind a background job's items is in the very next batch.
+    order within a priority, and a batch holds one priority: a click queued behind a background job's items
+    is the very next batch, with the other clicks waiting but none of the background items. Background batches
+    are kept short (`background_batch_s`) so the batch a click waits for is short too.
     """
 
     def __init__(self, batch_fn: Callable[[list], list], *, config: BatchConfig = BatchConfig(),
@@ -64,6 +72,7 @@ class ModelBatcher:
         self.on_batch = on_batch  # called on the event loop with each batch's size and its items' queue waits
         self._pending: list[tuple[int, int, Any, asyncio.Future, float]] = []  # a heap
         self._arrivals = itertools.count()
+        self._item_seconds = 0.0  # moving average of the model's time per item
         self._arrived = asyncio.Event()
         self._runner: asyncio.Task | None = None
 
@@ -81,12 +90,14 @@ class ModelBatcher:
     async def _drain(self) -> None:
         while self._pending:
             await self._fill_while_idle()
-            taken = [heapq.heappop(self._pending) for _ in range(min(len(self._pending), self.config.max_batch_size))]
+            taken = self._take_batch()
             batch = [(item, future, queued) for _, _, item, future, queued in taken if not future.done()]  # cancelled
             if not batch:
                 continue
             started = time.monotonic()
             outcomes = await asyncio.to_thread(self._run, [item for item, _, _ in batch])
+            per_item = (time.monotonic() - started) / len(batch)
+            self._item_seconds = per_item if not self._item_seconds else 0.8 * self._item_seconds + 0.2 * per_item
             if self.on_batch is not None:
                 self.on_batch(len(batch), [started - queued for _, _, queued in batch])
             for (_, future, _), outcome in zip(batch, outcomes):
@@ -96,6 +107,18 @@ class ModelBatcher:
                     future.set_exception(outcome)
                 else:
                     future.set_result(outcome)
+
+    def _take_batch(self) -> list[tuple[int, int, Any, asyncio.Future, float]]:
+        """Up to max_batch_size items of the most urgent priority waiting. A batch never mixes priorities: a click
+        would otherwise wait for the encoder passes of the background items that filled its batch."""
+        first = heapq.heappop(self._pending)
+        taken = [first]
+        limit = self.config.max_batch_size
+        if first[0] >= Priority.BACKGROUND and self.config.background_batch_s and self._item_seconds:
+            limit = max(1, min(limit, int(self.config.background_batch_s / self._item_seconds)))
+        while self._pending and len(taken) < limit and self._pending[0][0] == first[0]:
+            taken.append(heapq.heappop(self._pending))
+        return taken
 
     async def _fill_while_idle(self) -> None:
         """With batch_wait_timeout_s > 0, an idle model waits that long for a fuller batch."""

@@ -10,7 +10,7 @@ from serve_app.models.messages import DetectionRequest, Detections
 from serve_app.telemetry import ModelMetrics
 
 
-@serve.deployment(name="Detector", max_ongoing_requests=16)
+@serve.deployment(name="Detector", max_ongoing_requests=64)  # configs/serve.yaml says why
 class Detector(BatchedModelDeployment):
     def __init__(self, model: str, *, device: str = "auto", precision: str = "fp32"):
         self.model = GroundingDinoDetector.load(model, device=device, precision=precision)

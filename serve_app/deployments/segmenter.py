@@ -22,12 +22,12 @@ from serve_app.telemetry import EmbeddingCacheMetrics, ModelMetrics
 
 @serve.deployment(
     name="Segmenter",
-    max_ongoing_requests=16,  # >= max_batch_size, so full batches can form
+    max_ongoing_requests=64,  # as the Detector's in configs/serve.yaml: the replica orders work by priority
     max_queued_requests=2048,  # items waiting in each caller; beyond it /predict answers 503 + Retry-After
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8, "upscale_delay_s": 10,
                         "downscale_delay_s": 120},
     request_router_config=RequestRouterConfig(request_router_class=ImageAffinityRouter),
-    user_config={"max_batch_size": 8, "batch_wait_timeout_s": 0.0, "torch_threads": 0},
+    user_config={"max_batch_size": 8, "batch_wait_timeout_s": 0.0, "torch_threads": 0, "background_batch_s": 0.25},
 )
 class Segmenter(BatchedModelDeployment):
     def __init__(self, checkpoint: str, *, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
