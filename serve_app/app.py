@@ -32,11 +32,13 @@ def use_gpus(settings: Settings) -> bool:
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     settings = Settings.load(args)
     gpus = use_gpus(settings)
+    settings = settings.with_defaults_for(gpus=gpus)
     logger.info("building grounded-serve: %s GPUs, settings %s", "with" if gpus else "without", settings.to_dict())
 
     detector = Detector.options(ray_actor_options={
         "num_cpus": settings.detector_cpus, "num_gpus": settings.detector_gpus if gpus else 0,
-    }).bind(settings.grounding_dino_model, device=settings.device, precision=settings.precision)
+    }).bind(settings.grounding_dino_model, device=settings.device, precision=settings.precision,
+            cpu_niceness=settings.model_cpu_niceness)
     segmenter = None
     if settings.sam_enabled:
         segmenter = Segmenter.options(ray_actor_options={
@@ -44,5 +46,5 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         }).bind(settings.segmenter_checkpoint, model_type=settings.segmenter_model_type, device=settings.device,
                 precision=settings.precision, setting=settings.segmenter_checkpoint_setting,
                 sha256=settings.segmenter_checkpoint_sha256, cache_dir=settings.checkpoint_cache_dir,
-                cache_bytes=settings.sam_embedding_cache_bytes)
+                cache_bytes=settings.sam_embedding_cache_bytes, cpu_niceness=settings.model_cpu_niceness)
     return Ingress.bind(settings.to_dict(), detector, segmenter)

@@ -271,3 +271,29 @@ def test_prometheus_exports_the_projects_metrics_next_to_serves(client, service,
     assert counts.get("Detector", 0) >= 1 and counts.get("Segmenter", 0) >= 1
     assert any(name.startswith("ray_serve_") for name in found)  # Serve's own metrics, same endpoint
     assert "ray_grounded_serve_embedding_cache_lookups" in found and "ray_grounded_serve_events" in found
+
+
+def test_cpu_model_replicas_yield_the_cores_to_the_proxy_and_the_ingress(service):
+    """MODEL_CPU_NICENESS (5): model replicas on CPU run niced more than the ingress and the proxy."""
+    import os
+
+    import psutil
+
+    nice = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getsid(proc.pid) != service.process.pid:
+                continue
+            title = " ".join(proc.info["cmdline"] or [])
+            for name in ("Detector", "Segmenter", "Ingress", "ProxyActor"):
+                if f":{name}" in title or title.startswith(f"ray::{name}"):
+                    threads = [os.getpriority(os.PRIO_PROCESS, t.id) for t in proc.threads()]
+                    nice[name] = (proc.nice(), max(threads), min(threads))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
+            continue
+    assert {"Detector", "Segmenter", "Ingress", "ProxyActor"} <= set(nice), nice
+    # Ray starts its workers' Python threads at nice 15 and its C++ threads at 0; the model replicas add 5 to each
+    for name in ("Detector", "Segmenter"):
+        main, highest, lowest = nice[name]
+        assert lowest >= 5 and main >= min(19, nice["Ingress"][0] + 4), nice
+    assert nice["Ingress"][2] == 0 and nice["ProxyActor"][2] == 0, nice

@@ -15,6 +15,7 @@ from ray.serve.config import RequestRouterConfig
 from serve_app.deployments.batching import BatchedModelDeployment, ModelBatcher
 from serve_app.deployments.routing import ImageAffinityRouter
 from serve_app.masks.encode import encode_masks
+from serve_app.models.device import lower_cpu_priority
 from serve_app.models.messages import Masks, SegmentationRequest
 from serve_app.models.segmenter import SamSegmenter
 from serve_app.telemetry import EmbeddingCacheMetrics, ModelMetrics
@@ -31,9 +32,12 @@ from serve_app.telemetry import EmbeddingCacheMetrics, ModelMetrics
 )
 class Segmenter(BatchedModelDeployment):
     def __init__(self, checkpoint: str, *, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
-                 setting: str = "SAM_CHECKPOINT", sha256: str = "", cache_dir: str = "", cache_bytes: int = 0):
+                 setting: str = "SAM_CHECKPOINT", sha256: str = "", cache_dir: str = "", cache_bytes: int = 0,
+                 cpu_niceness: int = 0):
         self.model = SamSegmenter.load(checkpoint, model_type=model_type, device=device, precision=precision,
                                        setting=setting, sha256=sha256, cache_dir=cache_dir, cache_bytes=cache_bytes)
+        if self.model.device.type == "cpu":
+            lower_cpu_priority(cpu_niceness)  # the proxy and the ingress answer first (MODEL_CPU_NICENESS)
         self.model_metrics = ModelMetrics()
         self.cache_metrics = EmbeddingCacheMetrics()
         self._reported = {"hits": 0, "misses": 0, "images_encoded": 0}

@@ -236,7 +236,7 @@ class JobBoard:
         the order they came."""
         s = self.settings
         waiting = [job for job in self.jobs.values() if job.waiting and job.queue]
-        capacity = s.task_concurrency if waiting else s.background_task_concurrency
+        capacity = s.task_concurrency if waiting else (s.background_task_concurrency or 2)
         candidates = waiting or [job for job in self.jobs.values() if job.queue and job.state == "running"]
         loop = asyncio.get_running_loop()
         for job in candidates:
