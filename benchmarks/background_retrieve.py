@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, default=5.0)
     parser.add_argument("--idle-clicks", type=int, default=20)
     parser.add_argument("--background-concurrency", type=int, default=None,
-                        help="BACKGROUND_TASK_CONCURRENCY (default: the service's, 8)")
+                        help="BACKGROUND_TASK_CONCURRENCY (default: the service's auto, 2 on CPU)")
     parser.add_argument("--models", choices=MODEL_SETS, default="tiny")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -125,7 +125,7 @@ def measure(service, image_url: str, store: PredictionsStandIn, args) -> dict:
     background = len(stored_ids)
     return {
         "tasks": args.tasks, "predict_deadline_s": args.deadline_s,
-        "background_task_concurrency": args.background_concurrency or 8,
+        "background_task_concurrency": args.background_concurrency or "auto (2 on CPU)",
         "answer_after_s": round(answer["after_s"], 2), "answered_tasks": answered,
         "stored_by_job": background, "missing": args.tasks - answered - background, "duplicates": duplicates,
         "failed": sum(j["tasks"]["failed"] for j in jobs),
