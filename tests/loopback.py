@@ -119,3 +119,27 @@ class PredictionsStandIn:
     def for_task(self, task_id: int) -> list[dict]:
         with self.lock:
             return [row for row in self.rows if row.get("task") == task_id]
+
+
+def image_handler(image: bytes, delay_s: float = 0.0, slow_prefix: str = ""):
+    """A handler that answers every GET with `image` (PNG), after `delay_s` for paths under `slow_prefix`
+    (every path when it is empty): slow storage, without slowing the models."""
+    import time
+
+    class ImageHandler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            if delay_s and self.path.startswith(slow_prefix):
+                time.sleep(delay_s)
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(image)))
+                self.end_headers()
+                self.wfile.write(image)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    return ImageHandler

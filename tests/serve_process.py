@@ -129,6 +129,22 @@ class ServeProcess:
                 return current
             previous = current
 
+    def prometheus(self, until=lambda families: True, timeout_s: float = 30) -> dict:
+        """Metric families on Ray's Prometheus endpoints (from its service-discovery file) once `until` holds."""
+        import json
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        discovery = Path(self.ray_tmp) / "ray" / "prom_metrics_service_discovery.json"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            targets = json.loads(discovery.read_text())[0]["targets"]
+            exported = "\n".join(httpx.get(f"http://{target}/metrics", timeout=10).text for target in targets)
+            families = {family.name: family for family in text_string_to_metric_families(exported)}
+            if until(families) or time.monotonic() > deadline:
+                return families
+            time.sleep(1)
+
     def log_tail(self, lines: int = 60) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

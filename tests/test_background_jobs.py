@@ -10,7 +10,6 @@ outlasts the deadline on any machine without slowing the models themselves.
 from __future__ import annotations
 
 import copy
-import http.server
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 from tests.configs import CLICK_CONFIG, SEED_CONFIG
 from tests.conftest import load_ls_fixture
 from tests.imaging import pattern, png_bytes
-from tests.loopback import PredictionsStandIn, loopback_http
+from tests.loopback import PredictionsStandIn, image_handler, loopback_http
 from tests.serve_process import ServeProcess
 
 pytestmark = pytest.mark.serve
@@ -31,24 +30,6 @@ IMAGE = png_bytes(pattern(120, 160, seed=8))
 IMAGE_DELAY_S = 0.4
 AUTH = ("jobs-user", "jobs-pass")
 KEY = "stand-in-token"
-
-
-class SlowImages(http.server.BaseHTTPRequestHandler):
-    """/slow/... waits IMAGE_DELAY_S; anything else answers at once."""
-
-    def do_GET(self):  # noqa: N802 - http.server's naming
-        if self.path.startswith("/slow/"):
-            time.sleep(IMAGE_DELAY_S)
-        try:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(IMAGE)))
-            self.end_headers()
-            self.wfile.write(IMAGE)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +42,7 @@ def label_studio():
 
 @pytest.fixture(scope="module")
 def images():
-    with loopback_http(SlowImages) as url:
+    with loopback_http(image_handler(IMAGE, IMAGE_DELAY_S, slow_prefix="/slow/")) as url:
         yield url
 
 
@@ -128,8 +109,17 @@ def test_a_retrieve_slower_than_the_deadline_answers_in_time_and_the_job_stores_
         rows = label_studio.for_task(task_id)
         assert len(rows) == (0 if task_id in answered else 1), task_id
         assert all(row["model_version"] == version and row["result"] for row in rows)
-    metrics = httpx.get(f"{service.url}/metrics", auth=AUTH, timeout=30).json()
-    assert metrics["jobs"]["stored_tasks"] >= 24 - len(answered) and metrics["jobs"]["running_jobs"] == 0
+    totals = httpx.get(f"{service.url}/metrics", auth=AUTH, timeout=30).json()["jobs"]
+    assert totals["stored_tasks"] >= 24 - len(answered) and totals["running_jobs"] == 0
+
+    # Ray's Prometheus export carries the same counts (tagged by state), a report interval later
+    def gauge(families, state):
+        family = families.get("ray_grounded_serve_job_tasks")
+        return next((s.value for s in family.samples if s.labels.get("state") == state), None) if family else None
+
+    families = service.prometheus(until=lambda f: gauge(f, "stored") == totals["stored_tasks"])
+    assert gauge(families, "stored") == totals["stored_tasks"] and gauge(families, "pending") == 0
+    assert families["ray_grounded_serve_running_jobs"].samples[0].value == 0
 
 
 def test_a_job_can_be_cancelled_and_its_tasks_stay_retryable(service, label_studio, images):

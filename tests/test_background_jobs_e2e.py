@@ -7,7 +7,6 @@ job stores the rest through Label Studio's API. Images come from a loopback serv
 
 from __future__ import annotations
 
-import http.server
 import time
 
 import httpx
@@ -17,7 +16,7 @@ from label_studio_sdk import LabelStudio as LabelStudioClient
 from tests.configs import SEED_CONFIG
 from tests.imaging import pattern, png_bytes
 from tests.label_studio import LEGACY_TOKEN
-from tests.loopback import loopback_http
+from tests.loopback import image_handler, loopback_http
 from tests.serve_process import ServeProcess
 
 pytestmark = [pytest.mark.serve, pytest.mark.e2e]
@@ -29,25 +28,9 @@ IMAGE_DELAY_S = 1.0
 IMAGE = png_bytes(pattern(120, 160, seed=21))
 
 
-class SlowImages(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - http.server's naming
-        time.sleep(IMAGE_DELAY_S)
-        try:
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(IMAGE)))
-            self.end_headers()
-            self.wfile.write(IMAGE)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def images():
-    with loopback_http(SlowImages) as url:
+    with loopback_http(image_handler(IMAGE, IMAGE_DELAY_S)) as url:
         yield url
 
 
@@ -91,6 +74,18 @@ def wait_until_every_task_has_a_prediction(client, task_ids, timeout_s: float = 
         time.sleep(2)
 
 
+def exactly_one_prediction_each(client, service, task_ids, version: str) -> dict[int, list]:
+    """Once every task has a prediction and no job runs any more: each task has exactly one, of `version`."""
+    wait_until_every_task_has_a_prediction(client, task_ids)
+    deadline = time.monotonic() + 60
+    while jobs(service)["running_jobs"] and time.monotonic() < deadline:
+        time.sleep(1)
+    stored = predictions_per_task(client, task_ids)
+    assert {len(p) for p in stored.values()} == {1}, {t: len(p) for t, p in stored.items() if len(p) != 1}
+    assert {p[0].model_version for p in stored.values()} == {version}
+    return stored
+
+
 def jobs(service) -> dict:
     return httpx.get(f"{service.url}/jobs", timeout=10).json()
 
@@ -119,13 +114,7 @@ def test_a_retrieve_beyond_ml_timeout_predict_is_answered_in_time_and_finished_i
         progress = jobs(service)
         assert any(j["id"] == job["id"] and j["tasks"]["done"] >= job["tasks"]["done"] for j in progress["jobs"])
 
-        stored = wait_until_every_task_has_a_prediction(client, task_ids)
-        deadline = time.monotonic() + 60
-        while jobs(service)["running_jobs"] and time.monotonic() < deadline:
-            time.sleep(1)
-        stored = predictions_per_task(client, task_ids)
-        assert {len(p) for p in stored.values()} == {1}, {t: len(p) for t, p in stored.items() if len(p) != 1}
-        assert {p[0].model_version for p in stored.values()} == {version}
+        stored = exactly_one_prediction_each(client, service, task_ids, version)
         assert all(p[0].result for p in stored.values())
         [finished] = [j for j in jobs(service)["jobs"] if j["id"] == job["id"]]
         assert finished["state"] == "finished" and finished["tasks"]["failed"] == 0
@@ -141,13 +130,7 @@ def test_a_retrieve_beyond_ml_timeout_predict_is_answered_in_time_and_finished_i
         client.ml.update(id=ml.id, url=service.url, project=project2.id)
         assert any(not p for p in predictions_per_task(client, task_ids2).values())  # the job died with it
         retrieve(client, project2)
-        stored = wait_until_every_task_has_a_prediction(client, task_ids2)
-        deadline = time.monotonic() + 60
-        while jobs(service)["running_jobs"] and time.monotonic() < deadline:
-            time.sleep(1)
-        stored = predictions_per_task(client, task_ids2)
-        assert {len(p) for p in stored.values()} == {1}, {t: len(p) for t, p in stored.items() if len(p) != 1}
-        assert {p[0].model_version for p in stored.values()} == {version}
+        exactly_one_prediction_each(client, service, task_ids2, version)
     finally:
         service.stop()
 

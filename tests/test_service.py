@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
-from prometheus_client.parser import text_string_to_metric_families
 
 from serve_app.ingress.images import decode_image
 from serve_app.models.grounding_dino import GroundingDinoDetector
@@ -256,16 +253,8 @@ def test_prometheus_exports_the_projects_metrics_next_to_serves(client, service,
     """Ray's own metrics endpoints (listed in its Prometheus service-discovery file) carry the batch-size
     histogram each model deployment records, tagged with the deployment, beside Serve's ray_serve_* series."""
     client.post("/predict", json=interactive_body(f"{image_server}/img1.png", "cats")).raise_for_status()
-    discovery = Path(service.ray_tmp) / "ray" / "prom_metrics_service_discovery.json"
-    targets = json.loads(discovery.read_text())[0]["targets"]
-    deadline = time.monotonic() + 30
-    while True:
-        exported = "\n".join(httpx.get(f"http://{target}/metrics", timeout=10).text for target in targets)
-        found = {family.name: family for family in text_string_to_metric_families(exported)}
-        histogram = found.get("ray_grounded_serve_batch_size")
-        if histogram or time.monotonic() > deadline:
-            break
-        time.sleep(1)
+    found = service.prometheus(until=lambda families: "ray_grounded_serve_batch_size" in families)
+    histogram = found.get("ray_grounded_serve_batch_size")
     assert histogram is not None and histogram.type == "histogram"
     counts = {s.labels["deployment"]: s.value for s in histogram.samples if s.name.endswith("_count")}
     assert counts.get("Detector", 0) >= 1 and counts.get("Segmenter", 0) >= 1
