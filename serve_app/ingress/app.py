@@ -259,7 +259,6 @@ class Ingress:
     async def cancel_job(self, job_id: str) -> JSONResponse:
         if not self.jobs.cancel(job_id):
             return json_error(404, f"no running job {job_id[:64]!r} (GET /jobs lists them)")
-        self.metrics.observe_jobs(self.jobs.totals())
         return SafeJSONResponse({"cancelled": job_id})
 
     # -- model calls ----------------------------------------------------------------------------

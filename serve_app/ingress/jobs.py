@@ -122,7 +122,7 @@ class JobBoard:
                  on_event: Callable[[str, int], None] | None = None):
         self.pipeline = pipeline
         self.settings = settings
-        self.on_event = on_event  # counts for Prometheus: ("background_stored", 1) ...
+        self.on_event = on_event  # for Prometheus: ("background_tasks_stored", 1) ..., after each change
         self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self.claims: dict[tuple[str, int], Job] = {}
         self.running = 0
@@ -323,6 +323,7 @@ class JobBoard:
         logger.info("job %s finished: %d answered, %d stored, %d failed, %d cancelled of %d tasks", job.id,
                     job.answered, job.stored, len(job.failed), job.cancelled_tasks, job.total)
         self._trim_history()
+        self._count("background_jobs_finished")  # and the gauges see the job end
 
     def _trim_history(self) -> None:
         done = [job for job in self.jobs.values() if job.state != "running"]
@@ -356,6 +357,7 @@ class JobBoard:
         job.finished_at = time.monotonic()
         logger.warning("job %s cancelled: %d tasks dropped", job.id, dropped)
         self._trim_history()
+        self._count("background_jobs_cancelled")
         return True
 
     def _drop_unfinished(self, job: Job) -> int:
