@@ -268,7 +268,7 @@ class JobBoard:
 
     def _record(self, job: Job, queued: QueuedTask, outcome: TaskOutcome) -> None:
         if outcome.error is not None:
-            self._fail(job, queued, outcome.error)
+            self._fail(job, queued.index, queued.task_id, outcome.error)
         if job.waiting:
             job.finished[queued.index] = (outcome, queued.task_id)
         elif outcome.error is None:
@@ -281,22 +281,22 @@ class JobBoard:
 
     async def _write(self, job: Job, index: int, outcome: TaskOutcome, task_id: int | None) -> None:
         if task_id is None or job.writer is None:
-            self._fail(job, QueuedTask(index, task_id, {}), "finished after the answer, but it has no Label Studio "
-                                                            "task id to store the prediction under")
+            self._fail(job, index, task_id, "finished after the answer, but it has no Label Studio task id to store "
+                                            "the prediction under")
             return
         async with self._writes:
             try:
                 await job.writer.create(task_id, outcome.prediction, job.model_version)
             except (PredictionRefused, TransientError) as exc:
-                self._fail(job, QueuedTask(index, task_id, {}), f"storing the prediction failed: {exc}")
+                self._fail(job, index, task_id, f"storing the prediction failed: {exc}")
                 logger.error("job %s: task %s: storing the prediction failed: %s", job.id, task_id, exc)
                 return
         job.stored += 1
         self._count("background_tasks_stored")
 
-    def _fail(self, job: Job, queued: QueuedTask, error: str) -> None:
-        job.failed[queued.task_id if queued.task_id is not None else f"#{queued.index}"] = error
-        self._release(job, queued.task_id)  # retryable: the next Retrieve runs it again
+    def _fail(self, job: Job, index: int, task_id: int | None, error: str) -> None:
+        job.failed[task_id if task_id is not None else f"#{index}"] = error
+        self._release(job, task_id)  # retryable: the next Retrieve runs it again
         if not job.waiting:
             self._count("background_tasks_failed")
 
