@@ -24,15 +24,19 @@ FIXTURES = ROOT.parent / "shared" / "fixtures" / "label-studio"
 
 
 def machine() -> dict[str, Any]:
-    import ray
     import torch
     import transformers
+
+    try:
+        import ray
+    except ImportError:  # the in-process benchmarks run without Ray
+        ray = None
 
     return {
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, "
                    f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
+        "python": platform.python_version(), "ray": ray.__version__ if ray else None, "torch": torch.__version__,
         "transformers": transformers.__version__,
         "load_average": [round(x, 2) for x in psutil.getloadavg()],
     }

@@ -50,7 +50,7 @@ class Settings:
     sam_checkpoint_sha256: str = ""  # SAM_CHECKPOINT_SHA256: optional check of the file
     mobilesam_checkpoint_sha256: str = ""  # MOBILESAM_CHECKPOINT_SHA256
     checkpoint_cache_dir: str = ""  # CHECKPOINT_CACHE_DIR: where URL checkpoints are kept (~/.cache/grounded-serve)
-    precision: str = "fp32"  # PRECISION: fp32, or fp16/bf16 autocast on GPU (ignored on CPU)
+    precision: str = "fp32"  # PRECISION: fp32; fp16/bf16 autocast on GPU; bf16 on CPUs with AMX/AVX-512 BF16
     sam_embedding_cache_bytes: int = 1 << 30  # SAM_EMBEDDING_CACHE_BYTES: per segmenter replica (4 MiB/image)
     polygon_tolerance_px: float = 1.0  # POLYGON_TOLERANCE_PX: contour simplification (Douglas-Peucker)
     sam_model_type: str = "auto"  # SAM_MODEL_TYPE: vit_h, vit_l, vit_b, tiny or auto (from the checkpoint)

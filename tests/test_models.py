@@ -128,3 +128,33 @@ def test_batched_masks_equal_sam_predictor(segmenter):
 def test_no_boxes_means_no_encoder_work(segmenter):
     result = segmenter.segment([SegmentationRequest(pattern(30, 40), np.zeros((0, 4), np.float32))])[0]
     assert result.masks.shape == (0, 30, 40)
+
+
+def test_bf16_runs_on_a_cpu_with_bf16_instructions_and_fp32_elsewhere(tiny_models):
+    """PRECISION=bf16 on CPU autocasts only where the CPU has AMX or AVX-512 BF16 (detected from its flags)."""
+    from serve_app.models.device import cpu_bf16_instructions
+
+    fp32 = SamSegmenter.load(str(tiny_models["sam"]), device="cpu")
+    bf16 = SamSegmenter.load(str(tiny_models["sam"]), device="cpu", precision="bf16")
+    fp16 = SamSegmenter.load(str(tiny_models["sam"]), device="cpu", precision="fp16")
+    images = [pattern(240, 320, seed=4)]
+    reference = fp32.embed(images)[0]
+    error = float(torch.linalg.vector_norm(bf16.embed(images)[0] - reference) / torch.linalg.vector_norm(reference))
+    assert fp16.precision == "fp32" and torch.equal(fp16.embed(images)[0], reference)  # fp16 is CUDA-only
+    if cpu_bf16_instructions():
+        assert bf16.precision == "bf16" and 1e-6 < error < 5e-2  # really reduced, and close
+    else:
+        assert bf16.precision == "fp32" and error == 0.0
+
+
+def test_bf16_detections_stay_close_to_fp32(tiny_models, detector):
+    from serve_app.models.device import cpu_bf16_instructions
+
+    if not cpu_bf16_instructions():
+        pytest.skip("this CPU has no bf16 matrix instructions: bf16 falls back to fp32")
+    bf16 = GroundingDinoDetector.load(str(tiny_models["grounding_dino"]), device="cpu", precision="bf16")
+    request = DetectionRequest(image=pattern(240, 320, seed=5), phrases=["cats", "house"], box_threshold=0.0,
+                               text_threshold=0.0, max_detections=10)
+    [reference], [reduced] = detector.detect([request]), bf16.detect([request])
+    assert len(reduced.boxes) == len(reference.boxes) == 10
+    assert np.abs(np.sort(reduced.scores) - np.sort(reference.scores)).max() < 0.1

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from serve_app import get_logger
-from serve_app.models.device import autocast_for, pick_device
+from serve_app.models.device import autocast_for, effective_precision, pick_device
 from serve_app.models.errors import ModelLoadError
 from serve_app.models.messages import DEFAULT_GROUNDING_DINO, DetectionRequest, Detections
 
@@ -64,7 +64,7 @@ class GroundingDinoDetector:
 
     def __init__(self, model, processor, device: torch.device, *, precision: str = "fp32"):
         self.model = model
-        self.precision = precision
+        self.precision = effective_precision(device, precision)
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor

@@ -11,7 +11,7 @@ import torch
 
 from serve_app import get_logger
 from serve_app.models.checkpoints import resolve_checkpoint
-from serve_app.models.device import autocast_for, pick_device
+from serve_app.models.device import autocast_for, effective_precision, pick_device
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
 from serve_app.models.errors import CheckpointError
 from serve_app.models.messages import Masks, SegmentationRequest
@@ -27,7 +27,7 @@ class SamSegmenter:
                  precision: str = "fp32", cache_bytes: int = 0):
         from segment_anything.utils.transforms import ResizeLongestSide
 
-        self.precision = precision
+        self.precision = effective_precision(device, precision)
         self.cache = EmbeddingCache(cache_bytes)
         self.images_encoded = 0  # proof for tests and metrics that a cache hit did not run the encoder
         self.sam = sam.to(device).eval()
