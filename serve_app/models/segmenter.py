@@ -1,7 +1,8 @@
 """Boxes to masks with SAM, with one image-encoder pass over a batch of images of any sizes.
 
-The per-image steps (resize of the longest side, normalisation and padding, box transform,
-mask post-processing) are segment-anything's own, so results match `SamPredictor`.
+The per-image steps (resize of the longest side, normalisation and padding, box transform) are
+segment-anything's own, and the mask post-processing computes SAM's exactly, in each mask's window
+(serve_app.models.mask_upsampling), so results match `SamPredictor`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from serve_app.models.checkpoints import resolve_checkpoint
 from serve_app.models.device import autocast_for, effective_precision, pick_device
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
 from serve_app.models.errors import CheckpointError
+from serve_app.models.mask_upsampling import upsample_masks
 from serve_app.models.messages import Masks, SegmentationRequest
 from serve_app.models.sam_loading import load_sam
 
@@ -34,7 +36,7 @@ class SamSegmenter:
         self.device = device
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
         self.encoder_batch_size = max(1, encoder_batch_size)
-        self.decoder_chunk = max(1, decoder_chunk)  # bounds the full-resolution float masks held at once
+        self.decoder_chunk = max(1, decoder_chunk)  # bounds the decoder's per-box activations (64² x 256 floats each)
 
     @classmethod
     def load(cls, checkpoint: str, *, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
@@ -102,8 +104,8 @@ class SamSegmenter:
         boxes = self.transform.apply_boxes_torch(boxes, original_size)
         masks, scores = [], []
         for start in range(0, len(boxes), self.decoder_chunk):
-            full, iou = self._run_decoder(cached, original_size, boxes=boxes[start:start + self.decoder_chunk])
-            masks.append((full[:, 0] > self.sam.mask_threshold).cpu().numpy())
+            low_res, iou = self._run_decoder(cached, boxes=boxes[start:start + self.decoder_chunk])
+            masks.append(self._upsample(low_res[:, 0], cached, original_size))
             scores.append(iou[:, 0].float().cpu().numpy())
         return Masks(masks=np.concatenate(masks), scores=np.concatenate(scores).astype(np.float32))
 
@@ -119,12 +121,16 @@ class SamSegmenter:
             box = self.transform.apply_boxes_torch(
                 torch.as_tensor(np.asarray(request.boxes[:1], np.float32), device=self.device), original_size)
         multimask = box is None and coords.shape[1] == 1
-        full, iou = self._run_decoder(cached, original_size, points=(coords, labels), boxes=box, multimask=multimask)
-        best = int(iou[0].argmax())
-        return Masks(masks=(full[0, best:best + 1] > self.sam.mask_threshold).cpu().numpy(),
+        low_res, iou = self._run_decoder(cached, points=(coords, labels), boxes=box, multimask=multimask)
+        best = int(iou[0].argmax())  # only the kept candidate is up-sampled
+        return Masks(masks=self._upsample(low_res[0, best:best + 1], cached, original_size),
                      scores=iou[0, best:best + 1].float().cpu().numpy().astype(np.float32))
 
-    def _run_decoder(self, cached: CachedEmbedding, original_size, points=None, boxes=None, multimask=False):
+    def _upsample(self, low_res: torch.Tensor, cached: CachedEmbedding, original_size) -> np.ndarray:
+        return upsample_masks(low_res, cached.input_size, original_size, self.sam.image_encoder.img_size,
+                              self.sam.mask_threshold)
+
+    def _run_decoder(self, cached: CachedEmbedding, points=None, boxes=None, multimask=False):
         sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
         low_res, iou = self.sam.mask_decoder(
             image_embeddings=cached.embedding,
@@ -133,7 +139,7 @@ class SamSegmenter:
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
         )
-        return self.sam.postprocess_masks(low_res, cached.input_size, original_size), iou
+        return low_res, iou
 
 
 def _has_points(request: SegmentationRequest) -> bool:
