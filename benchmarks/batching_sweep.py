@@ -29,11 +29,14 @@ def main() -> None:
     parser.add_argument("--models", choices=MODEL_SETS, default="tiny")
     parser.add_argument("--levels", default="1,2,4,8,16,32")
     parser.add_argument("--batch-sizes", default="8,1")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
-    env = {**model_env(args.models), "SAM_EMBEDDING_CACHE_BYTES": "0"}
+    env = {**model_env(args.models), "SAM_EMBEDDING_CACHE_BYTES": "0", "DEVICE": args.device,
+           "PRECISION": args.precision}
     images = ImageServer(distinct_images(64))
     bodies = [text_prompt_body(f"{images.url}/{name}") for name in sorted(images.files)]
     rows, rss = [], {}
@@ -55,7 +58,8 @@ def main() -> None:
     finally:
         images.close()
 
-    result = {"scenario": "batching sweep", "models": args.models, **machine(), "rows": rows, "rss_mb": rss}
+    result = {"scenario": "batching sweep", "models": args.models, "device": args.device,
+              "precision": args.precision, **machine(), "rows": rows, "rss_mb": rss}
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

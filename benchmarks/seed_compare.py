@@ -1,7 +1,8 @@
 """Scenario 3, seed-architecture baseline: one "Retrieve predictions" request of N tasks, timed on the
 single-process backend (benchmarks.seed_backend) and on the service, with the same models and images.
 
-    python -m benchmarks.seed_compare [--models tiny] [--tasks 64] [--repeats 2]
+    python -m benchmarks.seed_compare [--models tiny] [--tasks 64] [--repeats 2] [--boxes 20]
+    python -m benchmarks.seed_compare --models full-vit_t --device cuda --precision fp16     # on a GPU machine
 
 Each task is a different 640x480 PNG fetched from a loopback image server; labels from the project's
 config are the prompt; boxes and brush masks come back. The SAM embedding cache is off on both sides
@@ -58,6 +59,10 @@ def run_seed(env: dict[str, str], body: dict, warmup: dict, repeats: int) -> tup
     return reports, rss
 
 
+def long_requests(config: dict) -> None:
+    config["http_options"]["request_timeout_s"] = 3000  # a full-size Retrieve on CPU takes minutes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", choices=MODEL_SETS, default="tiny")
@@ -65,17 +70,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--image-latency-ms", type=float, default=0.0,
                         help="delay each image download, like remote cloud storage")
+    parser.add_argument("--boxes", type=int, default=0,
+                        help="equal work: BOX_THRESHOLD=TEXT_THRESHOLD=0 and MAX_DETECTIONS=N on both sides")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    env = {**model_env(args.models), "SAM_EMBEDDING_CACHE_BYTES": "0"}
+    env = {**model_env(args.models), "SAM_EMBEDDING_CACHE_BYTES": "0", "DEVICE": args.device,
+           "PRECISION": args.precision, "TASK_TIMEOUT_S": "3000", "PREDICT_DEADLINE_S": "3000"}  # all in the answer
+    if args.boxes:
+        env.update({"BOX_THRESHOLD": "0", "TEXT_THRESHOLD": "0", "MAX_DETECTIONS": str(args.boxes)})
     images = ImageServer(distinct_images(args.tasks + 4), latency_s=args.image_latency_ms / 1000)
     names = sorted(images.files)
     body = retrieve_body([f"{images.url}/{name}" for name in names[:args.tasks]])
     warmup = retrieve_body([f"{images.url}/{name}" for name in names[args.tasks:]])
     try:
         seed_reports, seed_rss = run_seed(env, body, warmup, args.repeats)
-        service = start_service(env)
+        service = start_service(env, long_requests)
         try:
             before = batch_sizes(service)
             graph_reports = time_requests(service.url, body, warmup, args.repeats)
@@ -90,7 +102,8 @@ def main() -> None:
     seed_tps = statistics.median(r["tasks_per_s"] for r in seed_reports)
     graph_tps = statistics.median(r["tasks_per_s"] for r in graph_reports)
     result = {
-        "scenario": "seed baseline", "models": args.models, "tasks": args.tasks,
+        "scenario": "seed baseline", "models": args.models, "tasks": args.tasks, "boxes": args.boxes or None,
+        "device": args.device, "precision": args.precision,
         "image_latency_ms": args.image_latency_ms, **machine(),
         "seed_wall_s": [r["wall_s"] for r in seed_reports],
         "graph_wall_s": [r["wall_s"] for r in graph_reports],

@@ -1,0 +1,55 @@
+"""The tables of docs/performance.md from a benchmarks/gpu.sh run's JSON files.
+
+    python -m benchmarks.gpu_summary benchmarks/results/gpu
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def load(folder: Path, name: str) -> dict | None:
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def summary(folder: Path) -> str:
+    lines = []
+    first = next((json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))), None)
+    if first is None:
+        return f"no results in {folder}"
+    lines.append(f"machine: {first.get('machine')}, GPU: {first.get('gpu')}; torch {first.get('torch')}, "
+                 f"ray {first.get('ray')}, transformers {first.get('transformers')}")
+    lines += ["", "| precision | in-process best (img/s) | service (img/s) | efficiency | seed (tasks/s) | "
+              "service (tasks/s) | speedup |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for precision in ("fp32", "fp16", "bf16"):
+        efficiency, seed = load(folder, f"efficiency-{precision}"), load(folder, f"seed-compare-{precision}")
+        if not (efficiency or seed):
+            continue
+        e = efficiency or {}
+        s = seed or {}
+        best = max(e.get("in_process_images_per_s", {}).values(), default=None)
+        lines.append(f"| {precision} | {best} | {e.get('graph_images_per_s')} | {e.get('efficiency')} | "
+                     f"{s.get('seed_tasks_per_s')} | {s.get('graph_tasks_per_s')} | {s.get('speedup')} |")
+    for precision in ("fp32", "fp16"):
+        sweep = load(folder, f"batching-sweep-{precision}")
+        if not sweep:
+            continue
+        lines += ["", f"batching sweep, {precision}:", "",
+                  "| max_batch_size | concurrency | requests/s | p50 ms | p95 ms | mean batch |", "| --- | --- | --- | --- | --- | --- |"]
+        for row in sweep["rows"]:
+            lines.append(f"| {row['max_batch_size']} | {row['concurrency']} | {row.get('requests_per_s')} | "
+                         f"{row.get('p50_ms')} | {row.get('p95_ms')} | {row.get('mean_batch')} |")
+    drift = load(folder, "precision")
+    if drift:
+        lines += ["", "precision drift against fp32 (in-process):", ""]
+        for run in drift["runs"]:
+            lines.append(f"- {run['precision']}: speedup {run.get('speedup_vs_fp32')}, {run.get('drift', '')}"
+                         f"{run.get('skipped', '')}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(summary(Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/gpu")))

@@ -1,0 +1,26 @@
+"""benchmarks/gpu.sh, the GPU benchmark run, smoke-tested on CPU with the tiny models: every step runs end to end
+through the real service and writes its JSON (no timing is asserted; docs/performance.md has the numbers)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_script_runs_every_benchmark_on_cpu(tmp_path):
+    out = tmp_path / "results"
+    run = subprocess.run([str(ROOT / "benchmarks" / "gpu.sh"), "--device", "cpu", "--models", "tiny", "--quick",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1500,
+                         env={**os.environ, "PYTHON": sys.executable})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    efficiency = json.loads((out / "efficiency-fp32.json").read_text())
+    seed = json.loads((out / "seed-compare-fp32.json").read_text())
+    sweep = json.loads((out / "batching-sweep-fp32.json").read_text())
+    assert efficiency["precision"] == "fp32" and efficiency["models"] == "tiny" and efficiency["efficiency"] > 0
+    assert efficiency["graph_load"]["failures"] == 0
+    assert seed["speedup"] > 0 and seed["boxes"] == 20 and seed["precision"] == "fp32" and seed["device"] == "cpu"
+    assert [row["concurrency"] for row in sweep["rows"]] == [1, 2] and all(r["failures"] == 0 for r in sweep["rows"])
+    assert "| fp32 |" in run.stdout  # the summary table for docs/performance.md
