@@ -25,7 +25,7 @@ logger = get_logger(__name__)
 class SamSegmenter:
     """Wraps a segment-anything `Sam` (any size) for batched box prompts."""
 
-    def __init__(self, sam, device: torch.device, *, encoder_batch_size: int = 8, decoder_chunk: int = 16,
+    def __init__(self, sam, device: torch.device, *, encoder_batch_size: int = 8, decoder_chunk: int = 0,
                  precision: str = "fp32", cache_bytes: int = 0):
         from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -36,7 +36,9 @@ class SamSegmenter:
         self.device = device
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
         self.encoder_batch_size = max(1, encoder_batch_size)
-        self.decoder_chunk = max(1, decoder_chunk)  # bounds the decoder's per-box activations (64² x 256 floats each)
+        # Boxes decoded at once. Each holds 64² x 256 floats of activations: on CPU 4 at a time stay in cache and
+        # decoded 20 boxes 1.7x faster than 16 at a time (MobileSAM, docs/performance.md); a GPU wants wide batches.
+        self.decoder_chunk = decoder_chunk if decoder_chunk > 0 else (4 if device.type == "cpu" else 64)
 
     @classmethod
     def load(cls, checkpoint: str, *, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
