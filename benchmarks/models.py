@@ -5,10 +5,12 @@
   Grounding DINO's default configuration (grounding-dino-tiny's layout, 800-1333 px input) plus MobileSAM
   (the shared fixture's synthetic weights) or SAM ViT-B. Compute per image is the real models'; outputs
   are noise. Built once and cached in .cache/bench-models (about 1.2 GB).
+- `full400-vit_t` / `full400-vit_b`: the same, with Grounding DINO's images resized to a 400 px short side.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -17,14 +19,26 @@ from serve_app.models.tiny import make_tiny_grounding_dino, make_tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench-models"
-MODEL_SETS = ("tiny", "full-vit_t", "full-vit_b")
+MODEL_SETS = ("tiny", "full-vit_t", "full-vit_b", "full400-vit_t", "full400-vit_b")
 
 
-def _full_size_dino() -> Path:
+def _full_size_dino(short_side: int = 800) -> Path:
+    """Grounding DINO's default configuration; `short_side` other than its own 800 px gets the same weights with
+    the image processor resizing to that short side (and the long side in the same 800:1333 proportion)."""
     out = CACHE / "grounding-dino-default-random"
     if not (out / "config.json").exists():
         make_tiny_grounding_dino(out, full_size=True)
-    return out
+    if short_side == 800:
+        return out
+    resized = CACHE / f"grounding-dino-default-random-{short_side}"
+    resized.mkdir(parents=True, exist_ok=True)
+    for item in out.iterdir():
+        if item.name != "processor_config.json" and not (resized / item.name).exists():
+            (resized / item.name).symlink_to(item.resolve())
+    config = json.loads((out / "processor_config.json").read_text())
+    config["image_processor"]["size"] = {"shortest_edge": short_side, "longest_edge": round(short_side * 1333 / 800)}
+    (resized / "processor_config.json").write_text(json.dumps(config, indent=2))
+    return resized
 
 
 def _sam_checkpoint(model_type: str) -> Path:
@@ -48,9 +62,9 @@ def model_env(model_set: str) -> dict[str, str]:
         models = make_tiny_models(CACHE / "tiny")
         return {"GROUNDING_DINO_MODEL": str(models["grounding_dino"]), "USE_SAM": "true",
                 "SAM_CHECKPOINT": str(models["sam"])}
-    if model_set in ("full-vit_t", "full-vit_b"):
-        sam_type = model_set.split("-", 1)[1]
-        env = {"GROUNDING_DINO_MODEL": str(_full_size_dino())}
+    if model_set in MODEL_SETS[1:]:
+        size, sam_type = model_set.split("-", 1)
+        env = {"GROUNDING_DINO_MODEL": str(_full_size_dino(400 if size == "full400" else 800))}
         if sam_type == "vit_t":
             return {**env, "USE_MOBILE_SAM": "true", "MOBILESAM_CHECKPOINT": str(_sam_checkpoint(sam_type))}
         return {**env, "USE_SAM": "true", "SAM_CHECKPOINT": str(_sam_checkpoint(sam_type)), "SAM_MODEL_TYPE": sam_type}
