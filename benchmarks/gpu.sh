@@ -37,7 +37,7 @@ if [ "$quick" = 1 ]; then  # sizes for the CPU smoke run: every step runs, none 
 elif [ "$device" = cpu ]; then
   images=8 tasks=8 repeats=1 levels=1,4 batch_sizes=4,1 precisions=fp32
 else
-  images=64 tasks=48 repeats=2 levels=1,8,32 batch_sizes=8,1 precisions="fp32 fp16"
+  images=48 tasks=32 repeats=2 levels=1,8,32 batch_sizes=8,1 precisions="fp32 fp16"
 fi
 
 failed=()
@@ -53,21 +53,22 @@ step() {  # step NAME COMMAND...: run one benchmark, keep going if it fails
   fi
 }
 
-"$python" -c "from benchmarks.models import model_env; model_env('$models')"  # build the models once, untimed
+# build the models once, untimed; nothing else can run without them
+"$python" -c "from benchmarks.models import model_env; model_env('$models')" || exit 1
+if [ "$device" = cuda ]; then
+  step precision "$python" -m benchmarks.precision --models "$models" --images 8 --device cuda \
+    --precisions fp16,bf16 --out "$out/precision.json"
+fi
 for precision in $precisions; do
   step "efficiency-$precision" "$python" -m benchmarks.efficiency --models "$models" --images "$images" \
     --device "$device" --precision "$precision" --out "$out/efficiency-$precision.json"
   step "seed-compare-$precision" "$python" -m benchmarks.seed_compare --models "$models" --tasks "$tasks" \
     --repeats "$repeats" --boxes 20 --device "$device" --precision "$precision" --out "$out/seed-compare-$precision.json"
 done
-for precision in $precisions; do
+for precision in $(echo "$precisions" | tr ' ' '\n' | tac); do  # fp16 first: where batching matters most
   step "batching-sweep-$precision" "$python" -m benchmarks.batching_sweep --models "$models" --levels "$levels" \
     --batch-sizes "$batch_sizes" --device "$device" --precision "$precision" --out "$out/batching-sweep-$precision.json"
 done
-if [ "$device" = cuda ]; then
-  step precision "$python" -m benchmarks.precision --models "$models" --images 8 --device cuda \
-    --precisions fp16,bf16 --out "$out/precision.json"
-fi
 "$python" -m benchmarks.gpu_summary "$out"
 
 if [ ${#failed[@]} -gt 0 ]; then echo "failed: ${failed[*]}" >&2; exit 1; fi
