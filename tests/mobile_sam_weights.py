@@ -10,7 +10,10 @@ import torch
 
 from tests.conftest import SHARED
 
-LAYOUT = json.loads((SHARED / "fixtures" / "mobile_sam" / "vit_t_state_dict_shapes.json").read_text())
+_FIXTURE = SHARED / "fixtures" / "mobile_sam" / "vit_t_state_dict_shapes.json"
+# Without ../shared (benchmarks/gpu.sh on a fresh GPU machine) the keys and shapes kept in benchmarks/.
+LAYOUT = json.loads((_FIXTURE if _FIXTURE.exists() else
+                     Path(__file__).resolve().parents[1] / "benchmarks" / "mobile_sam_layout.json").read_text())
 
 
 def synthetic_state_dict(entries) -> dict[str, torch.Tensor]:
