@@ -20,7 +20,7 @@ import psutil
 from tests.serve_process import ServeProcess, model_deployments
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "label-studio"
+FIXTURES = ROOT / "benchmarks" / "requests"  # bodies Label Studio sent, kept here so gpu.sh needs only the repo
 
 
 def machine() -> dict[str, Any]:
