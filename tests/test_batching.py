@@ -241,3 +241,48 @@ def test_background_batches_last_about_background_batch_s():
     background = [size for priority, size in sizes[1:] if priority == Priority.BACKGROUND]
     assert max(background) <= 3 and sum(background) == 8  # 0.05 s / 0.02 s an item: 2 a batch
     assert (Priority.BATCH, 8) in sizes  # a Retrieve Label Studio waits for is not capped
+
+
+@pytest.mark.parametrize("seconds_per_item, on_cpu, largest", [
+    (0.15, True, 1),  # a big model on CPU: one item a batch (0.1 s of work caps it)
+    (0.005, True, 8),  # a small model on CPU still batches fully
+    (0.15, False, 8),  # a GPU is never capped by time
+])
+def test_cpu_batches_hold_about_cpu_batch_s_of_work(seconds_per_item, on_cpu, largest):
+    sizes = []
+
+    def model(items):
+        time.sleep(seconds_per_item * len(items))
+        sizes.append(len(items))
+        return [0] * len(items)
+
+    async def scenario():
+        batcher = ModelBatcher(model, config=BatchConfig(max_batch_size=8, cpu_batch_s=0.1), on_cpu=on_cpu)
+        await batcher.submit(1)  # measures the model's time per item
+        await asyncio.gather(*(batcher.submit(1) for _ in range(9)))
+
+    asyncio.run(scenario())
+    assert max(sizes[1:]) == largest and sum(sizes) == 10
+
+
+def test_cpu_replicas_use_every_usable_core_unless_told(monkeypatch):
+    """torch_threads 0 means every core the replica may run on for a CPU model, Ray's default for a GPU one."""
+    import torch
+
+    from serve_app.deployments.batching import BatchedModelDeployment
+    from serve_app.models.device import usable_cores
+
+    class Deployment(BatchedModelDeployment):
+        def __init__(self, device):
+            self.model = type("Model", (), {"device": torch.device(device)})()
+            self.batcher = ModelBatcher(lambda items: items)
+
+    chosen = []
+    monkeypatch.setattr("serve_app.deployments.batching.set_cpu_threads", chosen.append)
+    Deployment("cpu").reconfigure({"torch_threads": 0})
+    Deployment("cpu").reconfigure({"torch_threads": 3})
+    Deployment("cuda").reconfigure({})
+    assert chosen == [usable_cores(), 3, 0]
+    deployment = Deployment("cpu")
+    deployment.reconfigure({})
+    assert deployment.batcher.on_cpu is True

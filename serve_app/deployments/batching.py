@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from serve_app import get_logger
-from serve_app.models.device import set_cpu_threads
+from serve_app.models.device import set_cpu_threads, usable_cores
 from serve_app.models.messages import Priority
 
 logger = get_logger(__name__)
@@ -29,7 +29,13 @@ DEFAULT_MAX_BATCH_SIZE = 8
 class BatchConfig:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     batch_wait_timeout_s: float = 0.0  # wait this long for more items only when the model is idle
-    torch_threads: int = 0  # 0 keeps Ray's default (OMP_NUM_THREADS=1 in replicas)
+    # 0 = decided at start: on CPU every core the replica may use (the model replicas of a CPU node rarely
+    # compute at the same moment; efficiency rose from 0.43 to 0.71 against Ray's one thread); on GPU Ray's default
+    torch_threads: int = 0
+    # On CPU a batch holds only as many items as the model runs in about this long: batching a big model there
+    # gains nothing (Grounding DINO at 800 px was 24 % slower per image in batches of 4) and delays every item of
+    # the batch, while small models still batch fully. 0 = no cap. GPUs are not capped.
+    cpu_batch_s: float = 1.0
     # A batch of background items (Priority.BACKGROUND) holds only as many as the model runs in this long, so a
     # click arriving meanwhile waits at most about that; 0 = no cap. On a GPU the cap is max_batch_size anyway.
     background_batch_s: float = 0.25
@@ -44,10 +50,11 @@ class BatchConfig:
             max_batch_size=int(config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)),
             batch_wait_timeout_s=float(config.get("batch_wait_timeout_s", 0.0)),
             torch_threads=int(config.get("torch_threads", 0)),
+            cpu_batch_s=float(config.get("cpu_batch_s", 1.0)),
             background_batch_s=float(config.get("background_batch_s", 0.25)),
         )
         if (parsed.max_batch_size < 1 or not parsed.batch_wait_timeout_s >= 0 or parsed.torch_threads < 0
-                or not parsed.background_batch_s >= 0):
+                or not parsed.background_batch_s >= 0 or not parsed.cpu_batch_s >= 0):
             raise ValueError(f"invalid batch settings: {parsed}")
         return parsed
 
@@ -66,9 +73,10 @@ class ModelBatcher:
     """
 
     def __init__(self, batch_fn: Callable[[list], list], *, config: BatchConfig = BatchConfig(),
-                 on_batch: Callable[[int, list[float]], None] | None = None):
+                 on_batch: Callable[[int, list[float]], None] | None = None, on_cpu: bool = False):
         self.batch_fn = batch_fn
         self.config = config
+        self.on_cpu = on_cpu  # batches are capped by time (BatchConfig.cpu_batch_s)
         self.on_batch = on_batch  # called on the event loop with each batch's size and its items' queue waits
         self._pending: list[tuple[int, int, Any, asyncio.Future, float]] = []  # a heap
         self._arrivals = itertools.count()
@@ -114,8 +122,11 @@ class ModelBatcher:
         first = heapq.heappop(self._pending)
         taken = [first]
         limit = self.config.max_batch_size
-        if first[0] >= Priority.BACKGROUND and self.config.background_batch_s and self._item_seconds:
-            limit = max(1, min(limit, int(self.config.background_batch_s / self._item_seconds)))
+        if self._item_seconds:
+            if first[0] >= Priority.BACKGROUND and self.config.background_batch_s:
+                limit = max(1, min(limit, int(self.config.background_batch_s / self._item_seconds)))
+            if self.on_cpu and self.config.cpu_batch_s:
+                limit = max(1, min(limit, int(self.config.cpu_batch_s / self._item_seconds)))
         while self._pending and len(taken) < limit and self._pending[0][0] == first[0]:
             taken.append(heapq.heappop(self._pending))
         return taken
@@ -165,4 +176,10 @@ class BatchedModelDeployment:
     def reconfigure(self, user_config: dict) -> None:
         config = BatchConfig.from_user_config(user_config)
         self.batcher.config = config
-        set_cpu_threads(config.torch_threads)
+        on_cpu = self.model.device.type == "cpu"
+        self.batcher.on_cpu = on_cpu
+        threads = config.torch_threads or (usable_cores() if on_cpu else 0)
+        set_cpu_threads(threads)
+        logger.info("%s: max_batch_size %d%s, torch threads %s", type(self).__name__, config.max_batch_size,
+                    f" (on CPU capped to about {config.cpu_batch_s:g} s of work)" if on_cpu and config.cpu_batch_s
+                    else "", threads or "Ray's default")

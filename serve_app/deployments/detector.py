@@ -17,7 +17,8 @@ class Detector(BatchedModelDeployment):
         self.model = GroundingDinoDetector.load(model, device=device, precision=precision)
         if self.model.device.type == "cpu":
             lower_cpu_priority(cpu_niceness)  # the proxy and the ingress answer first (MODEL_CPU_NICENESS)
-        self.batcher = ModelBatcher(self.model.detect, on_batch=ModelMetrics().observe_batch)
+        self.batcher = ModelBatcher(self.model.detect, on_batch=ModelMetrics().observe_batch,
+                                    on_cpu=self.model.device.type == "cpu")
 
     async def detect(self, request: DetectionRequest) -> Detections:
         return await self.batcher.submit(request)

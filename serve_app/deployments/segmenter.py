@@ -28,7 +28,8 @@ from serve_app.telemetry import EmbeddingCacheMetrics, ModelMetrics
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8, "upscale_delay_s": 10,
                         "downscale_delay_s": 120},
     request_router_config=RequestRouterConfig(request_router_class=ImageAffinityRouter),
-    user_config={"max_batch_size": 8, "batch_wait_timeout_s": 0.0, "torch_threads": 0, "background_batch_s": 0.25},
+    user_config={"max_batch_size": 8, "batch_wait_timeout_s": 0.0, "torch_threads": 0, "cpu_batch_s": 1.0,
+                 "background_batch_s": 0.25},
 )
 class Segmenter(BatchedModelDeployment):
     def __init__(self, checkpoint: str, *, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
@@ -41,7 +42,8 @@ class Segmenter(BatchedModelDeployment):
         self.model_metrics = ModelMetrics()
         self.cache_metrics = EmbeddingCacheMetrics()
         self._reported = {"hits": 0, "misses": 0, "images_encoded": 0}
-        self.batcher = ModelBatcher(self.model.segment, on_batch=self._after_batch)
+        self.batcher = ModelBatcher(self.model.segment, on_batch=self._after_batch,
+                                    on_cpu=self.model.device.type == "cpu")
 
     async def segment(self, request: SegmentationRequest) -> Masks:
         masks = await self.batcher.submit(request)

@@ -23,6 +23,16 @@ def set_cpu_threads(num_threads: int | None) -> None:
         torch.set_num_threads(int(num_threads))
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity; a container's cgroup limit is not visible here)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def lower_cpu_priority(niceness: int) -> int:
     """Raise this process's nice value by `niceness` for every thread it has (Linux keeps one per thread; threads
     started later inherit it from the thread that starts them). Returns how many threads were changed.
