@@ -74,6 +74,9 @@ def main() -> None:
                         help="equal work: BOX_THRESHOLD=TEXT_THRESHOLD=0 and MAX_DETECTIONS=N on both sides")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--seed-from", type=Path, default=None,
+                        help="reuse the seed side of an earlier run's JSON (same models and options) instead of "
+                             "timing it again")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -86,7 +89,12 @@ def main() -> None:
     body = retrieve_body([f"{images.url}/{name}" for name in names[:args.tasks]])
     warmup = retrieve_body([f"{images.url}/{name}" for name in names[args.tasks:]])
     try:
-        seed_reports, seed_rss = run_seed(env, body, warmup, args.repeats)
+        if args.seed_from:
+            earlier = json.loads(args.seed_from.read_text())
+            seed_reports = [{"wall_s": w, "tasks_per_s": args.tasks / w, "failures": 0} for w in earlier["seed_wall_s"]]
+            seed_rss = earlier["rss_mb"]["seed process"]
+        else:
+            seed_reports, seed_rss = run_seed(env, body, warmup, args.repeats)
         service = start_service(env, long_requests)
         try:
             before = batch_sizes(service)
@@ -104,7 +112,8 @@ def main() -> None:
     result = {
         "scenario": "seed baseline", "models": args.models, "tasks": args.tasks, "boxes": args.boxes or None,
         "device": args.device, "precision": args.precision,
-        "image_latency_ms": args.image_latency_ms, **machine(),
+        "image_latency_ms": args.image_latency_ms, "seed_from": str(args.seed_from) if args.seed_from else None,
+        **machine(),
         "seed_wall_s": [r["wall_s"] for r in seed_reports],
         "graph_wall_s": [r["wall_s"] for r in graph_reports],
         "seed_tasks_per_s": round(seed_tps, 3),

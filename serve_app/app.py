@@ -35,10 +35,11 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     settings = settings.with_defaults_for(gpus=gpus)
     logger.info("building grounded-serve: %s GPUs, settings %s", "with" if gpus else "without", settings.to_dict())
 
+    models_sharing = 2 if settings.sam_enabled else 1  # model roles whose replicas share a CPU node's cores
     detector = Detector.options(ray_actor_options={
         "num_cpus": settings.detector_cpus, "num_gpus": settings.detector_gpus if gpus else 0,
     }).bind(settings.grounding_dino_model, device=settings.device, precision=settings.precision,
-            cpu_niceness=settings.model_cpu_niceness)
+            cpu_niceness=settings.model_cpu_niceness, cpu_share=models_sharing)
     segmenter = None
     if settings.sam_enabled:
         segmenter = Segmenter.options(ray_actor_options={
@@ -46,5 +47,6 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         }).bind(settings.segmenter_checkpoint, model_type=settings.segmenter_model_type, device=settings.device,
                 precision=settings.precision, setting=settings.segmenter_checkpoint_setting,
                 sha256=settings.segmenter_checkpoint_sha256, cache_dir=settings.checkpoint_cache_dir,
-                cache_bytes=settings.sam_embedding_cache_bytes, cpu_niceness=settings.model_cpu_niceness)
+                cache_bytes=settings.sam_embedding_cache_bytes, cpu_niceness=settings.model_cpu_niceness,
+                cpu_share=models_sharing)
     return Ingress.bind(settings.to_dict(), detector, segmenter)

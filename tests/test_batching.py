@@ -266,7 +266,8 @@ def test_cpu_batches_hold_about_cpu_batch_s_of_work(seconds_per_item, on_cpu, la
 
 
 def test_cpu_replicas_use_every_usable_core_unless_told(monkeypatch):
-    """torch_threads 0 means every core the replica may run on for a CPU model, Ray's default for a GPU one."""
+    """torch_threads 0 means the usable cores shared among the model roles for a CPU model, Ray's default for a GPU
+    one."""
     import torch
 
     from serve_app.deployments.batching import BatchedModelDeployment
@@ -280,9 +281,12 @@ def test_cpu_replicas_use_every_usable_core_unless_told(monkeypatch):
     chosen = []
     monkeypatch.setattr("serve_app.deployments.batching.set_cpu_threads", chosen.append)
     Deployment("cpu").reconfigure({"torch_threads": 0})
+    shared = Deployment("cpu")
+    shared.cpu_share = 2  # Grounding DINO and SAM on one node
+    shared.reconfigure({})
     Deployment("cpu").reconfigure({"torch_threads": 3})
     Deployment("cuda").reconfigure({})
-    assert chosen == [usable_cores(), 3, 0]
+    assert chosen == [usable_cores(), max(1, usable_cores() // 2), 3, 0]
     deployment = Deployment("cpu")
     deployment.reconfigure({})
     assert deployment.batcher.on_cpu is True

@@ -29,8 +29,8 @@ DEFAULT_MAX_BATCH_SIZE = 8
 class BatchConfig:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     batch_wait_timeout_s: float = 0.0  # wait this long for more items only when the model is idle
-    # 0 = decided at start: on CPU every core the replica may use (the model replicas of a CPU node rarely
-    # compute at the same moment; efficiency rose from 0.43 to 0.71 against Ray's one thread); on GPU Ray's default
+    # 0 = decided at start: on CPU the usable cores divided among the model roles sharing them (cpu_share: Grounding
+    # DINO and SAM), at least 1; on GPU Ray's default. More threads than cores slowed a Retrieve by a quarter.
     torch_threads: int = 0
     # On CPU a batch holds only as many items as the model runs in about this long: batching a big model there
     # gains nothing (Grounding DINO at 800 px was 24 % slower per image in batches of 4) and delays every item of
@@ -172,13 +172,14 @@ class BatchedModelDeployment:
     """What both model deployments share: a ModelBatcher and its live settings."""
 
     batcher: ModelBatcher
+    cpu_share: int = 1  # model roles whose replicas share this node's cores
 
     def reconfigure(self, user_config: dict) -> None:
         config = BatchConfig.from_user_config(user_config)
         self.batcher.config = config
         on_cpu = self.model.device.type == "cpu"
         self.batcher.on_cpu = on_cpu
-        threads = config.torch_threads or (usable_cores() if on_cpu else 0)
+        threads = config.torch_threads or (max(1, usable_cores() // max(1, self.cpu_share)) if on_cpu else 0)
         set_cpu_threads(threads)
         logger.info("%s: max_batch_size %d%s, torch threads %s", type(self).__name__, config.max_batch_size,
                     f" (on CPU capped to about {config.cpu_batch_s:g} s of work)" if on_cpu and config.cpu_batch_s

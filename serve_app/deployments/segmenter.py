@@ -34,9 +34,10 @@ from serve_app.telemetry import EmbeddingCacheMetrics, ModelMetrics
 class Segmenter(BatchedModelDeployment):
     def __init__(self, checkpoint: str, *, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
                  setting: str = "SAM_CHECKPOINT", sha256: str = "", cache_dir: str = "", cache_bytes: int = 0,
-                 cpu_niceness: int = 0):
+                 cpu_niceness: int = 0, cpu_share: int = 1):
         self.model = SamSegmenter.load(checkpoint, model_type=model_type, device=device, precision=precision,
                                        setting=setting, sha256=sha256, cache_dir=cache_dir, cache_bytes=cache_bytes)
+        self.cpu_share = cpu_share
         if self.model.device.type == "cpu":
             lower_cpu_priority(cpu_niceness)  # the proxy and the ingress answer first (MODEL_CPU_NICENESS)
         self.model_metrics = ModelMetrics()
