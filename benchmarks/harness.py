@@ -3,6 +3,7 @@ separate process, and read batch sizes and memory per replica."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -95,6 +96,39 @@ def start_service(env: dict[str, str], override: Callable[[dict], None] | None =
     service = ServeProcess({"IMAGE_HOST_ALLOWLIST": "127.0.0.1", **env}, work, config_overrides=override,
                            startup_timeout_s=startup_timeout_s)
     return service.start()
+
+
+def long_requests(config: dict) -> None:
+    """serve.yaml override: a full-size Retrieve on CPU takes minutes, past Serve's 95 s request timeout."""
+    config["http_options"]["request_timeout_s"] = 3000
+
+
+@contextlib.contextmanager
+def seed_backend(env: dict[str, str]):
+    """benchmarks.seed_backend in its own process on a free loopback port: yields (pid, url)."""
+    import httpx
+
+    from tests.serve_process import free_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "benchmarks.seed_backend", "--port", str(port)], cwd=ROOT,
+                               env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                httpx.get(url, timeout=2)
+                break
+            except httpx.HTTPError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the seed backend did not start") from None
+                time.sleep(1)
+        yield process.pid, url
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 def run_load(url: str, body: dict[str, Any] | list[dict[str, Any]], requests: int, concurrency: int,

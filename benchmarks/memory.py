@@ -13,17 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 
-from benchmarks.harness import ROOT, ImageServer, distinct_images, machine, retrieve_body, run_load, start_service
+from benchmarks.harness import (ImageServer, distinct_images, long_requests, machine, retrieve_body, run_load,
+                                seed_backend, start_service)
 from benchmarks.models import MODEL_SETS, model_env
-from tests.serve_process import free_port
 
 ROLES = [  # (substring of the command line, role), first match wins
     ("ServeReplica", None),  # named by deployment below
@@ -74,27 +71,10 @@ def totals(groups: dict[str, dict[str, float]]) -> dict[str, int]:
 
 
 def seed_memory(env: dict[str, str], body: dict) -> dict:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.seed_backend", "--port", str(port)], cwd=ROOT,
-                               env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                httpx.get(url, timeout=2)
-                break
-            except httpx.HTTPError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the seed backend did not start") from None
-                time.sleep(1)
+    with seed_backend(env) as (pid, url):
         run_load(url, body, requests=1, concurrency=1)
-        groups = memory_of([process.pid])
+        groups = memory_of([pid])
         return {"seed backend": groups[next(iter(groups))]}
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 def main() -> None:
@@ -110,9 +90,6 @@ def main() -> None:
     body = retrieve_body([f"{images.url}/{name}" for name in sorted(images.files)])
     try:
         seed = seed_memory(env, body)
-
-        def long_requests(config: dict) -> None:
-            config["http_options"]["request_timeout_s"] = 3000
 
         service = start_service(env, long_requests)
         try:

@@ -14,20 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import psutil
 
-from benchmarks.harness import (ROOT, ImageServer, batch_sizes, distinct_images, histogram_delta, machine,
-                                replica_rss_mb, retrieve_body, run_load, start_service)
+from benchmarks.harness import (ImageServer, batch_sizes, distinct_images, histogram_delta, machine,
+                                long_requests, replica_rss_mb, retrieve_body, run_load, seed_backend, start_service)
 from benchmarks.models import MODEL_SETS, model_env
-from tests.serve_process import free_port
 
 
 def time_requests(url: str, body: dict, warmup: dict, repeats: int) -> list[dict]:
@@ -36,31 +30,9 @@ def time_requests(url: str, body: dict, warmup: dict, repeats: int) -> list[dict
 
 
 def run_seed(env: dict[str, str], body: dict, warmup: dict, repeats: int) -> tuple[list[dict], int]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.seed_backend", "--port", str(port)], cwd=ROOT,
-                               env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                httpx.get(url, timeout=2)
-                break
-            except httpx.HTTPError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the seed backend did not start") from None
-                time.sleep(1)
+    with seed_backend(env) as (pid, url):
         reports = time_requests(url, body, warmup, repeats)
-        rss = round(psutil.Process(process.pid).memory_info().rss / 1e6)
-    finally:
-        process.terminate()
-        process.wait(30)
-    return reports, rss
-
-
-def long_requests(config: dict) -> None:
-    config["http_options"]["request_timeout_s"] = 3000  # a full-size Retrieve on CPU takes minutes
+        return reports, round(psutil.Process(pid).memory_info().rss / 1e6)
 
 
 def main() -> None:
