@@ -21,7 +21,7 @@ from serve_app.settings import Settings
 
 def load_models(settings: Settings) -> tuple[GroundingDinoDetector, SamSegmenter | None]:
     """The detector and (if enabled) segmenter the settings name, loaded as the deployments load them."""
-    detector = GroundingDinoDetector.load(settings.grounding_dino_model, device=settings.device,
+    detector = GroundingDinoDetector.load(settings.detector_model, device=settings.device,
                                           precision=settings.precision)
     segmenter = None
     if settings.sam_enabled:

@@ -38,7 +38,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     models_sharing = 2 if settings.sam_enabled else 1  # model roles whose replicas share a CPU node's cores
     detector = Detector.options(ray_actor_options={
         "num_cpus": settings.detector_cpus, "num_gpus": settings.detector_gpus if gpus else 0,
-    }).bind(settings.grounding_dino_model, device=settings.device, precision=settings.precision,
+    }).bind(settings.detector_model, device=settings.device, precision=settings.precision,
             cpu_niceness=settings.model_cpu_niceness, cpu_share=models_sharing)
     segmenter = None
     if settings.sam_enabled:

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         "download",
         help="fetch the configured checkpoints ahead of time (for offline clusters and faster starts)",
         description="Downloads what the service would load with the current environment: the Grounding DINO "
-                    "hub model (GROUNDING_DINO_MODEL, into HF_HOME) and, with USE_SAM or USE_MOBILE_SAM, the SAM "
+                    "hub model (DETECTOR_MODEL, into HF_HOME) and, with USE_SAM or USE_MOBILE_SAM, the SAM "
                     "checkpoint URL (into CHECKPOINT_CACHE_DIR). Local paths are only checked. Copy HF_HOME and "
                     "CHECKPOINT_CACHE_DIR to the cluster and set HF_HUB_OFFLINE=1 there.",
     )
@@ -92,7 +92,7 @@ examples:
         from serve_app.models.tiny import make_tiny_models
 
         paths = make_tiny_models(args.dir, seed=args.seed)
-        print(f"export GROUNDING_DINO_MODEL={paths['grounding_dino'].resolve()}")
+        print(f"export DETECTOR_MODEL={paths['grounding_dino'].resolve()}")
         print("export USE_SAM=true SAM_MODEL_TYPE=tiny")
         print(f"export SAM_CHECKPOINT={paths['sam'].resolve()}")
     return 0
@@ -142,12 +142,12 @@ def _download(all_sam: bool) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = Settings.load()
-    if os.path.isdir(settings.grounding_dino_model):
-        print(f"GROUNDING_DINO_MODEL is a local directory: {settings.grounding_dino_model}")
+    if os.path.isdir(settings.detector_model):
+        print(f"DETECTOR_MODEL is a local directory: {settings.detector_model}")
     else:
         from huggingface_hub import snapshot_download
 
-        print(f"GROUNDING_DINO_MODEL: {snapshot_download(settings.grounding_dino_model)}")
+        print(f"DETECTOR_MODEL: {snapshot_download(settings.detector_model)}")
     wanted = []
     if settings.sam_enabled:
         wanted.append((settings.segmenter_checkpoint_setting, settings.segmenter_checkpoint,

@@ -20,7 +20,8 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 
 # Names the Label Studio ML backend examples use for the same setting.
-_ENV_ALIASES = {"label_studio_url": ("LABEL_STUDIO_HOST",)}
+_ENV_ALIASES = {"label_studio_url": ("LABEL_STUDIO_HOST",), "detector_model": ("GROUNDING_DINO_MODEL",)}
+_ARG_ALIASES = {"grounding_dino_model": "detector_model"}  # the seed's names keep working
 
 
 # The operator's Label Studio key: a secret, so read from the environment only, never from Serve config args.
@@ -42,7 +43,8 @@ def environment_key(env: Mapping[str, str]) -> tuple[str, str]:
 @dataclass(frozen=True)
 class Settings:
     # Models
-    grounding_dino_model: str = DEFAULT_GROUNDING_DINO  # GROUNDING_DINO_MODEL: hub id or local directory
+    # DETECTOR_MODEL (alias GROUNDING_DINO_MODEL): hub id or local directory of a Grounding DINO family checkpoint
+    detector_model: str = DEFAULT_GROUNDING_DINO
     use_sam: bool = False  # USE_SAM: add brush masks from SAM
     use_mobile_sam: bool = False  # USE_MOBILE_SAM: use MobileSAM (vit_t) instead of SAM
     sam_checkpoint: str = OFFICIAL_CHECKPOINTS["vit_h"]  # SAM_CHECKPOINT: path or http(s) URL
@@ -124,7 +126,7 @@ class Settings:
     @classmethod
     def load(cls, args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if env is None else env
-        args = dict(args or {})
+        args = {_ARG_ALIASES.get(name, name): value for name, value in (args or {}).items()}
         unknown = set(args) - {f.name for f in fields(cls)}
         if unknown:
             raise SettingsError(f"unknown setting(s) in the Serve config args: {', '.join(sorted(unknown))}")
@@ -132,9 +134,11 @@ class Settings:
         for f in fields(cls):
             raw = args.get(f.name)
             source = f"args.{f.name}"
-            for env_name in (f.name.upper(), *_ENV_ALIASES.get(f.name, ())):
-                if raw is None and env.get(env_name, "") != "":
-                    raw, source = env[env_name], env_name
+            names = [name for name in (f.name.upper(), *_ENV_ALIASES.get(f.name, ())) if env.get(name, "") != ""]
+            if f.name == "detector_model" and len({env[name] for name in names}) > 1:  # which one was meant?
+                raise SettingsError(f"{' and '.join(names)} are both set, to different values: set one of them")
+            if raw is None and names:
+                raw, source = env[names[0]], names[0]
             if raw is None:
                 continue
             values[f.name] = _parse(f.name, f.type, raw, source)

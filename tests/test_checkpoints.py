@@ -109,7 +109,7 @@ def test_offline_start_without_the_model_names_model_and_variables(tmp_path, mon
     with pytest.raises(ModelLoadError) as info:
         GroundingDinoDetector.load("IDEA-Research/grounding-dino-tiny", device="cpu")
     message = str(info.value)
-    assert "GROUNDING_DINO_MODEL='IDEA-Research/grounding-dino-tiny'" in message
+    assert "DETECTOR_MODEL='IDEA-Research/grounding-dino-tiny'" in message
     assert "HF_HUB_OFFLINE" in message and str(tmp_path / "hf") in message
 
 

@@ -43,7 +43,7 @@ def multinode_config(tiny_models):
     def override(config):
         app = config["applications"][0]
         app["args"].update(accelerator="gpu", detector_gpus=0.5, segmenter_gpus=0.5, detector_cpus=0.25,
-                           segmenter_cpus=0.25, grounding_dino_model=str(tiny_models["grounding_dino"]),
+                           segmenter_cpus=0.25, detector_model=str(tiny_models["grounding_dino"]),
                            use_sam=True, sam_checkpoint=str(tiny_models["sam"]), replica_retry_timeout_s=60)
         detector, segmenter = model_deployments(config)
         detector["autoscaling_config"] = {

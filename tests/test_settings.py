@@ -7,7 +7,7 @@ def test_defaults_match_the_seed():
     settings = Settings.load({}, env={})
     assert settings.box_threshold == 0.30
     assert settings.text_threshold == 0.25
-    assert settings.grounding_dino_model == "IDEA-Research/grounding-dino-tiny"
+    assert settings.detector_model == "IDEA-Research/grounding-dino-tiny"
     assert not settings.sam_enabled
 
 
@@ -17,7 +17,7 @@ def test_environment_is_parsed_and_args_win():
     settings = Settings.load({"grounding_dino_model": "/other/dino", "max_detections": None}, env=env)
     assert settings.box_threshold == 0.4
     assert settings.use_sam and settings.segmenter_checkpoint == "/m/sam.pth"
-    assert settings.grounding_dino_model == "/other/dino"  # non-null args win
+    assert settings.detector_model == "/other/dino"  # non-null args win (the seed's arg name still works)
     assert settings.max_detections == 7  # null args fall through to the environment
 
 
@@ -65,3 +65,12 @@ def test_every_setting_is_documented_in_the_readme_and_security_caps_in_docs():
     security = (root / "docs" / "security.md").read_text()
     caps = [f.name.upper() for f in fields(Settings) if f.name.startswith(("max_", "ingress_image"))]
     assert [cap for cap in caps if cap not in security] == []
+
+
+def test_detector_model_and_its_seed_alias():
+    assert Settings.load({}, env={"DETECTOR_MODEL": "/m/a"}).detector_model == "/m/a"
+    assert Settings.load({}, env={"GROUNDING_DINO_MODEL": "/m/b"}).detector_model == "/m/b"
+    same = {"DETECTOR_MODEL": "/m/a", "GROUNDING_DINO_MODEL": "/m/a"}
+    assert Settings.load({}, env=same).detector_model == "/m/a"
+    with pytest.raises(SettingsError, match="DETECTOR_MODEL and GROUNDING_DINO_MODEL"):
+        Settings.load({}, env={"DETECTOR_MODEL": "/m/a", "GROUNDING_DINO_MODEL": "/m/b"})

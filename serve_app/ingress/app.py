@@ -97,7 +97,7 @@ def model_version_for(settings: Settings) -> str:
     """Stable name of the models: Label Studio skips tasks that have a prediction of this version."""
     if settings.model_version:
         return settings.model_version
-    dino = os.path.basename(settings.grounding_dino_model.rstrip("/")) or settings.grounding_dino_model
+    dino = os.path.basename(settings.detector_model.rstrip("/")) or settings.detector_model
     version = f"grounded-serve:{dino}"
     if settings.sam_enabled:
         checkpoint = os.path.splitext(os.path.basename(settings.segmenter_checkpoint))[0]

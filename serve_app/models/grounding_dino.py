@@ -1,4 +1,8 @@
-"""Grounding DINO through transformers, batched over images with different prompts.
+"""Grounding DINO and its family through transformers, batched over images with different prompts.
+
+The family is read from the checkpoint's config: Grounding DINO (`grounding-dino`) and MM Grounding DINO
+(`mm-grounding-dino`, which LLMDet checkpoints also use) share the processor, the caption format and the output
+(a score per query and text token, boxes as normalised cx, cy, w, h), so one class serves them.
 
 Each item in a batch carries its own phrases and thresholds. Detections are assigned to the
 prompt phrase whose tokens score highest, instead of decoding text from token subsets as
@@ -21,6 +25,10 @@ from serve_app.models.messages import DEFAULT_GROUNDING_DINO, DetectionRequest, 
 
 logger = get_logger(__name__)
 
+# model_type in config.json -> what the docs call it
+FAMILIES = {"grounding-dino": "Grounding DINO", "mm-grounding-dino": "MM Grounding DINO / LLMDet"}
+
+
 def describe_load_failure(model: str, exc: Exception) -> str:
     if os.path.isdir(model):
         where = f"the directory {model!r} is not a transformers Grounding DINO model (config.json, weights, processor)"
@@ -29,10 +37,19 @@ def describe_load_failure(model: str, exc: Exception) -> str:
     elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         home = os.environ.get("HF_HOME", "~/.cache/huggingface")
         where = (f"HF_HUB_OFFLINE is set and {model!r} is not in the Hugging Face cache (HF_HOME={home}); "
-                 "download it there first or point GROUNDING_DINO_MODEL at a local directory")
+                 "download it there first or point DETECTOR_MODEL at a local directory")
     else:
         where = f"{model!r} could not be fetched from the Hugging Face hub"
-    return f"GROUNDING_DINO_MODEL={model!r}: {where}. ({exc.__class__.__name__}: {str(exc).splitlines()[0][:300]})"
+    return f"DETECTOR_MODEL={model!r}: {where}. ({exc.__class__.__name__}: {str(exc).splitlines()[0][:300]})"
+
+
+def check_family(model: str, model_type: str) -> str:
+    """The family's name, or a ModelLoadError that names the setting and the families served."""
+    if model_type not in FAMILIES:
+        served = ", ".join(f"{name} ({kind})" for kind, name in FAMILIES.items())
+        raise ModelLoadError(f"DETECTOR_MODEL={model!r} is a {model_type!r} checkpoint, which this service does not "
+                             f"serve yet; it serves {served}")
+    return FAMILIES[model_type]
 
 
 def build_caption(phrases: list[str]) -> tuple[str, list[tuple[int, int]]]:
@@ -75,11 +92,12 @@ class GroundingDinoDetector:
     def load(cls, model_id_or_path: str = DEFAULT_GROUNDING_DINO, *, device: str = "auto",
              precision: str = "fp32") -> "GroundingDinoDetector":
         """From a hub id (cached under HF_HOME; HF_HUB_OFFLINE=1 uses only the cache) or a local directory."""
-        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+        from transformers import AutoConfig, AutoModelForZeroShotObjectDetection, AutoProcessor
 
         torch_device = pick_device(device)
-        logger.info("loading Grounding DINO from %s on %s", model_id_or_path, torch_device)
         try:
+            family = check_family(model_id_or_path, AutoConfig.from_pretrained(model_id_or_path).model_type)
+            logger.info("loading %s from %s on %s", family, model_id_or_path, torch_device)
             processor = AutoProcessor.from_pretrained(model_id_or_path)
             model = AutoModelForZeroShotObjectDetection.from_pretrained(model_id_or_path)
         except (OSError, ValueError) as exc:

@@ -28,11 +28,13 @@ def _bert_vocab() -> list[str]:
     return vocab
 
 
-def make_tiny_grounding_dino(out_dir: str | Path, seed: int = 0, full_size: bool = False) -> Path:
+def make_tiny_grounding_dino(out_dir: str | Path, seed: int = 0, full_size: bool = False,
+                             family: str = "grounding-dino") -> Path:
     """Save a ~1.4M-parameter Grounding DINO with processor and tokenizer to `out_dir`.
 
     `full_size`: the default configuration instead (grounding-dino-tiny's layout, 172M parameters, the
-    real 800-1333 px preprocessing), still random and with the small vocabulary: for benchmarks."""
+    real 800-1333 px preprocessing), still random and with the small vocabulary: for benchmarks.
+    `family`: "mm-grounding-dino" saves the same sizes as MM Grounding DINO (LLMDet's architecture)."""
     from transformers import (
         BertConfig,
         BertTokenizerFast,
@@ -40,8 +42,15 @@ def make_tiny_grounding_dino(out_dir: str | Path, seed: int = 0, full_size: bool
         GroundingDinoForObjectDetection,
         GroundingDinoImageProcessor,
         GroundingDinoProcessor,
+        MMGroundingDinoConfig,
+        MMGroundingDinoForObjectDetection,
         SwinConfig,
     )
+
+    config_class, model_class = {
+        "grounding-dino": (GroundingDinoConfig, GroundingDinoForObjectDetection),
+        "mm-grounding-dino": (MMGroundingDinoConfig, MMGroundingDinoForObjectDetection),
+    }[family]
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +62,7 @@ def make_tiny_grounding_dino(out_dir: str | Path, seed: int = 0, full_size: bool
     image_processor = (GroundingDinoImageProcessor() if full_size
                        else GroundingDinoImageProcessor(size={"shortest_edge": 224, "longest_edge": 320}))
     processor = GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    config = GroundingDinoConfig() if full_size else GroundingDinoConfig(
+    config = config_class() if full_size else config_class(
         backbone_config=SwinConfig(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4], window_size=7,
                                    out_indices=[2, 3, 4]),
         text_config=BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -63,7 +72,7 @@ def make_tiny_grounding_dino(out_dir: str | Path, seed: int = 0, full_size: bool
         num_queries=30, max_text_len=256,
     )
     torch.manual_seed(seed)
-    GroundingDinoForObjectDetection(config).eval().save_pretrained(out_dir)
+    model_class(config).eval().save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
 
