@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)  # an entry is out x 256 float64: 8 MB for a 4000 px side
 def _axis_map(low: int, encoder: int, valid: int, out: int) -> tuple[np.ndarray, np.ndarray]:
     """The composed 1-D map of one axis: low -> encoder (bilinear), crop to `valid`, -> out (bilinear), as an
     (out × low) float64 matrix, and per output index the first and last low index it reads."""
