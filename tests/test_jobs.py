@@ -264,3 +264,21 @@ def test_a_retry_after_a_lost_reply_does_not_store_a_second_copy(stand_in):
 
     asyncio.run(scenario())
     assert stand_in.posts == 1 and len(stand_in.for_task(5)) == 1
+
+
+def test_tasks_that_are_not_objects_fail_alone_in_a_batch(models, image_server, stand_in):
+    """A Retrieve body whose tasks list holds null, a string, a number or a list beside good tasks: each odd one
+    fails on its own ([] and a task error), the good ones are predicted (found by fuzzing /predict: it was a 500)."""
+    harness = Harness(models, deadline_s=30, delay_s=0.0)
+
+    async def scenario():
+        async with httpx.AsyncClient() as http:
+            body = harness.body(urls(image_server, 2))
+            body["tasks"] = [None, body["tasks"][0], "task", 7, [1, 2], body["tasks"][1]]
+            return await harness.board.predict(harness.parse(body), harness.writer(stand_in, http))
+
+    response = asyncio.run(scenario())
+    results = response["results"]
+    assert len(results) == 6 and results[1] and results[5]
+    assert results[0] == results[2] == results[3] == results[4] == []
+    assert len(response["task_errors"]) == 4

@@ -172,8 +172,11 @@ class JobBoard:
                 over_cap += 1
                 outcomes[index] = TaskOutcome(list(NO_PREDICTION))
                 continue
-            data = task.get("data") if isinstance(task, dict) else None
-            kept = {"id": task.get("id"), "data": {image_key: data.get(image_key)} if isinstance(data, dict) else data}
+            kept = None  # not an object: the pipeline fails it alone, whatever it was; nothing big is kept
+            if isinstance(task, dict):
+                data = task.get("data")
+                kept = {"id": task.get("id"),
+                        "data": {image_key: data.get(image_key)} if isinstance(data, dict) else data}
             job.queue.append(QueuedTask(index, task_id, kept))
             self.queued += 1
             if task_id is not None:
