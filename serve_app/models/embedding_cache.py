@@ -10,18 +10,32 @@ from __future__ import annotations
 import collections
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 
 @dataclass
 class CachedEmbedding:
-    embedding: torch.Tensor  # 1 x C x h x w, on the model's device
+    # segment-anything: a 1 x C x h x w tensor; transformers families: the keyword arguments their decoder
+    # reads (SAM 2's feature pyramid, SAM-HQ's intermediate ViT features), on the model's device
+    embedding: Any
     input_size: tuple[int, int]  # the resized image's size before padding
+    encoder_size: int = 1024  # the encoder input's side
 
     @property
     def nbytes(self) -> int:
-        return self.embedding.element_size() * self.embedding.nelement()
+        return _tensor_bytes(self.embedding)
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.element_size() * value.nelement()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 class EmbeddingCache:

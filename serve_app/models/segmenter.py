@@ -88,7 +88,7 @@ class SamSegmenter:
             groups = list(to_encode.values())
             encoded, input_sizes = self.embed([requests[group[0]].image for group in groups])
             for row, group in enumerate(groups):
-                entry = CachedEmbedding(encoded[row:row + 1], input_sizes[row])
+                entry = CachedEmbedding(encoded[row:row + 1].clone(), input_sizes[row])
                 self.cache.put(requests[group[0]].image_key, entry)
                 for i in group:
                     embeddings[i] = entry

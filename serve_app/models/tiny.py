@@ -88,6 +88,65 @@ def make_tiny_sam(out_file: str | Path, seed: int = 0) -> Path:
     return out_file
 
 
+SAM_FAMILY_TYPES = ("sam2", "sam2_video", "edgetam", "sam_hq", "sam")
+
+
+def make_tiny_sam_family(out_dir: str | Path, family: str = "sam2", seed: int = 0) -> Path:
+    """Save a tiny transformers SAM-family model (config.json model_type `family`) with its processor.
+
+    The encoder input stays 1024 px, as the processors prepare it; the widths and depths are small. `sam2_video`
+    saves the video model, as the hub's SAM 2.1 checkpoints are; EdgeTAM's timm backbone is timm's `test_convnext`
+    in place of RepViT (the same strides, 4 to 32)."""
+    import transformers as tf
+
+    small_decoder = dict(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32)
+    prompt = dict(hidden_size=32)
+    if family in ("sam2", "sam2_video"):
+        hiera = dict(model_type="sam2_hiera_det_model", hidden_size=16, num_attention_heads=1,
+                     blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[16, 32, 64, 128],
+                     num_attention_heads_per_stage=[1, 1, 1, 1], window_size_per_stage=[8, 4, 14, 7],
+                     global_attention_blocks=[3], window_positional_embedding_background_size=[7, 7])
+        vision = dict(backbone_config=hiera, backbone_channel_list=[128, 64, 32, 16], fpn_hidden_size=32)
+        if family == "sam2":
+            model = tf.Sam2Model(tf.Sam2Config(vision_config=vision, prompt_encoder_config=prompt,
+                                               mask_decoder_config=small_decoder))
+        else:
+            model = tf.Sam2VideoModel(tf.Sam2VideoConfig(vision_config=vision, prompt_encoder_config=prompt,
+                                                         mask_decoder_config=small_decoder, memory_attention_hidden_size=32,
+                                                         memory_encoder_hidden_size=32, memory_encoder_output_channels=16,
+                                                         mask_downsampler_embed_dim=32, memory_fuser_embed_dim=32,
+                                                         memory_fuser_intermediate_dim=64,
+                                                         memory_attention_feed_forward_hidden_size=64))
+        processor = tf.Sam2Processor(image_processor=tf.Sam2ImageProcessor())
+    elif family == "edgetam":
+        backbone = tf.TimmWrapperConfig(architecture="test_convnext",
+                                        model_args={"in_chans": 3, "features_only": True, "out_indices": [0, 1, 2, 3]})
+        vision = dict(backbone_config=backbone, backbone_channel_list=[64, 48, 32, 24], fpn_hidden_size=32)
+        model = tf.EdgeTamModel(tf.EdgeTamConfig(vision_config=vision, prompt_encoder_config=prompt,
+                                                 mask_decoder_config=small_decoder))
+        processor = tf.Sam2Processor(image_processor=tf.Sam2ImageProcessor())
+    elif family in ("sam_hq", "sam"):
+        vision = dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
+                      global_attn_indexes=[1], window_size=7, mlp_dim=64, num_pos_feats=16)
+        if family == "sam_hq":
+            model = tf.SamHQModel(tf.SamHQConfig(vision_config=vision, prompt_encoder_config=prompt,
+                                                 mask_decoder_config={**small_decoder, "vit_dim": 32}))
+            processor = tf.SamHQProcessor(image_processor=tf.SamImageProcessor())
+        else:
+            model = tf.SamModel(tf.SamConfig(vision_config=vision, prompt_encoder_config=prompt,
+                                             mask_decoder_config=small_decoder))
+            processor = tf.SamProcessor(image_processor=tf.SamImageProcessor())
+    else:
+        raise ValueError(f"unknown SAM family {family!r}; one of {', '.join(SAM_FAMILY_TYPES)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model.init_weights()  # the constructor's weights did not see the seed
+    model.eval().save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
 def make_tiny_models(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     out_dir = Path(out_dir)
     return {

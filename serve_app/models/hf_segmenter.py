@@ -1,0 +1,213 @@
+"""Boxes and clicks to masks with the SAM family as transformers ships it: SAM 2 / 2.1, SAM-HQ, EdgeTAM and SAM.
+
+The family is read from the checkpoint's `config.json`. Each image is prepared by the family's own image
+processor and encoded once (in batches, cached by content); prompts are scaled to the encoder's input the way
+the family's processor scales them, and the low-resolution masks are up-sampled as its `post_process_masks`
+does, in each mask's window (serve_app.models.mask_upsampling), so results match the model card's
+processor → model → post-processing path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from serve_app import get_logger
+from serve_app.models.device import autocast_for, effective_precision, pick_device
+from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
+from serve_app.models.errors import ModelLoadError
+from serve_app.models.mask_upsampling import upsample_masks
+from serve_app.models.messages import Masks, SegmentationRequest
+
+logger = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_class: str
+    processor_class: str
+    padded: bool  # SAM and SAM-HQ keep the aspect ratio and pad to a square; SAM 2 and EdgeTAM stretch
+
+
+# config.json model_type -> family. The hub's SAM 2.1 and EdgeTAM checkpoints are saved as their video models
+# (`sam2_video`, `edgetam_video`); the image model loads from them and ignores the memory weights.
+FAMILIES = {
+    "sam2": Family("SAM 2 / 2.1", "Sam2Model", "Sam2Processor", padded=False),
+    "sam2_video": Family("SAM 2 / 2.1", "Sam2Model", "Sam2Processor", padded=False),
+    "edgetam": Family("EdgeTAM", "EdgeTamModel", "Sam2Processor", padded=False),
+    "edgetam_video": Family("EdgeTAM", "EdgeTamModel", "Sam2Processor", padded=False),
+    "sam_hq": Family("SAM-HQ", "SamHQModel", "SamHQProcessor", padded=True),
+    "sam": Family("SAM", "SamModel", "SamProcessor", padded=True),
+}
+
+
+def family_of(model: str, model_type: str) -> Family:
+    if model_type not in FAMILIES:
+        served = ", ".join(sorted({f"{family.name} ({kind})" for kind, family in FAMILIES.items()}))
+        raise ModelLoadError(f"SEGMENTER_MODEL={model!r} is a {model_type!r} checkpoint, which is not a segmenter "
+                             f"this service serves; it serves {served}, and segment-anything .pth checkpoints")
+    return FAMILIES[model_type]
+
+
+def describe_load_failure(model: str, exc: Exception) -> str:
+    if os.path.isdir(model):
+        where = f"the directory {model!r} is not a transformers SAM-family model (config.json, weights, processor)"
+    elif model.startswith((".", "/", "~")):
+        where = f"{model!r} does not exist"
+    elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        where = (f"HF_HUB_OFFLINE is set and {model!r} is not in the Hugging Face cache; download it first or "
+                 "point SEGMENTER_MODEL at a local directory")
+    else:
+        where = f"{model!r} could not be fetched from the Hugging Face hub"
+    return f"SEGMENTER_MODEL={model!r}: {where}. ({exc.__class__.__name__}: {str(exc).splitlines()[0][:300]})"
+
+
+class HfSamSegmenter:
+    """One transformers SAM-family model for batched box prompts and clicks, with an embedding cache."""
+
+    def __init__(self, model, processor, family: Family, device: torch.device, *, encoder_batch_size: int = 8,
+                 decoder_chunk: int = 0, precision: str = "fp32", cache_bytes: int = 0):
+        self.model = model.to(device).eval()
+        self.processor = processor
+        self.image_processor = processor.image_processor
+        self.family = family
+        self.device = device
+        self.precision = effective_precision(device, precision)
+        self.cache = EmbeddingCache(cache_bytes)
+        self.images_encoded = 0
+        self.encoder_batch_size = max(1, encoder_batch_size)
+        # as SamSegmenter: on CPU a few boxes at a time keep the decoder's activations in cache
+        self.decoder_chunk = decoder_chunk if decoder_chunk > 0 else (4 if device.type == "cpu" else 64)
+
+    @classmethod
+    def load(cls, model_id_or_path: str, *, device: str = "auto", precision: str = "fp32",
+             cache_bytes: int = 0) -> "HfSamSegmenter":
+        """From a hub id (cached under HF_HOME; HF_HUB_OFFLINE=1 uses only the cache) or a local directory."""
+        import transformers
+
+        torch_device = pick_device(device)
+        try:
+            model_type = transformers.AutoConfig.from_pretrained(model_id_or_path).model_type
+            family = family_of(model_id_or_path, model_type)
+            logger.info("loading %s from %s on %s", family.name, model_id_or_path, torch_device)
+            processor = getattr(transformers, family.processor_class).from_pretrained(model_id_or_path)
+            model, loading = getattr(transformers, family.model_class).from_pretrained(
+                model_id_or_path, output_loading_info=True)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(describe_load_failure(model_id_or_path, exc)) from None
+        if loading.get("missing_keys"):  # they would be random: refuse rather than serve noise
+            missing = sorted(loading["missing_keys"])
+            raise ModelLoadError(f"SEGMENTER_MODEL={model_id_or_path!r}: the checkpoint lacks {len(missing)} of "
+                                 f"{family.model_class}'s weights (for example {', '.join(missing[:3])})")
+        return cls(model, processor, family, torch_device, precision=precision, cache_bytes=cache_bytes)
+
+    def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Pixel values and the size of the image inside them (before padding, where the family pads)."""
+        prepared = self.image_processor(images=[image], return_tensors="pt")
+        pixels = prepared["pixel_values"]
+        if self.family.padded:
+            return pixels, tuple(int(v) for v in prepared["reshaped_input_sizes"][0])
+        return pixels, tuple(pixels.shape[-2:])
+
+    @torch.inference_mode()
+    def embed(self, images: list[np.ndarray]) -> list[CachedEmbedding]:
+        """One cache entry per image: whatever the family's decoder reads, for that image alone."""
+        self.images_encoded += len(images)
+        prepared = [self._prepare(image) for image in images]
+        entries = []
+        for start in range(0, len(prepared), self.encoder_batch_size):
+            chunk = prepared[start:start + self.encoder_batch_size]
+            pixels = torch.cat([p for p, _ in chunk]).to(self.device)
+            with autocast_for(self.device, self.precision):
+                encoded = self.model.get_image_embeddings(pixels)
+            for row, (p, input_size) in enumerate(chunk):
+                entries.append(CachedEmbedding(_decoder_inputs(encoded, row), input_size,
+                                               encoder_size=int(p.shape[-1])))
+        return entries
+
+    @torch.inference_mode()
+    def segment(self, requests: list[SegmentationRequest]) -> list[Masks]:
+        results = [Masks(masks=np.zeros((0, *r.image.shape[:2]), bool)) for r in requests]
+        active = [i for i, r in enumerate(requests) if len(r.boxes) or _has_points(r)]
+        embeddings: dict[int, CachedEmbedding] = {}
+        to_encode: dict[str, list[int]] = {}
+        for i in active:
+            key = requests[i].image_key
+            cached = self.cache.get(key) if key else None
+            if cached is not None:
+                embeddings[i] = cached
+            else:
+                to_encode.setdefault(key or f"uncached-{i}", []).append(i)
+        if to_encode:
+            groups = list(to_encode.values())
+            for group, entry in zip(groups, self.embed([requests[group[0]].image for group in groups])):
+                self.cache.put(requests[group[0]].image_key, entry)
+                for i in group:
+                    embeddings[i] = entry
+        encoded_now = {i for group in to_encode.values() for i in group}
+        for i in active:
+            results[i] = self._decode(embeddings[i], requests[i])
+            results[i].cache_hit = i not in encoded_now
+        return results
+
+    def _scale(self, coords: np.ndarray, cached: CachedEmbedding, original_size) -> torch.Tensor:
+        """Pixel coordinates (..., 2) of the original image -> the encoder input's, as the processor scales them."""
+        scaled = torch.as_tensor(np.asarray(coords, np.float32)).reshape(-1, 2).clone()
+        scaled[:, 0] *= cached.input_size[1] / original_size[1]
+        scaled[:, 1] *= cached.input_size[0] / original_size[0]
+        return scaled.to(self.device)
+
+    def _decode(self, cached: CachedEmbedding, request: SegmentationRequest) -> Masks:
+        original_size = request.image.shape[:2]
+        if _has_points(request):
+            points = self._scale(request.points, cached, original_size)[None, None]
+            labels = torch.as_tensor(np.asarray(request.point_labels, np.int64), device=self.device)[None, None]
+            box = self._scale(request.boxes[:1], cached, original_size).reshape(1, 1, 4) if len(request.boxes) else None
+            multimask = box is None and points.shape[2] == 1  # a lone click is ambiguous: keep the best of three
+            low_res, iou = self._run_decoder(cached, points=points, labels=labels, boxes=box, multimask=multimask)
+            best = int(iou[0, 0].argmax())
+            return Masks(masks=self._upsample(low_res[0, 0, best:best + 1], cached, original_size),
+                         scores=iou[0, 0, best:best + 1].float().cpu().numpy().astype(np.float32))
+        boxes = self._scale(request.boxes, cached, original_size).reshape(-1, 4)
+        masks, scores = [], []
+        for start in range(0, len(boxes), self.decoder_chunk):
+            low_res, iou = self._run_decoder(cached, boxes=boxes[None, start:start + self.decoder_chunk])
+            masks.append(self._upsample(low_res[0, :, 0], cached, original_size))
+            scores.append(iou[0, :, 0].float().cpu().numpy())
+        return Masks(masks=np.concatenate(masks), scores=np.concatenate(scores).astype(np.float32))
+
+    def _run_decoder(self, cached: CachedEmbedding, *, points=None, labels=None, boxes=None, multimask=False):
+        with autocast_for(self.device, self.precision):
+            out = self.model(**cached.embedding, input_points=points, input_labels=labels, input_boxes=boxes,
+                             multimask_output=multimask)
+        return out.pred_masks, out.iou_scores
+
+    def _upsample(self, low_res: torch.Tensor, cached: CachedEmbedding, original_size) -> np.ndarray:
+        if self.family.padded:  # resize to the padded square, crop the padding, resize to the image
+            return upsample_masks(low_res.float(), cached.input_size, original_size, cached.encoder_size)
+        side = low_res.shape[-1]  # one resize straight to the image: the identity first step of the same map
+        return upsample_masks(low_res.float(), (side, side), original_size, side)
+
+
+def _decoder_inputs(encoded, row: int) -> dict:
+    """The keyword arguments the family's forward takes instead of pixel values, for one image."""
+    if isinstance(encoded, tuple):  # SAM-HQ: the last embedding and the ViT's intermediate ones
+        embedding, intermediate = encoded
+        return {"image_embeddings": _own_row(embedding, row),
+                "intermediate_embeddings": [_own_row(t, row) for t in intermediate]}
+    if isinstance(encoded, list):  # SAM 2 / EdgeTAM: the feature pyramid, finest first
+        return {"image_embeddings": [_own_row(t, row) for t in encoded]}
+    return {"image_embeddings": _own_row(encoded, row)}
+
+
+def _own_row(batch: torch.Tensor, row: int) -> torch.Tensor:
+    """A copy, not a view: a cached view would keep the whole batch's tensor alive behind one entry's bytes."""
+    return batch[row:row + 1].to(torch.float32, copy=True)
+
+
+def _has_points(request: SegmentationRequest) -> bool:
+    return request.points is not None and len(request.points) > 0
