@@ -136,7 +136,7 @@ def _download(all_sam: bool) -> int:
     import logging
     import os
 
-    from serve_app.models.checkpoints import resolve_checkpoint
+    from serve_app.models.checkpoints import is_checkpoint_file, resolve_checkpoint
     from serve_app.models.messages import OFFICIAL_CHECKPOINTS
     from serve_app.settings import Settings
 
@@ -149,7 +149,14 @@ def _download(all_sam: bool) -> int:
 
         print(f"DETECTOR_MODEL: {snapshot_download(settings.detector_model)}")
     wanted = []
-    if settings.sam_enabled:
+    if settings.segmenter_model and not is_checkpoint_file(settings.segmenter_model):
+        if os.path.isdir(settings.segmenter_model):
+            print(f"SEGMENTER_MODEL is a local directory: {settings.segmenter_model}")
+        else:
+            from huggingface_hub import snapshot_download
+
+            print(f"SEGMENTER_MODEL: {snapshot_download(settings.segmenter_model)}")
+    elif settings.sam_enabled:
         wanted.append((settings.segmenter_checkpoint_setting, settings.segmenter_checkpoint,
                        settings.segmenter_checkpoint_sha256))
     if all_sam:

@@ -45,6 +45,9 @@ class Settings:
     # Models
     # DETECTOR_MODEL (alias GROUNDING_DINO_MODEL): hub id or local directory of a Grounding DINO family checkpoint
     detector_model: str = DEFAULT_GROUNDING_DINO
+    # SEGMENTER_MODEL: masks from this model: a hub id or directory of a transformers SAM 2 / 2.1, SAM-HQ, EdgeTAM
+    # or SAM checkpoint, or a segment-anything .pth path or URL. Empty: USE_SAM / USE_MOBILE_SAM decide
+    segmenter_model: str = ""
     use_sam: bool = False  # USE_SAM: add brush masks from SAM
     use_mobile_sam: bool = False  # USE_MOBILE_SAM: use MobileSAM (vit_t) instead of SAM
     sam_checkpoint: str = OFFICIAL_CHECKPOINTS["vit_h"]  # SAM_CHECKPOINT: path or http(s) URL
@@ -93,10 +96,12 @@ class Settings:
 
     @property
     def sam_enabled(self) -> bool:
-        return self.use_sam or self.use_mobile_sam
+        return self.use_sam or self.use_mobile_sam or bool(self.segmenter_model)
 
     @property
     def segmenter_checkpoint(self) -> str:
+        if self.segmenter_model:
+            return self.segmenter_model
         return self.mobilesam_checkpoint if self.use_mobile_sam else self.sam_checkpoint
 
     @property
@@ -105,6 +110,8 @@ class Settings:
 
     @property
     def segmenter_checkpoint_setting(self) -> str:
+        if self.segmenter_model:
+            return "SEGMENTER_MODEL"
         return "MOBILESAM_CHECKPOINT" if self.use_mobile_sam else "SAM_CHECKPOINT"
 
     @property
@@ -175,6 +182,9 @@ class Settings:
         for name in ("download_timeout_s", "task_timeout_s", "replica_retry_timeout_s", "predict_deadline_s"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be positive, got {getattr(self, name)}")
+        if self.segmenter_model and self.use_mobile_sam:
+            raise SettingsError("USE_MOBILE_SAM=true and SEGMENTER_MODEL are both set: SEGMENTER_MODEL names the "
+                                "segmenter (MobileSAM too, as a .pth path or URL); unset one of them")
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise SettingsError(f"PRECISION must be fp32, fp16 or bf16, got {self.precision!r}")
         if self.accelerator not in ("auto", "gpu", "cpu"):

@@ -28,6 +28,34 @@ def test_mobile_sam_switch_selects_its_checkpoint_and_type():
     assert settings.segmenter_model_type == "vit_t"
 
 
+def test_segmenter_model_turns_masks_on_and_names_the_model():
+    settings = Settings.load({}, env={"SEGMENTER_MODEL": "facebook/sam2.1-hiera-large"})
+    assert settings.sam_enabled and settings.segmenter_checkpoint == "facebook/sam2.1-hiera-large"
+    assert settings.segmenter_checkpoint_setting == "SEGMENTER_MODEL"
+    # USE_SAM only says "masks on": SEGMENTER_MODEL still says which, and args win over the environment
+    settings = Settings.load({"segmenter_model": "/m/sam_hq"}, env={"USE_SAM": "1", "SEGMENTER_MODEL": "x/y"})
+    assert settings.segmenter_checkpoint == "/m/sam_hq"
+    with pytest.raises(SettingsError, match="USE_MOBILE_SAM=true and SEGMENTER_MODEL are both set"):
+        Settings.load({}, env={"USE_MOBILE_SAM": "1", "SEGMENTER_MODEL": "facebook/sam2.1-hiera-tiny"})
+
+
+@pytest.mark.parametrize("source, is_file", [
+    ("facebook/sam2.1-hiera-large", False), ("https://example.com/sam_vit_b_01ec64.pth", True),
+    ("/models/mobile_sam.pt", True), ("/models/sam-hq-dir", False),
+])
+def test_segmenter_sources_are_told_apart(source, is_file):
+    from serve_app.models.checkpoints import is_checkpoint_file
+
+    assert is_checkpoint_file(source) is is_file
+
+
+def test_model_version_names_the_segmenter_model():
+    from serve_app.ingress.app import model_version_for
+
+    settings = Settings.load({}, env={"SEGMENTER_MODEL": "facebook/sam2.1-hiera-large", "DETECTOR_MODEL": "/m/dino/"})
+    assert model_version_for(settings) == "grounded-serve:dino+sam2.1-hiera-large"
+
+
 def test_label_studio_host_is_an_alias_of_label_studio_url():
     assert Settings.load({}, env={"LABEL_STUDIO_HOST": "http://ls:8080"}).label_studio_url == "http://ls:8080"
 

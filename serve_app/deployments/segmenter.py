@@ -1,4 +1,5 @@
-"""The segmenter deployment: boxes and clicks to masks, batched across requests (serve_app.models.segmenter).
+"""The segmenter deployment: boxes and clicks to masks, batched across requests (serve_app.models.segmenter for
+segment-anything checkpoints, serve_app.models.hf_segmenter for the transformers SAM families).
 
 Requests for one image reach the replica caching its embedding through serve_app.deployments.routing.
 Its defaults are set here, not in configs/serve.yaml: the app has no Segmenter when SAM is off, and Serve
@@ -15,7 +16,9 @@ from ray.serve.config import RequestRouterConfig
 from serve_app.deployments.batching import BatchedModelDeployment, ModelBatcher
 from serve_app.deployments.routing import ImageAffinityRouter
 from serve_app.masks.encode import encode_masks
+from serve_app.models.checkpoints import is_checkpoint_file
 from serve_app.models.device import lower_cpu_priority
+from serve_app.models.hf_segmenter import HfSamSegmenter
 from serve_app.models.messages import Masks, SegmentationRequest
 from serve_app.models.segmenter import SamSegmenter
 from serve_app.telemetry import EmbeddingCacheMetrics, ModelMetrics
@@ -35,8 +38,12 @@ class Segmenter(BatchedModelDeployment):
     def __init__(self, checkpoint: str, *, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
                  setting: str = "SAM_CHECKPOINT", sha256: str = "", cache_dir: str = "", cache_bytes: int = 0,
                  cpu_niceness: int = 0, cpu_share: int = 1):
-        self.model = SamSegmenter.load(checkpoint, model_type=model_type, device=device, precision=precision,
-                                       setting=setting, sha256=sha256, cache_dir=cache_dir, cache_bytes=cache_bytes)
+        if is_checkpoint_file(checkpoint):  # a segment-anything .pth (SAM, MobileSAM)
+            self.model = SamSegmenter.load(checkpoint, model_type=model_type, device=device, precision=precision,
+                                           setting=setting, sha256=sha256, cache_dir=cache_dir,
+                                           cache_bytes=cache_bytes)
+        else:  # a transformers SAM family: SAM 2 / 2.1, SAM-HQ, EdgeTAM, SAM
+            self.model = HfSamSegmenter.load(checkpoint, device=device, precision=precision, cache_bytes=cache_bytes)
         self.cpu_share = cpu_share
         if self.model.device.type == "cpu":
             lower_cpu_priority(cpu_niceness)  # the proxy and the ingress answer first (MODEL_CPU_NICENESS)

@@ -100,7 +100,10 @@ def model_version_for(settings: Settings) -> str:
         return settings.model_version
     dino = os.path.basename(settings.detector_model.rstrip("/")) or settings.detector_model
     version = f"grounded-serve:{dino}"
-    if settings.sam_enabled:
+    if settings.segmenter_model:
+        name = os.path.basename(settings.segmenter_model.rstrip("/"))
+        version += "+" + re.sub(r"\.(pth|pt)$", "", name, flags=re.IGNORECASE)  # sam2.1-hiera-large keeps its dot
+    elif settings.sam_enabled:
         checkpoint = os.path.splitext(os.path.basename(settings.segmenter_checkpoint))[0]
         version += f"+{'mobile_sam' if settings.use_mobile_sam else 'sam'}:{checkpoint}"
     return version

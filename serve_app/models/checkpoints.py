@@ -30,6 +30,14 @@ def is_url(source: str) -> bool:
     return source.lower().startswith(("http://", "https://"))
 
 
+def is_checkpoint_file(source: str) -> bool:
+    """A segment-anything state dict (a URL, or a path to a file) rather than a transformers model (a directory
+    or a hub id such as `facebook/sam2.1-hiera-large`)."""
+    if is_url(source) or source.lower().endswith((".pth", ".pt")):
+        return True
+    return os.path.isfile(os.path.expanduser(source))
+
+
 def redacted(url: str) -> str:
     """A URL fit for logs and /health: no query string or fragment (presigned URLs carry their signature
     there) and no user:password."""
