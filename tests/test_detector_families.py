@@ -56,6 +56,6 @@ def test_each_family_loads_offline_and_matches_its_reference_path(family_model, 
 
 
 def test_a_family_the_service_does_not_serve_is_refused_by_name(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "owlv2"}))
-    with pytest.raises(ModelLoadError, match=r"DETECTOR_MODEL=.*'owlv2' checkpoint.*serves Grounding DINO"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "yolos"}))
+    with pytest.raises(ModelLoadError, match=r"DETECTOR_MODEL=.*'yolos' checkpoint.*serves Grounding DINO.*OWLv2"):
         GroundingDinoDetector.load(str(tmp_path), device="cpu")

@@ -25,13 +25,15 @@ from serve_app.models.messages import DEFAULT_GROUNDING_DINO, DetectionRequest, 
 
 logger = get_logger(__name__)
 
-# model_type in config.json -> what the docs call it
+# model_type in config.json -> what the docs call it: the families this module's class runs
 FAMILIES = {"grounding-dino": "Grounding DINO", "mm-grounding-dino": "MM Grounding DINO / LLMDet"}
+# every detector family the service serves (serve_app.models.detector_choice picks the class for each)
+SERVED_FAMILIES = {**FAMILIES, "owlv2": "OWLv2", "omdet-turbo": "OmDet-Turbo"}
 
 
-def describe_load_failure(model: str, exc: Exception) -> str:
+def describe_load_failure(model: str, exc: Exception, family: str = "Grounding DINO") -> str:
     if os.path.isdir(model):
-        where = f"the directory {model!r} is not a transformers Grounding DINO model (config.json, weights, processor)"
+        where = f"the directory {model!r} is not a transformers {family} model (config.json, weights, processor)"
     elif model.startswith((".", "/", "~")):
         where = f"{model!r} does not exist"
     elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
@@ -43,13 +45,23 @@ def describe_load_failure(model: str, exc: Exception) -> str:
     return f"DETECTOR_MODEL={model!r}: {where}. ({exc.__class__.__name__}: {str(exc).splitlines()[0][:300]})"
 
 
-def check_family(model: str, model_type: str) -> str:
-    """The family's name, or a ModelLoadError that names the setting and the families served."""
-    if model_type not in FAMILIES:
-        served = ", ".join(f"{name} ({kind})" for kind, name in FAMILIES.items())
-        raise ModelLoadError(f"DETECTOR_MODEL={model!r} is a {model_type!r} checkpoint, which this service does not "
-                             f"serve yet; it serves {served}")
-    return FAMILIES[model_type]
+def unserved_family(model: str, model_type: str) -> ModelLoadError:
+    """The error for a checkpoint of a family no detector class runs: it names the setting and every family served."""
+    served = ", ".join(f"{name} ({kind})" for kind, name in SERVED_FAMILIES.items())
+    return ModelLoadError(f"DETECTOR_MODEL={model!r} is a {model_type!r} checkpoint, which this service does not "
+                          f"serve yet; it serves {served}")
+
+
+def check_family(model: str, model_type: str, families: dict[str, str] = FAMILIES) -> str:
+    """The family's name when `families` has it, else a ModelLoadError that names the setting and the families
+    served (and, for a family another class runs, which loader to use)."""
+    if model_type in families:
+        return families[model_type]
+    if model_type in SERVED_FAMILIES:
+        raise ModelLoadError(f"DETECTOR_MODEL={model!r} is a {SERVED_FAMILIES[model_type]} ({model_type}) checkpoint, "
+                             "which another detector class runs: load it with "
+                             "serve_app.models.detector_choice.load_detector")
+    raise unserved_family(model, model_type)
 
 
 def build_caption(phrases: list[str]) -> tuple[str, list[tuple[int, int]]]:
