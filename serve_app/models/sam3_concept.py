@@ -35,7 +35,12 @@ from serve_app.models.device import autocast_for, effective_precision, pick_devi
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
 from serve_app.models.errors import ModelLoadError
 from serve_app.models.mask_upsampling import upsample_masks
-from serve_app.models.messages import DetectionRequest, Detections, Masks, SegmentationRequest
+from serve_app.models.messages import (
+    DetectionRequest,
+    Detections,
+    Masks,
+    SegmentationRequest,
+)
 
 logger = get_logger(__name__)
 
@@ -88,7 +93,7 @@ class Sam3Concept:
 
     @classmethod
     def load(cls, model_id_or_path: str, *, device: str = "auto", precision: str = "fp32",
-             cache_bytes: int = 0) -> "Sam3Concept":
+             cache_bytes: int = 0) -> Sam3Concept:
         """From a hub id (cached under HF_HOME; HF_HUB_OFFLINE=1 uses only the cache) or a local directory holding
         a `"sam3"` (detector) or `"sam3_video"` (detector and tracker, as facebook/sam3) checkpoint."""
         import transformers
