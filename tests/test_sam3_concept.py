@@ -114,6 +114,13 @@ def test_batch_independence_and_max_detections(load, images):
     np.testing.assert_array_equal(capped.phrase_ids, full.phrase_ids[:5])
     np.testing.assert_array_equal(capped.masks, full.masks[:5])
 
+    model.phrase_chunk = 2  # 3 phrases in 2 forwards: the best 7 kept across them
+    chunked = model.detect([DetectionRequest(image=images[1], phrases=PROMPTS[1], box_threshold=0.0,
+                                             max_detections=7)])[0]
+    np.testing.assert_allclose(chunked.scores, full.scores[:7], atol=1e-6)
+    np.testing.assert_array_equal(chunked.phrase_ids, full.phrase_ids[:7])
+    np.testing.assert_array_equal(chunked.masks, full.masks[:7])
+
     threshold = float(np.median(full.scores))
     above = model.detect([DetectionRequest(image=images[1], phrases=PROMPTS[1], box_threshold=threshold)])[0]
     assert len(above) == int((full.scores > threshold).sum()) and np.all(above.scores > threshold)

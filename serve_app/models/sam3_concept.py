@@ -200,7 +200,8 @@ class Sam3Concept:
         height, width = request.image.shape[:2]
         scale = torch.tensor([width, height, width, height])
         limit = int(request.max_detections)
-        kept_scores, kept_boxes, kept_phrases, kept_masks = [], [], [], []
+        # the best `limit` detections so far, across phrases: scores, boxes, phrase ids, low-resolution mask logits
+        kept = (torch.zeros(0), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), None)
         for start in range(0, len(request.phrases), self.phrase_chunk):
             phrases = list(request.phrases[start:start + self.phrase_chunk])
             text = self.processor(text=phrases, return_tensors="pt")
@@ -216,29 +217,25 @@ class Sam3Concept:
             if out.presence_logits is not None:
                 scores = scores * out.presence_logits.float().sigmoid()
             scores = scores.cpu()
-            keep = scores > request.box_threshold  # (phrases, queries)
-            phrase_index, query_index = keep.nonzero(as_tuple=True)
-            chunk_scores = scores[phrase_index, query_index]
-            if len(chunk_scores) > limit:  # no more than the request can keep: bounds the masks held
-                best = torch.argsort(chunk_scores, descending=True, stable=True)[:limit]
-                phrase_index, query_index, chunk_scores = phrase_index[best], query_index[best], chunk_scores[best]
-            boxes = out.pred_boxes.float().cpu()[phrase_index, query_index] * scale
-            kept_scores.append(chunk_scores)
-            kept_boxes.append(boxes)
-            kept_phrases.append(phrase_index + start)
-            kept_masks.append(out.pred_masks[phrase_index.to(self.device), query_index.to(self.device)].float())
-            del out
-        scores = torch.cat(kept_scores)
-        order = torch.argsort(scores, descending=True, stable=True)[:limit]
-        boxes = torch.cat(kept_boxes)[order]
+            phrase_index, query_index = (scores > request.box_threshold).nonzero(as_tuple=True)
+            chunk_masks = out.pred_masks[phrase_index.to(self.device), query_index.to(self.device)].float()
+            candidates = (scores[phrase_index, query_index],
+                          out.pred_boxes.float().cpu()[phrase_index, query_index] * scale,
+                          phrase_index + start, chunk_masks)
+            del out  # the chunk's mask logits for every query
+            if kept[3] is not None:
+                candidates = tuple(torch.cat([a, b.to(a.device)]) for a, b in zip(kept, candidates))
+            # phrase-major order before the stable sort: equal scores keep the lower phrase, then query, first
+            best = torch.argsort(candidates[0], descending=True, stable=True)[:limit]
+            kept = tuple(t[best.to(t.device)] for t in candidates)
+        scores, boxes, phrase_ids, low_res = kept
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-        low_res = torch.cat(kept_masks)[order.to(self.device)].sigmoid()
-        side = int(low_res.shape[-1]) if len(low_res) else 1
-        masks = (upsample_masks(low_res, (side, side), (height, width), side, threshold=MASK_THRESHOLD)
-                 if len(low_res) else np.zeros((0, height, width), bool))
-        return Detections(boxes=boxes.numpy().astype(np.float32), scores=scores[order].numpy().astype(np.float32),
-                          phrase_ids=torch.cat(kept_phrases)[order].numpy().astype(np.int64), masks=masks)
+        low_res = low_res.sigmoid() if low_res is not None else torch.zeros(0, 1, 1)
+        masks = (upsample_masks(low_res, low_res.shape[-2:], (height, width), low_res.shape[-1],
+                                threshold=MASK_THRESHOLD) if len(low_res) else np.zeros((0, height, width), bool))
+        return Detections(boxes=boxes.numpy().astype(np.float32), scores=scores.numpy().astype(np.float32),
+                          phrase_ids=phrase_ids.numpy().astype(np.int64), masks=masks)
 
     # ---- clicks and boxes ----
 
