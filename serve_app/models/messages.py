@@ -34,6 +34,9 @@ class DetectionRequest:
     text_threshold: float = 0.25
     max_detections: int = 100
     priority: int = Priority.INTERACTIVE
+    # content hash of the image: the embedding-cache key of a model that caches vision features (SAM 3), so a
+    # click after a text prompt on the same image reuses them; empty: not cached
+    image_key: str = ""
 
 
 @dataclass
@@ -41,9 +44,25 @@ class Detections:
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # xyxy, pixels
     scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
     phrase_ids: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))  # index into phrases
+    # N x H x W bool, one per box, from a detector that segments too (SAM 3); None: boxes only
+    masks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    # Masks travel packed, 8 pixels per byte, as Masks' do.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self.masks is not None:
+            masks = np.asarray(self.masks, bool)
+            state["masks"] = (masks.shape, np.packbits(masks, axis=None))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if state.get("masks") is not None:
+            shape, packed = state["masks"]
+            state["masks"] = np.unpackbits(packed, count=int(np.prod(shape))).view(bool).reshape(shape)
+        self.__dict__.update(state)
 
 
 @dataclass

@@ -1,0 +1,337 @@
+"""SAM 3 as a concept segmenter: phrases to boxes and masks in one model, and clicks on the same image.
+
+Text: every phrase of a request is run against the image's vision features, which are computed once per
+distinct image (in batches, cached by `image_key`), all phrases of a request in one forward (the features
+broadcast to one row per phrase). Scores, boxes and masks are what `Sam3Processor.post_process_instance_segmentation`
+gives (score = sigmoid(logit) * sigmoid(presence), masks = the bilinear resize of sigmoid(mask logits) to the
+image, above MASK_THRESHOLD), computed only for the detections kept and one mask window at a time
+(serve_app.models.mask_upsampling), never as full-size int64 maps for every query.
+
+- BOX_THRESHOLD is SAM 3's score threshold (`DetectionRequest.box_threshold`); TEXT_THRESHOLD does not apply
+  (each phrase is its own prompt, so there is no phrase-token score to threshold) and is ignored.
+- At most `max_detections` per request, highest score first, across all phrases. One object may match two
+  phrases: both detections are kept, since they are two labels.
+
+Clicks and boxes (`segment`) go through SAM 3's interactive tracker head, as `Sam3VideoModel` wires it: the
+detector's ViT trunk output through the tracker's own neck (`tracker_neck`) into the SAM-2-style prompt encoder
+and mask decoder. Those weights exist only in a `"sam3_video"` checkpoint (the hub's facebook/sam3). Their
+features are computed with the detector's when an image is encoded (the neck is about 2 % of the encoder's
+cost), so a click after a text prompt on the same image is a cache hit. A plain `"sam3"` checkpoint has no
+tracker: `segment` refuses prompts with InteractiveUnavailable rather than guess. (SAM 3's own box prompt,
+`input_boxes`, is an exemplar — "find every object like this one" — not "segment what is in this box", so it is
+not a stand-in.)
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import torch
+
+from serve_app import get_logger
+from serve_app.models.device import autocast_for, effective_precision, pick_device
+from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
+from serve_app.models.errors import ModelLoadError
+from serve_app.models.mask_upsampling import upsample_masks
+from serve_app.models.messages import (
+    DetectionRequest,
+    Detections,
+    Masks,
+    SegmentationRequest,
+)
+
+logger = get_logger(__name__)
+
+MASK_THRESHOLD = 0.5  # on sigmoid(mask logits), SAM 3's post-processing default
+MODEL_TYPES = {"sam3": "SAM 3 (detector only)", "sam3_video": "SAM 3 (detector and interactive tracker)"}
+
+
+class InteractiveUnavailable(ValueError):
+    """Clicks or boxes were sent to a SAM 3 checkpoint without the interactive tracker's weights."""
+
+
+def describe_load_failure(model: str, exc: Exception) -> str:
+    if os.path.isdir(model):
+        where = f"the directory {model!r} is not a transformers SAM 3 model (config.json, weights, processor)"
+    elif model.startswith((".", "/", "~")):
+        where = f"{model!r} does not exist"
+    elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        where = (f"HF_HUB_OFFLINE is set and {model!r} is not in the Hugging Face cache; download it first or "
+                 "point DETECTOR_MODEL at a local directory")
+    else:
+        where = f"{model!r} could not be fetched from the Hugging Face hub"
+    return f"DETECTOR_MODEL={model!r}: {where}. ({exc.__class__.__name__}: {str(exc).splitlines()[0][:300]})"
+
+
+class Sam3Concept:
+    """A SAM 3 detector (text -> boxes + masks) with, where the checkpoint has it, its interactive tracker."""
+
+    def __init__(self, model, processor, device: torch.device, *, tracker=None, precision: str = "fp32",
+                 cache_bytes: int = 0, encoder_batch_size: int = 4, phrase_chunk: int = 0, decoder_chunk: int = 0):
+        self.model = model.to(device).eval()
+        self.tracker = tracker.to(device).eval() if tracker is not None else None
+        self.processor = processor
+        self.image_processor = processor.image_processor
+        self.tokenizer = processor.tokenizer
+        self.device = device
+        self.precision = effective_precision(device, precision)
+        self.cache = EmbeddingCache(cache_bytes)
+        self.images_encoded = 0  # encoder runs: proof for tests and metrics that a cache hit skipped it
+        self.encoder_batch_size = max(1, encoder_batch_size)
+        # Phrases decoded at once: each holds its queries' mask logits (200 x 288² floats, 66 MB, on the real model)
+        self.phrase_chunk = phrase_chunk if phrase_chunk > 0 else (4 if device.type == "cpu" else 16)
+        self.decoder_chunk = decoder_chunk if decoder_chunk > 0 else (4 if device.type == "cpu" else 64)
+        # The detector's position encodings depend only on the feature maps' shape, the same for every image (all
+        # are resized to one square): one batch-1 copy per model, not one per cached image.
+        self._position_encoding: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def interactive(self) -> bool:
+        return self.tracker is not None
+
+    @classmethod
+    def load(cls, model_id_or_path: str, *, device: str = "auto", precision: str = "fp32",
+             cache_bytes: int = 0) -> Sam3Concept:
+        """From a hub id (cached under HF_HOME; HF_HUB_OFFLINE=1 uses only the cache) or a local directory holding
+        a `"sam3"` (detector) or `"sam3_video"` (detector and tracker, as facebook/sam3) checkpoint."""
+        import transformers
+
+        torch_device = pick_device(device)
+        try:
+            model_type = transformers.AutoConfig.from_pretrained(model_id_or_path).model_type
+            if model_type not in MODEL_TYPES:
+                served = ", ".join(f"{name} ({kind})" for kind, name in MODEL_TYPES.items())
+                raise ModelLoadError(f"DETECTOR_MODEL={model_id_or_path!r} is a {model_type!r} checkpoint, not a "
+                                     f"SAM 3 one; the concept segmenter serves {served}")
+            logger.info("loading %s from %s on %s", MODEL_TYPES[model_type], model_id_or_path, torch_device)
+            processor = transformers.Sam3Processor.from_pretrained(model_id_or_path)
+            model_class = transformers.Sam3VideoModel if model_type == "sam3_video" else transformers.Sam3Model
+            loaded, loading = model_class.from_pretrained(model_id_or_path, output_loading_info=True)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(describe_load_failure(model_id_or_path, exc)) from None
+        if loading.get("missing_keys"):  # they would be random: refuse rather than serve noise
+            missing = sorted(loading["missing_keys"])
+            raise ModelLoadError(f"DETECTOR_MODEL={model_id_or_path!r}: the checkpoint lacks {len(missing)} of "
+                                 f"{model_class.__name__}'s weights (for example {', '.join(missing[:3])})")
+        if model_type == "sam3_video":
+            model, tracker = loaded.detector_model, _tracker_from_video_model(loaded)
+        else:
+            model, tracker = loaded, None
+            logger.info("DETECTOR_MODEL=%s is a detector-only SAM 3 checkpoint: text prompts only; clicks and boxes "
+                        "need the sam3_video checkpoint (facebook/sam3), which holds the interactive tracker",
+                        model_id_or_path)
+        return cls(model, processor, torch_device, tracker=tracker, precision=precision, cache_bytes=cache_bytes)
+
+    # ---- vision features, once per image ----
+
+    @torch.inference_mode()
+    def embed(self, images: list[np.ndarray]) -> list[CachedEmbedding]:
+        """One cache entry per image: the detector's feature maps (and the tracker's, when there is one), each a
+        copy of that image's row, so an entry's bytes are what it keeps alive."""
+        self.images_encoded += len(images)
+        entries = []
+        for start in range(0, len(images), self.encoder_batch_size):
+            chunk = images[start:start + self.encoder_batch_size]
+            pixels = self.image_processor(images=list(chunk), return_tensors="pt")["pixel_values"].to(self.device)
+            with autocast_for(self.device, self.precision):
+                vision = self.model.get_vision_features(pixel_values=pixels)
+                tracker_maps = self._tracker_features(vision.last_hidden_state) if self.tracker is not None else None
+            if self._position_encoding is None:
+                self._position_encoding = tuple(_own_row(t, 0) for t in vision.fpn_position_encoding[:-1])
+            side = int(pixels.shape[-1])
+            for row in range(len(chunk)):
+                embedding = {"detector": [_own_row(t, row) for t in vision.fpn_hidden_states[:-1]]}
+                if tracker_maps is not None:
+                    embedding["tracker"] = [_own_row(t, row) for t in tracker_maps]
+                entries.append(CachedEmbedding(embedding, (side, side), encoder_size=side))
+        return entries
+
+    def _tracker_features(self, trunk: torch.Tensor) -> list[torch.Tensor]:
+        """The ViT trunk's tokens -> the tracker's image embeddings, as Sam3VideoModel.get_vision_features_for_tracker
+        and Sam3TrackerModel.get_image_embeddings make them (finest first, the coarsest with no-memory added)."""
+        tracker = self.tracker
+        batch = trunk.shape[0]
+        height, width = tracker.prompt_encoder.image_embedding_size
+        spatial = trunk.view(batch, height, width, -1).permute(0, 3, 1, 2)
+        fpn, _ = tracker.vision_encoder.neck(spatial)
+        maps = list(fpn[:len(tracker.backbone_feature_sizes)])
+        maps[0] = tracker.mask_decoder.conv_s0(maps[0])
+        maps[1] = tracker.mask_decoder.conv_s1(maps[1])
+        maps[-1] = maps[-1] + tracker.no_memory_embedding.view(1, -1, 1, 1)
+        return maps
+
+    def _entries(self, images: list[np.ndarray], keys: list[str]) -> tuple[list[CachedEmbedding], set[int]]:
+        """Each item's cache entry, encoding each distinct uncached image once; and the items encoded now."""
+        entries: dict[int, CachedEmbedding] = {}
+        to_encode: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            cached = self.cache.get(key) if key else None
+            if cached is not None:
+                entries[i] = cached
+            else:
+                to_encode.setdefault(key or f"uncached-{i}", []).append(i)
+        groups = list(to_encode.values())
+        if groups:
+            for group, entry in zip(groups, self.embed([images[group[0]] for group in groups])):
+                self.cache.put(keys[group[0]], entry)
+                for i in group:
+                    entries[i] = entry
+        return [entries[i] for i in range(len(keys))], {i for group in groups for i in group}
+
+    # ---- text prompts ----
+
+    @torch.inference_mode()
+    def detect(self, requests: list[DetectionRequest]) -> list[Detections]:
+        """Every phrase of each request against its image: boxes, scores, phrase_ids and masks in one call."""
+        results = [Detections(masks=np.zeros((0, *r.image.shape[:2]), bool)) for r in requests]
+        active = [i for i, r in enumerate(requests) if r.phrases and r.max_detections > 0]
+        if not active:
+            return results
+        entries, _ = self._entries([requests[i].image for i in active], [requests[i].image_key for i in active])
+        for i, entry in zip(active, entries):
+            results[i] = self._detect_one(requests[i], entry)
+        return results
+
+    def _detect_one(self, request: DetectionRequest, entry: CachedEmbedding) -> Detections:
+        from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+        height, width = request.image.shape[:2]
+        scale = torch.tensor([width, height, width, height])
+        limit = int(request.max_detections)
+        # the best `limit` detections so far, across phrases: scores, boxes, phrase ids, low-resolution mask logits
+        kept = (torch.zeros(0), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), None)
+        for start in range(0, len(request.phrases), self.phrase_chunk):
+            phrases = list(request.phrases[start:start + self.phrase_chunk])
+            text = self.processor(text=phrases, return_tensors="pt")
+            rows = len(phrases)
+            vision = Sam3VisionEncoderOutput(  # broadcast views: one row per phrase, no copy
+                fpn_hidden_states=(*(t.expand(rows, *t.shape[1:]) for t in entry.embedding["detector"]), None),
+                fpn_position_encoding=(*(t.expand(rows, *t.shape[1:]) for t in self._position_encoding), None),
+            )
+            with autocast_for(self.device, self.precision):
+                out = self.model(vision_embeds=vision, input_ids=text["input_ids"].to(self.device),
+                                 attention_mask=text["attention_mask"].to(self.device))
+            scores = out.pred_logits.float().sigmoid()
+            if out.presence_logits is not None:
+                scores = scores * out.presence_logits.float().sigmoid()
+            scores = scores.cpu()
+            phrase_index, query_index = (scores > request.box_threshold).nonzero(as_tuple=True)
+            chunk_masks = out.pred_masks[phrase_index.to(self.device), query_index.to(self.device)].float()
+            candidates = (scores[phrase_index, query_index],
+                          out.pred_boxes.float().cpu()[phrase_index, query_index] * scale,
+                          phrase_index + start, chunk_masks)
+            del out  # the chunk's mask logits for every query
+            if kept[3] is not None:
+                candidates = tuple(torch.cat([a, b.to(a.device)]) for a, b in zip(kept, candidates))
+            # phrase-major order before the stable sort: equal scores keep the lower phrase, then query, first
+            best = torch.argsort(candidates[0], descending=True, stable=True)[:limit]
+            kept = tuple(t[best.to(t.device)] for t in candidates)
+        scores, boxes, phrase_ids, low_res = kept
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        low_res = low_res.sigmoid() if low_res is not None else torch.zeros(0, 1, 1)
+        masks = (upsample_masks(low_res, low_res.shape[-2:], (height, width), low_res.shape[-1],
+                                threshold=MASK_THRESHOLD) if len(low_res) else np.zeros((0, height, width), bool))
+        return Detections(boxes=boxes.numpy().astype(np.float32), scores=scores.numpy().astype(np.float32),
+                          phrase_ids=phrase_ids.numpy().astype(np.int64), masks=masks)
+
+    # ---- clicks and boxes ----
+
+    @torch.inference_mode()
+    def segment(self, requests: list[SegmentationRequest]) -> list[Masks]:
+        """As the SAM segmenters: without points one mask per box; with points one mask from all points and the
+        first box. Raises InteractiveUnavailable when the checkpoint has no tracker."""
+        results = [Masks(masks=np.zeros((0, *r.image.shape[:2]), bool)) for r in requests]
+        active = [i for i, r in enumerate(requests) if len(r.boxes) or _has_points(r)]
+        if not active:
+            return results
+        if self.tracker is None:
+            raise InteractiveUnavailable(
+                "this SAM 3 checkpoint (model_type 'sam3') holds the text-prompted detector only; clicks and boxes "
+                "need the interactive tracker's weights, which the 'sam3_video' checkpoint (facebook/sam3) has: "
+                "set DETECTOR_MODEL to that")
+        entries, encoded_now = self._entries([requests[i].image for i in active],
+                                             [requests[i].image_key for i in active])
+        for n, (i, entry) in enumerate(zip(active, entries)):
+            results[i] = self._decode(entry, requests[i])
+            results[i].cache_hit = n not in encoded_now
+        return results
+
+    def _scale(self, coords, entry: CachedEmbedding, original_size) -> torch.Tensor:
+        """Pixel coordinates of the image -> the encoder input's (the image is stretched to a square)."""
+        scaled = torch.as_tensor(np.asarray(coords, np.float32)).reshape(-1, 2).clone()
+        scaled[:, 0] *= entry.input_size[1] / original_size[1]
+        scaled[:, 1] *= entry.input_size[0] / original_size[0]
+        return scaled.to(self.device)
+
+    def _decode(self, entry: CachedEmbedding, request: SegmentationRequest) -> Masks:
+        original_size = request.image.shape[:2]
+        if _has_points(request):
+            points = self._scale(request.points, entry, original_size)[None, None]
+            labels = torch.as_tensor(np.asarray(request.point_labels, np.int64), device=self.device)[None, None]
+            box = self._scale(request.boxes[:1], entry, original_size).reshape(1, 1, 4) if len(request.boxes) else None
+            multimask = box is None and points.shape[2] == 1  # a lone click is ambiguous: keep the best of three
+            low_res, iou = self._run_tracker(entry, points=points, labels=labels, boxes=box, multimask=multimask)
+            best = int(iou[0, 0].argmax())
+            return Masks(masks=self._upsample(low_res[0, 0, best:best + 1], original_size),
+                         scores=iou[0, 0, best:best + 1].float().cpu().numpy().astype(np.float32))
+        boxes = self._scale(request.boxes, entry, original_size).reshape(-1, 4)
+        masks, scores = [], []
+        for start in range(0, len(boxes), self.decoder_chunk):
+            low_res, iou = self._run_tracker(entry, boxes=boxes[None, start:start + self.decoder_chunk])
+            masks.append(self._upsample(low_res[0, :, 0], original_size))
+            scores.append(iou[0, :, 0].float().cpu().numpy())
+        return Masks(masks=np.concatenate(masks), scores=np.concatenate(scores).astype(np.float32))
+
+    def _run_tracker(self, entry: CachedEmbedding, *, points=None, labels=None, boxes=None, multimask=False):
+        with autocast_for(self.device, self.precision):
+            out = self.tracker(image_embeddings=list(entry.embedding["tracker"]), input_points=points,
+                               input_labels=labels, input_boxes=boxes, multimask_output=multimask)
+        return out.pred_masks, out.iou_scores
+
+    @staticmethod
+    def _upsample(low_res: torch.Tensor, original_size) -> np.ndarray:
+        side = low_res.shape[-1]  # the tracker's processor resizes the logits straight to the image, above 0
+        return upsample_masks(low_res.float(), (side, side), original_size, side)
+
+
+def _tracker_from_video_model(video):
+    """A Sam3TrackerModel made of a loaded Sam3VideoModel's own tensors (no copy): the tracker's prompt encoder and
+    mask decoder, its neck (`tracker_neck`) and the detector's ViT trunk, which the hub checkpoint shares. Built
+    here because Sam3TrackerModel.from_pretrained on a sam3_video checkpoint leaves the `tracker_model.` weights
+    unloaded in transformers 5.24, and would load a second copy of the ViT."""
+    from transformers import Sam3TrackerModel
+
+    with torch.device("meta"):
+        tracker = Sam3TrackerModel(copy.deepcopy(video.config))
+    # the modules themselves (their non-persistent buffers too), shared with the loaded model
+    tracker.vision_encoder.backbone = video.detector_model.vision_encoder.backbone
+    tracker.vision_encoder.neck = video.tracker_neck
+    own = video.tracker_model.state_dict()
+    wanted = [k for k in tracker.state_dict() if not k.startswith("vision_encoder.")]
+    missing = [k for k in wanted if k not in own]
+    if missing:
+        raise ModelLoadError(f"DETECTOR_MODEL: the sam3_video checkpoint's tracker lacks {len(missing)} weights "
+                             f"(for example {', '.join(missing[:3])})")
+    tracker.load_state_dict({k: own[k] for k in wanted}, strict=False, assign=True)
+    grid = video.detector_model.config.vision_config.backbone_config
+    grid = (grid.image_size // grid.patch_size,) * 2
+    if tuple(tracker.prompt_encoder.image_embedding_size) != grid:
+        raise ModelLoadError(f"DETECTOR_MODEL: the sam3_video checkpoint's tracker expects a "
+                             f"{tuple(tracker.prompt_encoder.image_embedding_size)} feature grid, its detector makes "
+                             f"{grid}")
+    meta = [name for name, t in [*tracker.named_parameters(), *tracker.named_buffers()] if t.is_meta]
+    if meta:
+        raise ModelLoadError(f"DETECTOR_MODEL: the SAM 3 tracker could not be assembled ({', '.join(meta[:3])})")
+    return tracker
+
+
+def _own_row(batch: torch.Tensor, row: int) -> torch.Tensor:
+    """A float32 copy, not a view: a cached view would keep the whole batch's tensor alive behind one entry's bytes."""
+    return batch[row:row + 1].to(torch.float32, copy=True)
+
+
+def _has_points(request: SegmentationRequest) -> bool:
+    return request.points is not None and len(request.points) > 0
