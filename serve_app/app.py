@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from serve_app import get_logger
 from serve_app.deployments.detector import Detector
+from serve_app.deployments.routing import ImageAffinityRouter
 from serve_app.deployments.segmenter import Segmenter
 from serve_app.ingress.app import Ingress
+from serve_app.pipeline_choice import choose_pipeline
 from serve_app.settings import Settings
 
 logger = get_logger(__name__)
@@ -32,14 +36,19 @@ def use_gpus(settings: Settings) -> bool:
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     settings = Settings.load(args)
     gpus = use_gpus(settings)
-    settings = settings.with_defaults_for(gpus=gpus)
+    settings = replace(settings.with_defaults_for(gpus=gpus), pipeline=choose_pipeline(settings))
     logger.info("building grounded-serve: %s GPUs, settings %s", "with" if gpus else "without", settings.to_dict())
 
     models_sharing = 2 if settings.sam_enabled else 1  # model roles whose replicas share a CPU node's cores
+    concept = settings.pipeline == "concept"
+    # SAM 3 answers the clicks too, from the image features it cached for the text prompt: route an image's
+    # requests to the replica holding them, as the Segmenter's are
+    routing = {"request_router_config": RequestRouterConfig(request_router_class=ImageAffinityRouter)} if concept else {}
     detector = Detector.options(ray_actor_options={
         "num_cpus": settings.detector_cpus, "num_gpus": settings.detector_gpus if gpus else 0,
-    }).bind(settings.detector_model, device=settings.device, precision=settings.precision,
-            cpu_niceness=settings.model_cpu_niceness, cpu_share=models_sharing)
+    }, **routing).bind(settings.detector_model, device=settings.device, precision=settings.precision,
+                       cpu_niceness=settings.model_cpu_niceness, cpu_share=models_sharing,
+                       cache_bytes=settings.sam_embedding_cache_bytes if concept else 0)
     segmenter = None
     if settings.sam_enabled:
         segmenter = Segmenter.options(ray_actor_options={

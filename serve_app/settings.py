@@ -32,6 +32,9 @@ class SettingsError(ValueError):
     pass
 
 
+PIPELINES = ("auto", "detect", "detect+segment", "concept")
+
+
 def environment_key(env: Mapping[str, str]) -> tuple[str, str]:
     """(key, variable name) of the operator's Label Studio key, or ("", "")."""
     for name in KEY_VARIABLES:
@@ -49,6 +52,10 @@ class Settings:
     # or SAM checkpoint, or a segment-anything .pth path or URL. Empty: USE_SAM / USE_MOBILE_SAM decide
     segmenter_model: str = ""
     use_sam: bool = False  # USE_SAM: add brush masks from SAM
+    # PIPELINE: detect (boxes), detect+segment (boxes, then masks from the segmenter), concept (SAM 3 as
+    # DETECTOR_MODEL: boxes and masks from one model), or auto: concept for a SAM 3 detector, else detect+segment
+    # when a segmenter is set, else detect
+    pipeline: str = "auto"
     use_mobile_sam: bool = False  # USE_MOBILE_SAM: use MobileSAM (vit_t) instead of SAM
     sam_checkpoint: str = OFFICIAL_CHECKPOINTS["vit_h"]  # SAM_CHECKPOINT: path or http(s) URL
     mobilesam_checkpoint: str = OFFICIAL_CHECKPOINTS["vit_t"]  # MOBILESAM_CHECKPOINT: path or http(s) URL
@@ -185,6 +192,8 @@ class Settings:
         if self.segmenter_model and self.use_mobile_sam:
             raise SettingsError("USE_MOBILE_SAM=true and SEGMENTER_MODEL are both set: SEGMENTER_MODEL names the "
                                 "segmenter (MobileSAM too, as a .pth path or URL); unset one of them")
+        if self.pipeline not in PIPELINES:
+            raise SettingsError(f"PIPELINE must be one of {', '.join(PIPELINES)}, got {self.pipeline!r}")
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise SettingsError(f"PRECISION must be fp32, fp16 or bf16, got {self.precision!r}")
         if self.accelerator not in ("auto", "gpu", "cpu"):

@@ -63,6 +63,22 @@ class EmbeddingCacheMetrics:
         self.bytes.set(nbytes)
 
 
+class CacheReporter:
+    """Exports a model's embedding-cache counters (`model.cache`, `model.images_encoded`) after each batch."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.metrics = EmbeddingCacheMetrics()
+        self._reported = {"hits": 0, "misses": 0, "images_encoded": 0}
+
+    def __call__(self) -> None:
+        stats = {**self.model.cache.stats(), "images_encoded": self.model.images_encoded}
+        delta = {name: stats[name] - self._reported[name] for name in self._reported}
+        self._reported = {name: stats[name] for name in self._reported}
+        self.metrics.observe(hits=delta["hits"], misses=delta["misses"], encoded=delta["images_encoded"],
+                             entries=stats["entries"], nbytes=stats["bytes"])
+
+
 class IngressMetrics:
     """Requests, tasks and their outcomes as the ingress saw them, and time per pipeline stage."""
 

@@ -102,3 +102,40 @@ def test_detector_model_and_its_seed_alias():
     assert Settings.load({}, env=same).detector_model == "/m/a"
     with pytest.raises(SettingsError, match="DETECTOR_MODEL and GROUNDING_DINO_MODEL"):
         Settings.load({}, env={"DETECTOR_MODEL": "/m/a", "GROUNDING_DINO_MODEL": "/m/b"})
+
+
+@pytest.mark.parametrize("env, model_type, chosen", [
+    ({}, "grounding-dino", "detect"),
+    ({"USE_SAM": "1"}, "grounding-dino", "detect+segment"),
+    ({"SEGMENTER_MODEL": "facebook/sam2.1-hiera-tiny"}, "owlv2", "detect+segment"),
+    ({"DETECTOR_MODEL": "/m/sam3"}, "sam3_video", "concept"),
+    ({"DETECTOR_MODEL": "facebook/sam3"}, None, "concept"),  # config unreadable here (gated): known by its name
+    ({"PIPELINE": "detect+segment", "USE_MOBILE_SAM": "1"}, "mm-grounding-dino", "detect+segment"),
+])
+def test_the_pipeline_follows_the_detector_and_the_segmenter(env, model_type, chosen):
+    from serve_app.pipeline_choice import choose_pipeline
+
+    assert choose_pipeline(Settings.load({}, env=env), model_type_of=lambda model: model_type) == chosen
+
+
+@pytest.mark.parametrize("env, model_type, message", [
+    ({"PIPELINE": "concept"}, "grounding-dino", "PIPELINE=concept needs a SAM 3 checkpoint as DETECTOR_MODEL"),
+    ({"DETECTOR_MODEL": "/m/sam3", "SEGMENTER_MODEL": "/m/sam2"}, "sam3", "segments with SAM 3 itself .DETECTOR_MODEL.; unset SEGMENTER_MODEL"),
+    ({"DETECTOR_MODEL": "/m/s", "PIPELINE": "detect+segment", "USE_SAM": "1"}, "sam3", "set PIPELINE=concept"),
+    ({"PIPELINE": "detect+segment"}, "owlv2", "PIPELINE=detect\\+segment needs a segmenter"),
+    ({"PIPELINE": "detect", "USE_SAM": "1"}, "grounding-dino", "PIPELINE=detect gives boxes only, but USE_SAM"),
+    ({"PIPELINE": "segment"}, "grounding-dino", "PIPELINE must be one of"),
+])
+def test_a_pipeline_that_cannot_work_fails_with_one_message_naming_the_settings(env, model_type, message):
+    from serve_app.pipeline_choice import choose_pipeline
+
+    with pytest.raises(SettingsError, match=message):
+        choose_pipeline(Settings.load({}, env=env), model_type_of=lambda model: model_type)
+
+
+def test_the_detector_family_is_read_from_a_local_directory(tmp_path):
+    from serve_app.pipeline_choice import detector_model_type
+
+    (tmp_path / "config.json").write_text('{"model_type": "sam3_video"}')
+    assert detector_model_type(str(tmp_path)) == "sam3_video"
+    assert detector_model_type(str(tmp_path / "missing")) is None

@@ -1,26 +1,61 @@
-"""The detector deployment: text prompts to boxes, batched across requests (serve_app.models.grounding_dino)."""
+"""The detector deployment: text prompts to boxes, batched across requests.
+
+DETECTOR_MODEL's family picks the class (serve_app.models.detector_choice). In the `concept` pipeline it is SAM 3,
+which returns masks with its boxes and also answers the clicks (`segment`), from the image features it cached for
+the prompt; build_app then routes by image, as for the Segmenter.
+"""
 
 from __future__ import annotations
+
+import asyncio
 
 from ray import serve
 
 from serve_app.deployments.batching import BatchedModelDeployment, ModelBatcher
+from serve_app.masks.encode import encode_masks
+from serve_app.models.detector_choice import load_detector
 from serve_app.models.device import lower_cpu_priority
-from serve_app.models.grounding_dino import GroundingDinoDetector
-from serve_app.models.messages import DetectionRequest, Detections
-from serve_app.telemetry import ModelMetrics
+from serve_app.models.messages import DetectionRequest, Detections, Masks, SegmentationRequest
+from serve_app.telemetry import CacheReporter, ModelMetrics
 
 
 @serve.deployment(name="Detector", max_ongoing_requests=64)  # configs/serve.yaml says why
 class Detector(BatchedModelDeployment):
     def __init__(self, model: str, *, device: str = "auto", precision: str = "fp32", cpu_niceness: int = 0,
-                 cpu_share: int = 1):
-        self.model = GroundingDinoDetector.load(model, device=device, precision=precision)
+                 cpu_share: int = 1, cache_bytes: int = 0):
+        self.model = load_detector(model, device=device, precision=precision, cache_bytes=cache_bytes)
         self.cpu_share = cpu_share
         if self.model.device.type == "cpu":
             lower_cpu_priority(cpu_niceness)  # the proxy and the ingress answer first (MODEL_CPU_NICENESS)
-        self.batcher = ModelBatcher(self.model.detect, on_batch=ModelMetrics().observe_batch,
-                                    on_cpu=self.model.device.type == "cpu")
+        self.model_metrics = ModelMetrics()
+        self.report_cache = CacheReporter(self.model) if hasattr(self.model, "cache") else None
+        # one queue for prompts and clicks: one model, one worker thread, priorities kept across both
+        self.batcher = ModelBatcher(self._run, on_batch=self._after_batch, on_cpu=self.model.device.type == "cpu")
 
     async def detect(self, request: DetectionRequest) -> Detections:
         return await self.batcher.submit(request)
+
+    async def segment(self, request: SegmentationRequest) -> Masks:
+        """Clicks and drawn boxes (the concept pipeline: SAM 3's tracker on the cached image features)."""
+        if not hasattr(self.model, "segment"):
+            raise TypeError(f"{type(self.model).__name__} does not segment: the pipeline sent clicks to a detector")
+        masks = await self.batcher.submit(request)
+        if request.encodings:  # as the Segmenter does: RLE here, beside the next batch, not in the ingress
+            masks = await asyncio.to_thread(encode_masks, masks, request.encodings, request.polygon_tolerance_px)
+        return masks
+
+    def _run(self, items: list) -> list:
+        """Prompts and clicks of one batch, each through its method, results in the items' order."""
+        results: list = [None] * len(items)
+        prompts = [i for i, item in enumerate(items) if isinstance(item, DetectionRequest)]
+        clicks = [i for i, item in enumerate(items) if not isinstance(item, DetectionRequest)]
+        for indices, method in ((prompts, "detect"), (clicks, "segment")):
+            if indices:
+                for i, result in zip(indices, getattr(self.model, method)([items[i] for i in indices])):
+                    results[i] = result
+        return results
+
+    def _after_batch(self, size: int, waits_s: list[float]) -> None:
+        self.model_metrics.observe_batch(size, waits_s)
+        if self.report_cache is not None:
+            self.report_cache()

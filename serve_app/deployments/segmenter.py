@@ -21,7 +21,7 @@ from serve_app.models.device import lower_cpu_priority
 from serve_app.models.hf_segmenter import HfSamSegmenter
 from serve_app.models.messages import Masks, SegmentationRequest
 from serve_app.models.segmenter import SamSegmenter
-from serve_app.telemetry import EmbeddingCacheMetrics, ModelMetrics
+from serve_app.telemetry import CacheReporter, ModelMetrics
 
 
 @serve.deployment(
@@ -48,8 +48,7 @@ class Segmenter(BatchedModelDeployment):
         if self.model.device.type == "cpu":
             lower_cpu_priority(cpu_niceness)  # the proxy and the ingress answer first (MODEL_CPU_NICENESS)
         self.model_metrics = ModelMetrics()
-        self.cache_metrics = EmbeddingCacheMetrics()
-        self._reported = {"hits": 0, "misses": 0, "images_encoded": 0}
+        self.report_cache = CacheReporter(self.model)
         self.batcher = ModelBatcher(self.model.segment, on_batch=self._after_batch,
                                     on_cpu=self.model.device.type == "cpu")
 
@@ -61,8 +60,4 @@ class Segmenter(BatchedModelDeployment):
 
     def _after_batch(self, size: int, waits_s: list[float]) -> None:
         self.model_metrics.observe_batch(size, waits_s)
-        stats = {**self.model.cache.stats(), "images_encoded": self.model.images_encoded}
-        delta = {name: stats[name] - self._reported[name] for name in self._reported}
-        self._reported = {name: stats[name] for name in self._reported}
-        self.cache_metrics.observe(hits=delta["hits"], misses=delta["misses"], encoded=delta["images_encoded"],
-                                   entries=stats["entries"], nbytes=stats["bytes"])
+        self.report_cache()

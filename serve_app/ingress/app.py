@@ -35,7 +35,7 @@ from serve_app.ingress.label_studio_auth import LabelStudioCredentials, choose_c
 from serve_app.ingress.metrics import MetricsView
 from serve_app.ingress.pipeline import LabellingPipeline, task_priority
 from serve_app.ingress.prediction_writer import PredictionWriter
-from serve_app.models.messages import DetectionRequest, Detections, Masks, SegmentationRequest
+from serve_app.models.messages import DetectionRequest, Detections, Masks, PromptUnsupported, SegmentationRequest
 from serve_app.settings import Settings, url_problem
 from serve_app.telemetry import IngressMetrics
 
@@ -156,6 +156,9 @@ class Ingress:
         self.settings.check_key_destination(os.environ)  # the replica's environment may differ from the driver's
         api.state.basic_auth = BasicAuth.from_environment()
         self.detector = detector
+        separate_segmenter = segmenter is not None
+        if self.settings.pipeline == "concept":
+            segmenter = detector  # SAM 3 answers clicks from the image features it cached for the prompt
         self.segmenter = segmenter
         self.model_version = model_version_for(self.settings)
         self.metrics = IngressMetrics()
@@ -164,7 +167,7 @@ class Ingress:
         self.metrics_view = MetricsView(serve.get_replica_context().app_name, self.http)
         self._setup_hostname = ""
         self._setup_token = ""
-        self.models_ready = {"detector": False, **({"segmenter": False} if segmenter else {})}
+        self.models_ready = {"detector": False, **({"segmenter": False} if separate_segmenter else {})}
         self.model_status: dict[str, dict[str, Any]] = {}
         self._readiness_task = asyncio.get_event_loop().create_task(self._watch_readiness())
         # Decoding and result building (RLE, polygons) hold the GIL much of the time. Many threads doing it at
@@ -288,7 +291,10 @@ class Ingress:
         return await self._call_model("Detector", self.detector.detect, request)
 
     async def _segment(self, request: SegmentationRequest) -> Masks:
-        return await self._call_model("Segmenter", self.segmenter.segment, request)
+        try:
+            return await self._call_model("Segmenter", self.segmenter.segment, request)
+        except PromptUnsupported as exc:  # Ray re-raises the replica's exception as a subclass of it
+            raise BadRequest(str(getattr(exc, "cause", exc))) from None
 
     async def _call_model(self, name: str, method, request):
         """One model call. A replica that dies mid-request is retried once, on another replica or the one Serve

@@ -213,9 +213,13 @@ class LabellingPipeline:
                 detections = await self.detect(DetectionRequest(
                     image=image.pixels, phrases=[p.text for p in prompt.phrases],
                     box_threshold=request.thresholds.box, text_threshold=request.thresholds.text,
-                    max_detections=1 if clicks else s.max_detections, priority=task_priority()))
+                    max_detections=1 if clicks else s.max_detections, priority=task_priority(),
+                    image_key=image_key))
         masks = None
-        if self._masks_wanted(config) and len(detections):
+        if detections.masks is not None and not clicks:  # a concept model (SAM 3) found them with the boxes
+            if self._masks_wanted(config):
+                masks = Masks(masks=detections.masks, scores=detections.scores)
+        elif self._masks_wanted(config) and len(detections):
             with self._stage("segment"):
                 # with clicks, the best box and the clicks together refine one mask
                 masks = await self.segment(SegmentationRequest(
@@ -242,7 +246,8 @@ class LabellingPipeline:
     async def _segment_clicks(self, config: ProjectConfig, image: LoadedImage, image_key: str,
                               clicks: Clicks) -> dict[str, Any]:
         if self.segment is None:
-            raise BadRequest("clicks and drawn boxes need SAM: start the service with USE_SAM or USE_MOBILE_SAM")
+            raise BadRequest("clicks and drawn boxes need a segmenter: start the service with SEGMENTER_MODEL, USE_SAM or "
+                             "USE_MOBILE_SAM (or SAM 3 as DETECTOR_MODEL)")
         label = click_label(config, clicks.label)
         with self._stage("segment"):
             segmented = await self.segment(SegmentationRequest(

@@ -28,7 +28,8 @@ logger = get_logger(__name__)
 # model_type in config.json -> what the docs call it: the families this module's class runs
 FAMILIES = {"grounding-dino": "Grounding DINO", "mm-grounding-dino": "MM Grounding DINO / LLMDet"}
 # every detector family the service serves (serve_app.models.detector_choice picks the class for each)
-SERVED_FAMILIES = {**FAMILIES, "owlv2": "OWLv2", "omdet-turbo": "OmDet-Turbo"}
+SERVED_FAMILIES = {**FAMILIES, "owlv2": "OWLv2", "omdet-turbo": "OmDet-Turbo", "sam3": "SAM 3",
+                   "sam3_video": "SAM 3 with its tracker"}
 
 
 def describe_load_failure(model: str, exc: Exception, family: str = "Grounding DINO") -> str:

@@ -17,6 +17,11 @@ OFFICIAL_CHECKPOINTS = {
 }
 
 
+class PromptUnsupported(ValueError):
+    """The model cannot answer this kind of prompt (for example clicks to a SAM 3 checkpoint without its tracker):
+    the caller's mistake, reported as such, never a replica failure."""
+
+
 class Priority(IntEnum):
     """Which work a model replica takes first when items queue: lower first. A click in the editor must
     not wait behind a "Retrieve predictions" or a background job (serve_app.ingress.jobs)."""

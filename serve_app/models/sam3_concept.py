@@ -39,6 +39,7 @@ from serve_app.models.messages import (
     DetectionRequest,
     Detections,
     Masks,
+    PromptUnsupported,
     SegmentationRequest,
 )
 
@@ -48,7 +49,7 @@ MASK_THRESHOLD = 0.5  # on sigmoid(mask logits), SAM 3's post-processing default
 MODEL_TYPES = {"sam3": "SAM 3 (detector only)", "sam3_video": "SAM 3 (detector and interactive tracker)"}
 
 
-class InteractiveUnavailable(ValueError):
+class InteractiveUnavailable(PromptUnsupported):
     """Clicks or boxes were sent to a SAM 3 checkpoint without the interactive tracker's weights."""
 
 
