@@ -1,5 +1,5 @@
-"""The other model families through the real service over HTTP: SEGMENTER_MODEL set to a transformers SAM 2.1
-checkpoint (saved as the hub saves it, `sam2_video`) answers Label Studio's captured bodies with valid results,
+"""The other model families through the real service over HTTP: an OWLv2 detector and a transformers SAM 2.1
+segmenter (saved as the hub saves it, `sam2_video`) answer Label Studio's captured bodies with valid results,
 and a click after a text prompt on the same image reuses the image's embedding."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 
 from serve_app.models.tiny import make_tiny_sam_family
+from serve_app.models.tiny_clip import make_tiny_owlv2
 from tests.configs import CLICK_CONFIG
 from tests.conftest import load_ls_fixture
 from tests.imaging import pattern, png_bytes
@@ -33,7 +34,8 @@ def images(image_dir):
 @pytest.fixture(scope="module")
 def service(tiny_models, images, tmp_path_factory):
     sam2 = make_tiny_sam_family(tmp_path_factory.mktemp("sam2.1-tiny"), "sam2_video", seed=2)
-    env = {"DETECTOR_MODEL": str(tiny_models["grounding_dino"]), "SEGMENTER_MODEL": str(sam2),
+    owlv2 = make_tiny_owlv2(tmp_path_factory.mktemp("owlv2-tiny"), seed=2)
+    env = {"DETECTOR_MODEL": str(owlv2), "SEGMENTER_MODEL": str(sam2),
            "IMAGE_HOST_ALLOWLIST": "127.0.0.1", "BOX_THRESHOLD": "0", "TEXT_THRESHOLD": "0", "MAX_DETECTIONS": "5"}
     process = ServeProcess(env, tmp_path_factory.mktemp("serve")).start()
     yield process
@@ -52,7 +54,7 @@ def test_retrieve_predictions_gives_valid_boxes_and_masks(service, image_server)
     body["tasks"] = [dict(copy.deepcopy(template), id=200 + i, data={"image": f"{image_server}/{name}"})
                      for i, name in enumerate(SIZES)]
     payload = post(service, body)
-    assert payload["model_version"].endswith("+" + "sam2.1-tiny0")  # the segmenter's directory names it
+    assert payload["model_version"] == "grounded-serve:owlv2-tiny0+sam2.1-tiny0"  # the models' directories name it
     interface = LabelInterface(body["label_config"])
     for prediction, (width, height) in zip(payload["results"], SIZES.values()):
         rects = [r for r in prediction["result"] if r["type"] == "rectanglelabels"]

@@ -6,8 +6,7 @@ Sam3Processor with a CLIP tokenizer); `make_tiny_sam3_video` saves what the hub'
 and the tracker's own neck (`tracker_neck.*`) on the detector's shared ViT trunk. Their outputs are noise;
 the geometry mirrors the real model's (a 14 px patch, windowed and global attention, a 4x/2x/1x/0.5x pyramid).
 
-The tokenizer is a private helper for now; serve_app.models.tiny_clip (another branch) gets a shared one, and
-the two are to be merged.
+The CLIP tokenizer is serve_app.models.tiny_clip's, padded to SAM 3's 32 tokens.
 """
 
 from __future__ import annotations
@@ -16,48 +15,17 @@ from pathlib import Path
 
 import torch
 
+from serve_app.models.tiny_clip import make_tiny_clip_tokenizer
+
 IMAGE_SIZE = 112  # the processor resizes every image to this square (the real model: 1008)
 PATCH = 14  # an 8 x 8 token grid (real: 72 x 72)
 HIDDEN = 32  # ViT, FPN, DETR, geometry encoder and both mask decoders
 NUM_QUERIES = 8  # real: 200
 TEXT_LENGTH = 32  # Sam3Processor pads every phrase to 32 tokens, so CLIP needs 32 positions
-_WORDS = ("a", "the", "cat", "dog", "person", "car", "tree", "red", "bus", "ear", "box", "sky", "of")
 
 
-def _byte_symbols() -> list[str]:
-    """GPT-2 / CLIP's printable stand-in for each of the 256 byte values, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    symbols, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            symbols[byte] = chr(byte)
-        else:
-            symbols[byte] = chr(256 + extra)
-            extra += 1
-    return [symbols[byte] for byte in range(256)]
-
-
-def _clip_tokenizer(words=_WORDS):
-    """A CLIP byte-level BPE tokenizer: every byte alone and word-final, merges spelling `words`, SOT/EOT last."""
-    from transformers import CLIPTokenizer
-
-    symbols = _byte_symbols()
-    vocab = {s: i for i, s in enumerate(symbols)}
-    vocab.update({s + "</w>": 256 + i for i, s in enumerate(symbols)})
-    merges = []
-    for word in words:
-        pieces = [symbols[b] for b in word.encode("utf-8")]
-        pieces[-1] += "</w>"
-        merged = pieces[0]
-        for piece in pieces[1:]:  # left to right: "c"+"a" -> "ca", "ca"+"t</w>" -> "cat</w>"
-            if merged + piece not in vocab:
-                merges.append((merged, piece))
-                vocab[merged + piece] = len(vocab)
-            merged += piece
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>", bos_token="<|startoftext|>",
-                         eos_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=TEXT_LENGTH)
+def _clip_tokenizer():
+    return make_tiny_clip_tokenizer(model_max_length=TEXT_LENGTH)
 
 
 def _layer(**extra) -> dict:
