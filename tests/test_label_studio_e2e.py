@@ -18,6 +18,7 @@ from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 
 from serve_app.ingress.label_studio_auth import LabelStudioCredentials
+from serve_app.models.tiny_sam3 import make_tiny_sam3_video
 from tests.configs import SEED_CONFIG
 from tests.imaging import data_url, jpeg_with_orientation, pattern, png_bytes
 from tests.label_studio import LEGACY_TOKEN
@@ -47,6 +48,8 @@ MODES = {
     "legacy token": "legacy token from LABEL_STUDIO_API_KEY",
     "personal access token": "personal access token from LABEL_STUDIO_API_KEY",
     "setup": "legacy token from the access_token Label Studio sent to /setup",
+    # once more with SAM 3 (tiny, the hub's sam3_video layout) as DETECTOR_MODEL: the concept pipeline
+    "sam3 concept": "legacy token from LABEL_STUDIO_API_KEY",
 }
 
 
@@ -60,6 +63,10 @@ def run(request, label_studio, tiny_models, image_server, tmp_path_factory):
         # the /setup hostname is not trusted to be private unless allowed
         "IMAGE_HOST_ALLOWLIST": "127.0.0.1",
     }
+    if request.param == "sam3 concept":  # masks from SAM 3 itself; its random scores sit near 0.25
+        sam3 = make_tiny_sam3_video(tmp_path_factory.mktemp("sam3"), seed=3)
+        env = {"DETECTOR_MODEL": str(sam3), "BOX_THRESHOLD": "0", "MAX_DETECTIONS": "4",
+               "IMAGE_HOST_ALLOWLIST": "127.0.0.1"}
     if request.param != "setup":
         env.update({"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": key})
     else:
