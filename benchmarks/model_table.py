@@ -73,13 +73,50 @@ def build(name: str):
         return HfSamSegmenter(tf.SamHQModel(config), processor, FAMILIES["sam_hq"], device,
                               precision=ARGS.precision), "segmenter"
     if name == "edgetam":
+        # EdgeTamConfig()'s own default misspells the backbone's `architecture` (transformers 5.24): name RepViT-M1
+        repvit = tf.TimmWrapperConfig(architecture="repvit_m1",
+                                      model_args={"in_chans": 3, "features_only": True, "out_indices": [0, 1, 2, 3]})
         processor = tf.Sam2Processor(image_processor=tf.Sam2ImageProcessor())
-        return HfSamSegmenter(tf.EdgeTamModel(tf.EdgeTamConfig()), processor, FAMILIES["edgetam"], device,
-                              precision=ARGS.precision), "segmenter"
+        return HfSamSegmenter(tf.EdgeTamModel(tf.EdgeTamConfig(vision_config={"backbone_config": repvit})), processor,
+                              FAMILIES["edgetam"], device, precision=ARGS.precision), "segmenter"
+    if name in ("grounding-dino-tiny", "mm-grounding-dino-tiny"):
+        import tempfile
+
+        from serve_app.models.grounding_dino import GroundingDinoDetector
+        from serve_app.models.tiny import make_tiny_grounding_dino
+
+        family = "mm-grounding-dino" if name.startswith("mm") else "grounding-dino"
+        path = make_tiny_grounding_dino(tempfile.mkdtemp(), full_size=True, family=family)
+        return GroundingDinoDetector.load(str(path), device=ARGS.device, precision=ARGS.precision), "detector"
+    from serve_app.models.tiny_clip import EOS, make_tiny_clip_tokenizer
+
+    if name == "owlv2-base-patch16":
+        processor = tf.Owlv2Processor(image_processor=tf.Owlv2ImageProcessor(),  # 960 px, as google/owlv2-base-*
+                                      tokenizer=make_tiny_clip_tokenizer(model_max_length=16, pad_token="!"))
+        from serve_app.models.query_detectors import QueryDetector
+
+        config = tf.Owlv2Config(vision_config={"image_size": 960})  # google/owlv2-base-*: 960 px, 60² patches
+        return QueryDetector(tf.Owlv2ForObjectDetection(config), processor, device,
+                             precision=ARGS.precision), "detector"
+    if name == "omdet-turbo-swin-tiny":
+        from serve_app.models.query_detectors import QueryDetector
+
+        processor = tf.OmDetTurboProcessor(  # omlab/omdet-turbo-swin-tiny-hf: a 640 px square, no padding
+            image_processor=tf.DetrImageProcessor(size={"height": 640, "width": 640}, do_pad=False),
+            tokenizer=make_tiny_clip_tokenizer(model_max_length=77, pad_token=EOS))
+        return QueryDetector(tf.OmDetTurboForObjectDetection(tf.OmDetTurboConfig()), processor, device,
+                             precision=ARGS.precision), "detector"
+    if name == "sam3":
+        from serve_app.models.sam3_concept import Sam3Concept
+
+        processor = tf.Sam3Processor(image_processor=tf.Sam3ImageProcessor(),
+                                     tokenizer=make_tiny_clip_tokenizer(model_max_length=32))
+        return Sam3Concept(tf.Sam3Model(tf.Sam3Config()), processor, device, precision=ARGS.precision), "detector"
     raise SystemExit(f"unknown model {name!r}; known: {', '.join(MODELS)}")
 
 
-MODELS = [*SAM2_SIZES, "sam-hq-vit_b", "sam-hq-vit_h", "edgetam"]
+MODELS = ["grounding-dino-tiny", "mm-grounding-dino-tiny", "owlv2-base-patch16", "omdet-turbo-swin-tiny", "sam3",
+          *SAM2_SIZES, "sam-hq-vit_b", "sam-hq-vit_h", "edgetam"]
 
 
 def measure(name: str, queue) -> None:
@@ -89,6 +126,10 @@ def measure(name: str, queue) -> None:
     from tests.imaging import pattern
 
     torch.manual_seed(0)
+    # SAM's and SAM-HQ's ViT initialise their random weights with std 1e-10 (transformers' initializer_range):
+    # activations become subnormal floats, which x86 computes ~10x slower (89 s for one ViT-B image here).
+    # Trained weights have none; flushing them to zero keeps the random-weight timings those of real work.
+    torch.set_flush_denormal(True)
     if ARGS.threads:
         torch.set_num_threads(ARGS.threads)
     started = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -94,3 +95,28 @@ def test_compose_file_runs_label_studio_and_the_service():
     assert "9090:9090" in services["grounded-serve"]["ports"]
     env = dict(item.split("=", 1) for item in services["grounded-serve"]["environment"])
     assert env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
+
+
+HUB_MODEL_TYPES = {  # config.json model_type of the hub checkpoints the example pipelines name
+    "IDEA-Research/grounding-dino-tiny": "grounding-dino", "google/owlv2-base-patch16-ensemble": "owlv2",
+    "omlab/omdet-turbo-swin-tiny-hf": "omdet-turbo", "facebook/sam3": "sam3_video",
+    "openmmlab-community/mm_grounding_dino_tiny_o365v1_goldg": "mm-grounding-dino",
+}
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+
+
+def test_every_example_pipeline_is_valid_documented_and_what_it_says():
+    from serve_app.pipeline_choice import choose_pipeline
+    from serve_app.settings import Settings
+
+    files = sorted((ROOT / "configs" / "pipelines").glob("*.env"))
+    assert {read_env_file(f)["PIPELINE"] for f in files} == {"detect", "detect+segment", "concept"}
+    models_doc = (ROOT / "docs" / "models.md").read_text()
+    for path in files:
+        env = read_env_file(path)
+        settings = Settings.load({}, env=env)
+        assert choose_pipeline(settings, model_type_of=HUB_MODEL_TYPES.get) == env["PIPELINE"], path.name
+        assert f"configs/pipelines/{path.name}" in models_doc
