@@ -8,9 +8,9 @@ DetectionRequest and return the same Detections (SAM 3's with masks).
 
 from __future__ import annotations
 
-from serve_app.models.errors import ModelLoadError
+from serve_app.models.errors import ModelLoadError, describe_load_failure
 from serve_app.models.grounding_dino import FAMILIES as GROUNDING_DINO_FAMILIES
-from serve_app.models.grounding_dino import GroundingDinoDetector, describe_load_failure, unserved_family
+from serve_app.models.grounding_dino import GroundingDinoDetector, unserved_family
 from serve_app.models.query_detectors import FAMILIES as QUERY_FAMILIES
 from serve_app.models.query_detectors import QueryDetector
 from serve_app.models.sam3_concept import MODEL_TYPES as CONCEPT_FAMILIES

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -70,6 +70,27 @@ class EmbeddingCache:
                 _, evicted = self._entries.popitem(last=False)
                 self.bytes -= evicted.nbytes
                 self.evictions += 1
+
+    def lookup_or_encode(self, images: list, keys: list[str],
+                         encode: Callable[[list], list[CachedEmbedding]]) -> tuple[list[CachedEmbedding], set[int]]:
+        """Each item's entry: from the cache, or from one `encode` call over the distinct uncached images (an
+        image sent twice in one batch is encoded once); and the indices of the items encoded now. Items without
+        a key are encoded and not cached."""
+        entries: dict[int, CachedEmbedding] = {}
+        to_encode: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            cached = self.get(key) if key else None
+            if cached is not None:
+                entries[i] = cached
+            else:
+                to_encode.setdefault(key or f"uncached-{i}", []).append(i)
+        groups = list(to_encode.values())
+        if groups:
+            for group, entry in zip(groups, encode([images[group[0]] for group in groups])):
+                self.put(keys[group[0]], entry)
+                for i in group:
+                    entries[i] = entry
+        return [entries[i] for i in range(len(keys))], {i for group in groups for i in group}
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries

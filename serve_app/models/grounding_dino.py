@@ -12,7 +12,6 @@ user typed (and from there to one Label Studio label).
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ from PIL import Image
 
 from serve_app import get_logger
 from serve_app.models.device import autocast_for, effective_precision, pick_device
-from serve_app.models.errors import ModelLoadError
+from serve_app.models.errors import ModelLoadError, describe_load_failure
 from serve_app.models.messages import DEFAULT_GROUNDING_DINO, DetectionRequest, Detections
 
 logger = get_logger(__name__)
@@ -30,20 +29,6 @@ FAMILIES = {"grounding-dino": "Grounding DINO", "mm-grounding-dino": "MM Groundi
 # every detector family the service serves (serve_app.models.detector_choice picks the class for each)
 SERVED_FAMILIES = {**FAMILIES, "owlv2": "OWLv2", "omdet-turbo": "OmDet-Turbo", "sam3": "SAM 3",
                    "sam3_video": "SAM 3 with its tracker"}
-
-
-def describe_load_failure(model: str, exc: Exception, family: str = "Grounding DINO") -> str:
-    if os.path.isdir(model):
-        where = f"the directory {model!r} is not a transformers {family} model (config.json, weights, processor)"
-    elif model.startswith((".", "/", "~")):
-        where = f"{model!r} does not exist"
-    elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        home = os.environ.get("HF_HOME", "~/.cache/huggingface")
-        where = (f"HF_HUB_OFFLINE is set and {model!r} is not in the Hugging Face cache (HF_HOME={home}); "
-                 "download it there first or point DETECTOR_MODEL at a local directory")
-    else:
-        where = f"{model!r} could not be fetched from the Hugging Face hub"
-    return f"DETECTOR_MODEL={model!r}: {where}. ({exc.__class__.__name__}: {str(exc).splitlines()[0][:300]})"
 
 
 def unserved_family(model: str, model_type: str) -> ModelLoadError:
@@ -114,7 +99,7 @@ class GroundingDinoDetector:
             processor = AutoProcessor.from_pretrained(model_id_or_path)
             model = AutoModelForZeroShotObjectDetection.from_pretrained(model_id_or_path)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(describe_load_failure(model_id_or_path, exc)) from None
+            raise ModelLoadError(describe_load_failure(model_id_or_path, exc, "Grounding DINO")) from None
         model.to(torch_device).eval()
         return cls(model, processor, torch_device, precision=precision)
 

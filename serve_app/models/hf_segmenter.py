@@ -9,7 +9,6 @@ processor → model → post-processing path.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,9 +17,10 @@ import torch
 from serve_app import get_logger
 from serve_app.models.device import autocast_for, effective_precision, pick_device
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
-from serve_app.models.errors import ModelLoadError
+from serve_app.models.errors import ModelLoadError, describe_load_failure
 from serve_app.models.mask_upsampling import upsample_masks
 from serve_app.models.messages import Masks, SegmentationRequest
+from serve_app.models.prompt_decoding import decode_prompts, has_points
 
 logger = get_logger(__name__)
 
@@ -51,19 +51,6 @@ def family_of(model: str, model_type: str) -> Family:
         raise ModelLoadError(f"SEGMENTER_MODEL={model!r} is a {model_type!r} checkpoint, which is not a segmenter "
                              f"this service serves; it serves {served}, and segment-anything .pth checkpoints")
     return FAMILIES[model_type]
-
-
-def describe_load_failure(model: str, exc: Exception) -> str:
-    if os.path.isdir(model):
-        where = f"the directory {model!r} is not a transformers SAM-family model (config.json, weights, processor)"
-    elif model.startswith((".", "/", "~")):
-        where = f"{model!r} does not exist"
-    elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        where = (f"HF_HUB_OFFLINE is set and {model!r} is not in the Hugging Face cache; download it first or "
-                 "point SEGMENTER_MODEL at a local directory")
-    else:
-        where = f"{model!r} could not be fetched from the Hugging Face hub"
-    return f"SEGMENTER_MODEL={model!r}: {where}. ({exc.__class__.__name__}: {str(exc).splitlines()[0][:300]})"
 
 
 class HfSamSegmenter:
@@ -98,7 +85,7 @@ class HfSamSegmenter:
             model, loading = getattr(transformers, family.model_class).from_pretrained(
                 model_id_or_path, output_loading_info=True)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(describe_load_failure(model_id_or_path, exc)) from None
+            raise ModelLoadError(describe_load_failure(model_id_or_path, exc, "SAM-family", "SEGMENTER_MODEL")) from None
         if loading.get("missing_keys"):  # they would be random: refuse rather than serve noise
             missing = sorted(loading["missing_keys"])
             raise ModelLoadError(f"SEGMENTER_MODEL={model_id_or_path!r}: the checkpoint lacks {len(missing)} of "
@@ -132,55 +119,17 @@ class HfSamSegmenter:
     @torch.inference_mode()
     def segment(self, requests: list[SegmentationRequest]) -> list[Masks]:
         results = [Masks(masks=np.zeros((0, *r.image.shape[:2]), bool)) for r in requests]
-        active = [i for i, r in enumerate(requests) if len(r.boxes) or _has_points(r)]
-        embeddings: dict[int, CachedEmbedding] = {}
-        to_encode: dict[str, list[int]] = {}
-        for i in active:
-            key = requests[i].image_key
-            cached = self.cache.get(key) if key else None
-            if cached is not None:
-                embeddings[i] = cached
-            else:
-                to_encode.setdefault(key or f"uncached-{i}", []).append(i)
-        if to_encode:
-            groups = list(to_encode.values())
-            for group, entry in zip(groups, self.embed([requests[group[0]].image for group in groups])):
-                self.cache.put(requests[group[0]].image_key, entry)
-                for i in group:
-                    embeddings[i] = entry
-        encoded_now = {i for group in to_encode.values() for i in group}
-        for i in active:
-            results[i] = self._decode(embeddings[i], requests[i])
-            results[i].cache_hit = i not in encoded_now
+        active = [i for i, r in enumerate(requests) if len(r.boxes) or has_points(r)]
+        entries, encoded_now = self.cache.lookup_or_encode(
+            [requests[i].image for i in active], [requests[i].image_key for i in active], self.embed)
+        for n, (i, entry) in enumerate(zip(active, entries)):
+            results[i] = decode_prompts(requests[i], entry, self._run_decoder, self._upsample,
+                                        chunk=self.decoder_chunk, device=self.device)
+            results[i].cache_hit = n not in encoded_now
         return results
 
-    def _scale(self, coords: np.ndarray, cached: CachedEmbedding, original_size) -> torch.Tensor:
-        """Pixel coordinates (..., 2) of the original image -> the encoder input's, as the processor scales them."""
-        scaled = torch.as_tensor(np.asarray(coords, np.float32)).reshape(-1, 2).clone()
-        scaled[:, 0] *= cached.input_size[1] / original_size[1]
-        scaled[:, 1] *= cached.input_size[0] / original_size[0]
-        return scaled.to(self.device)
-
-    def _decode(self, cached: CachedEmbedding, request: SegmentationRequest) -> Masks:
-        original_size = request.image.shape[:2]
-        if _has_points(request):
-            points = self._scale(request.points, cached, original_size)[None, None]
-            labels = torch.as_tensor(np.asarray(request.point_labels, np.int64), device=self.device)[None, None]
-            box = self._scale(request.boxes[:1], cached, original_size).reshape(1, 1, 4) if len(request.boxes) else None
-            multimask = box is None and points.shape[2] == 1  # a lone click is ambiguous: keep the best of three
-            low_res, iou = self._run_decoder(cached, points=points, labels=labels, boxes=box, multimask=multimask)
-            best = int(iou[0, 0].argmax())
-            return Masks(masks=self._upsample(low_res[0, 0, best:best + 1], cached, original_size),
-                         scores=iou[0, 0, best:best + 1].float().cpu().numpy().astype(np.float32))
-        boxes = self._scale(request.boxes, cached, original_size).reshape(-1, 4)
-        masks, scores = [], []
-        for start in range(0, len(boxes), self.decoder_chunk):
-            low_res, iou = self._run_decoder(cached, boxes=boxes[None, start:start + self.decoder_chunk])
-            masks.append(self._upsample(low_res[0, :, 0], cached, original_size))
-            scores.append(iou[0, :, 0].float().cpu().numpy())
-        return Masks(masks=np.concatenate(masks), scores=np.concatenate(scores).astype(np.float32))
-
     def _run_decoder(self, cached: CachedEmbedding, *, points=None, labels=None, boxes=None, multimask=False):
+        """(pred_masks (1, prompts, candidates, h, w), iou_scores (1, prompts, candidates))."""
         with autocast_for(self.device, self.precision):
             out = self.model(**cached.embedding, input_points=points, input_labels=labels, input_boxes=boxes,
                              multimask_output=multimask)
@@ -209,5 +158,3 @@ def _own_row(batch: torch.Tensor, row: int) -> torch.Tensor:
     return batch[row:row + 1].to(torch.float32, copy=True)
 
 
-def _has_points(request: SegmentationRequest) -> bool:
-    return request.points is not None and len(request.points) > 0

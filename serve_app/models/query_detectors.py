@@ -28,8 +28,8 @@ from PIL import Image
 
 from serve_app import get_logger
 from serve_app.models.device import autocast_for, effective_precision, pick_device
-from serve_app.models.errors import ModelLoadError
-from serve_app.models.grounding_dino import SERVED_FAMILIES, check_family, describe_load_failure
+from serve_app.models.errors import ModelLoadError, describe_load_failure
+from serve_app.models.grounding_dino import SERVED_FAMILIES, check_family
 from serve_app.models.messages import DetectionRequest, Detections
 
 logger = get_logger(__name__)

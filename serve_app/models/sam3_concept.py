@@ -25,7 +25,6 @@ not a stand-in.)
 from __future__ import annotations
 
 import copy
-import os
 
 import numpy as np
 import torch
@@ -33,8 +32,9 @@ import torch
 from serve_app import get_logger
 from serve_app.models.device import autocast_for, effective_precision, pick_device
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
-from serve_app.models.errors import ModelLoadError
+from serve_app.models.errors import ModelLoadError, describe_load_failure
 from serve_app.models.mask_upsampling import upsample_masks
+from serve_app.models.prompt_decoding import decode_prompts, has_points
 from serve_app.models.messages import (
     DetectionRequest,
     Detections,
@@ -51,19 +51,6 @@ MODEL_TYPES = {"sam3": "SAM 3 (detector only)", "sam3_video": "SAM 3 (detector a
 
 class InteractiveUnavailable(PromptUnsupported):
     """Clicks or boxes were sent to a SAM 3 checkpoint without the interactive tracker's weights."""
-
-
-def describe_load_failure(model: str, exc: Exception) -> str:
-    if os.path.isdir(model):
-        where = f"the directory {model!r} is not a transformers SAM 3 model (config.json, weights, processor)"
-    elif model.startswith((".", "/", "~")):
-        where = f"{model!r} does not exist"
-    elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        where = (f"HF_HUB_OFFLINE is set and {model!r} is not in the Hugging Face cache; download it first or "
-                 "point DETECTOR_MODEL at a local directory")
-    else:
-        where = f"{model!r} could not be fetched from the Hugging Face hub"
-    return f"DETECTOR_MODEL={model!r}: {where}. ({exc.__class__.__name__}: {str(exc).splitlines()[0][:300]})"
 
 
 class Sam3Concept:
@@ -111,7 +98,7 @@ class Sam3Concept:
             model_class = transformers.Sam3VideoModel if model_type == "sam3_video" else transformers.Sam3Model
             loaded, loading = model_class.from_pretrained(model_id_or_path, output_loading_info=True)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(describe_load_failure(model_id_or_path, exc)) from None
+            raise ModelLoadError(describe_load_failure(model_id_or_path, exc, "SAM 3")) from None
         if loading.get("missing_keys"):  # they would be random: refuse rather than serve noise
             missing = sorted(loading["missing_keys"])
             raise ModelLoadError(f"DETECTOR_MODEL={model_id_or_path!r}: the checkpoint lacks {len(missing)} of "
@@ -163,24 +150,6 @@ class Sam3Concept:
         maps[-1] = maps[-1] + tracker.no_memory_embedding.view(1, -1, 1, 1)
         return maps
 
-    def _entries(self, images: list[np.ndarray], keys: list[str]) -> tuple[list[CachedEmbedding], set[int]]:
-        """Each item's cache entry, encoding each distinct uncached image once; and the items encoded now."""
-        entries: dict[int, CachedEmbedding] = {}
-        to_encode: dict[str, list[int]] = {}
-        for i, key in enumerate(keys):
-            cached = self.cache.get(key) if key else None
-            if cached is not None:
-                entries[i] = cached
-            else:
-                to_encode.setdefault(key or f"uncached-{i}", []).append(i)
-        groups = list(to_encode.values())
-        if groups:
-            for group, entry in zip(groups, self.embed([images[group[0]] for group in groups])):
-                self.cache.put(keys[group[0]], entry)
-                for i in group:
-                    entries[i] = entry
-        return [entries[i] for i in range(len(keys))], {i for group in groups for i in group}
-
     # ---- text prompts ----
 
     @torch.inference_mode()
@@ -190,7 +159,8 @@ class Sam3Concept:
         active = [i for i, r in enumerate(requests) if r.phrases and r.max_detections > 0]
         if not active:
             return results
-        entries, _ = self._entries([requests[i].image for i in active], [requests[i].image_key for i in active])
+        entries, _ = self.cache.lookup_or_encode([requests[i].image for i in active],
+                                                       [requests[i].image_key for i in active], self.embed)
         for i, entry in zip(active, entries):
             results[i] = self._detect_one(requests[i], entry)
         return results
@@ -245,7 +215,7 @@ class Sam3Concept:
         """As the SAM segmenters: without points one mask per box; with points one mask from all points and the
         first box. Raises InteractiveUnavailable when the checkpoint has no tracker."""
         results = [Masks(masks=np.zeros((0, *r.image.shape[:2]), bool)) for r in requests]
-        active = [i for i, r in enumerate(requests) if len(r.boxes) or _has_points(r)]
+        active = [i for i, r in enumerate(requests) if len(r.boxes) or has_points(r)]
         if not active:
             return results
         if self.tracker is None:
@@ -253,38 +223,13 @@ class Sam3Concept:
                 "this SAM 3 checkpoint (model_type 'sam3') holds the text-prompted detector only; clicks and boxes "
                 "need the interactive tracker's weights, which the 'sam3_video' checkpoint (facebook/sam3) has: "
                 "set DETECTOR_MODEL to that")
-        entries, encoded_now = self._entries([requests[i].image for i in active],
-                                             [requests[i].image_key for i in active])
+        entries, encoded_now = self.cache.lookup_or_encode(
+            [requests[i].image for i in active], [requests[i].image_key for i in active], self.embed)
         for n, (i, entry) in enumerate(zip(active, entries)):
-            results[i] = self._decode(entry, requests[i])
+            results[i] = decode_prompts(requests[i], entry, self._run_tracker, self._upsample,
+                                        chunk=self.decoder_chunk, device=self.device)
             results[i].cache_hit = n not in encoded_now
         return results
-
-    def _scale(self, coords, entry: CachedEmbedding, original_size) -> torch.Tensor:
-        """Pixel coordinates of the image -> the encoder input's (the image is stretched to a square)."""
-        scaled = torch.as_tensor(np.asarray(coords, np.float32)).reshape(-1, 2).clone()
-        scaled[:, 0] *= entry.input_size[1] / original_size[1]
-        scaled[:, 1] *= entry.input_size[0] / original_size[0]
-        return scaled.to(self.device)
-
-    def _decode(self, entry: CachedEmbedding, request: SegmentationRequest) -> Masks:
-        original_size = request.image.shape[:2]
-        if _has_points(request):
-            points = self._scale(request.points, entry, original_size)[None, None]
-            labels = torch.as_tensor(np.asarray(request.point_labels, np.int64), device=self.device)[None, None]
-            box = self._scale(request.boxes[:1], entry, original_size).reshape(1, 1, 4) if len(request.boxes) else None
-            multimask = box is None and points.shape[2] == 1  # a lone click is ambiguous: keep the best of three
-            low_res, iou = self._run_tracker(entry, points=points, labels=labels, boxes=box, multimask=multimask)
-            best = int(iou[0, 0].argmax())
-            return Masks(masks=self._upsample(low_res[0, 0, best:best + 1], original_size),
-                         scores=iou[0, 0, best:best + 1].float().cpu().numpy().astype(np.float32))
-        boxes = self._scale(request.boxes, entry, original_size).reshape(-1, 4)
-        masks, scores = [], []
-        for start in range(0, len(boxes), self.decoder_chunk):
-            low_res, iou = self._run_tracker(entry, boxes=boxes[None, start:start + self.decoder_chunk])
-            masks.append(self._upsample(low_res[0, :, 0], original_size))
-            scores.append(iou[0, :, 0].float().cpu().numpy())
-        return Masks(masks=np.concatenate(masks), scores=np.concatenate(scores).astype(np.float32))
 
     def _run_tracker(self, entry: CachedEmbedding, *, points=None, labels=None, boxes=None, multimask=False):
         with autocast_for(self.device, self.precision):
@@ -293,7 +238,7 @@ class Sam3Concept:
         return out.pred_masks, out.iou_scores
 
     @staticmethod
-    def _upsample(low_res: torch.Tensor, original_size) -> np.ndarray:
+    def _upsample(low_res: torch.Tensor, entry: CachedEmbedding, original_size) -> np.ndarray:
         side = low_res.shape[-1]  # the tracker's processor resizes the logits straight to the image, above 0
         return upsample_masks(low_res.float(), (side, side), original_size, side)
 
@@ -334,5 +279,3 @@ def _own_row(batch: torch.Tensor, row: int) -> torch.Tensor:
     return batch[row:row + 1].to(torch.float32, copy=True)
 
 
-def _has_points(request: SegmentationRequest) -> bool:
-    return request.points is not None and len(request.points) > 0

@@ -75,28 +75,16 @@ class SamSegmenter:
         """Encode each distinct uncached image once (in batches), then decode every request's prompts."""
         results = [Masks(masks=np.zeros((0, *r.image.shape[:2]), bool)) for r in requests]
         active = [i for i, r in enumerate(requests) if len(r.boxes) or _has_points(r)]
-        embeddings: dict[int, CachedEmbedding] = {}
-        to_encode: dict[str, list[int]] = {}  # one encoder pass per distinct image, cached or not
-        for i in active:
-            key = requests[i].image_key
-            cached = self.cache.get(key) if key else None
-            if cached is not None:
-                embeddings[i] = cached
-            else:
-                to_encode.setdefault(key or f"uncached-{i}", []).append(i)
-        if to_encode:
-            groups = list(to_encode.values())
-            encoded, input_sizes = self.embed([requests[group[0]].image for group in groups])
-            for row, group in enumerate(groups):
-                entry = CachedEmbedding(encoded[row:row + 1].clone(), input_sizes[row])
-                self.cache.put(requests[group[0]].image_key, entry)
-                for i in group:
-                    embeddings[i] = entry
-        encoded_now = {i for group in to_encode.values() for i in group}
-        for i in active:
-            results[i] = self._decode(embeddings[i], requests[i])
-            results[i].cache_hit = i not in encoded_now
+        entries, encoded_now = self.cache.lookup_or_encode(
+            [requests[i].image for i in active], [requests[i].image_key for i in active], self._entries)
+        for n, (i, entry) in enumerate(zip(active, entries)):
+            results[i] = self._decode(entry, requests[i])
+            results[i].cache_hit = n not in encoded_now
         return results
+
+    def _entries(self, images: list[np.ndarray]) -> list[CachedEmbedding]:
+        encoded, input_sizes = self.embed(images)
+        return [CachedEmbedding(encoded[row:row + 1].clone(), input_sizes[row]) for row in range(len(images))]
 
     def _decode(self, cached: CachedEmbedding, request: SegmentationRequest) -> Masks:
         if _has_points(request):
