@@ -4,13 +4,17 @@ bodies, and a click after a text prompt on the same image is answered from the f
 
 from __future__ import annotations
 
+import copy
+
 import httpx
 import pytest
 
-from serve_app.models.tiny_sam3 import make_tiny_sam3_video
+from serve_app.models.tiny_sam3 import make_tiny_sam3, make_tiny_sam3_video
+from tests.configs import CLICK_CONFIG
+from tests.conftest import load_ls_fixture
 from tests.imaging import pattern, png_bytes
 from tests.serve_process import ServeProcess
-from tests.service_checks import click_after_text_is_a_cache_hit, retrieve_is_valid
+from tests.service_checks import click_after_text_is_a_cache_hit, post, retrieve_is_valid
 
 pytestmark = pytest.mark.serve
 
@@ -38,3 +42,30 @@ def test_one_model_gives_boxes_and_masks_for_retrieve_predictions(service, image
 
 def test_a_click_after_a_text_prompt_reuses_the_prompts_image_features(service, image_server):
     click_after_text_is_a_cache_hit(service, f"{image_server}/concept-b.png", SIZES["concept-b.png"])
+
+
+@pytest.fixture(scope="module")
+def detector_only_service(image_dir, tmp_path_factory):
+    sam3 = make_tiny_sam3(tmp_path_factory.mktemp("sam3-detector-only"), seed=1)  # model_type "sam3": no tracker
+    env = {"DETECTOR_MODEL": str(sam3), "IMAGE_HOST_ALLOWLIST": "127.0.0.1", "BOX_THRESHOLD": "0"}
+    process = ServeProcess(env, tmp_path_factory.mktemp("serve")).start()
+    yield process
+    process.stop()
+
+
+def test_a_click_to_a_checkpoint_without_the_tracker_is_a_clear_task_error(detector_only_service, image_server):
+    body = copy.deepcopy(load_ls_fixture("predict_interactive.json")["body"])
+    body["tasks"][0]["data"]["image"] = f"{image_server}/concept-a.png"
+    body["label_config"] = CLICK_CONFIG
+    body["params"]["context"]["result"] = [{
+        "type": "keypointlabels", "from_name": "tag2", "to_name": "image", "is_positive": True,
+        "value": {"x": 30.0, "y": 40.0, "width": 0.6, "keypointlabels": ["cats"]}}]
+    answer = post(detector_only_service, body)
+    assert answer["results"] == [[]]  # nothing Label Studio could store or show
+    [error] = answer["task_errors"]
+    assert "clicks and boxes need the interactive tracker" in error["error"] and "facebook/sam3" in error["error"]
+    # the replica did not fail: text prompts are still answered, with SAM 3's own masks
+    body = copy.deepcopy(load_ls_fixture("predict_interactive.json")["body"])
+    body["tasks"][0]["data"]["image"] = f"{image_server}/concept-a.png"
+    regions = post(detector_only_service, body)["results"][0]["result"]
+    assert {r["type"] for r in regions} == {"rectanglelabels", "brushlabels"}
