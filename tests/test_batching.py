@@ -290,3 +290,35 @@ def test_cpu_replicas_use_every_usable_core_unless_told(monkeypatch):
     deployment = Deployment("cpu")
     deployment.reconfigure({})
     assert deployment.batcher.on_cpu is True
+
+
+def test_the_idle_hook_runs_once_the_queue_stays_empty_and_not_while_work_keeps_coming():
+    idle_calls = []
+
+    async def scenario():
+        batcher = ModelBatcher(lambda items: items, when_idle=lambda: idle_calls.append(time.monotonic()),
+                               idle_after_s=0.2)
+        for n in range(6):  # a request every 0.05 s: never idle for 0.2 s
+            assert await batcher.submit(n) == n
+            await asyncio.sleep(0.05)
+        busy_calls = len(idle_calls)
+        last = time.monotonic()
+        await asyncio.sleep(0.5)
+        return busy_calls, last
+
+    busy_calls, last = asyncio.run(scenario())
+    assert busy_calls == 0
+    assert len(idle_calls) == 1 and idle_calls[0] - last >= 0.1  # once, after the quiet spell
+
+
+def test_a_failing_idle_hook_does_not_stop_the_batcher():
+    async def scenario():
+        def hook():
+            raise RuntimeError("no allocator here")
+
+        batcher = ModelBatcher(lambda items: [i * 2 for i in items], when_idle=hook, idle_after_s=0.01)
+        first = await batcher.submit(1)
+        await asyncio.sleep(0.1)
+        return first, await batcher.submit(2)
+
+    assert asyncio.run(scenario()) == (2, 4)

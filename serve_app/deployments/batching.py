@@ -23,6 +23,9 @@ from serve_app.models.messages import Priority
 logger = get_logger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 8
+# `when_idle` runs once the queue has stayed empty this long: a replica that answers clicks one after another
+# keeps its memory warm, one left idle gives back what its last batch freed (serve_app.models.host_memory).
+IDLE_AFTER_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -73,11 +76,16 @@ class ModelBatcher:
     """
 
     def __init__(self, batch_fn: Callable[[list], list], *, config: BatchConfig = BatchConfig(),
-                 on_batch: Callable[[int, list[float]], None] | None = None, on_cpu: bool = False):
+                 on_batch: Callable[[int, list[float]], None] | None = None, on_cpu: bool = False,
+                 when_idle: Callable[[], Any] | None = None, idle_after_s: float = IDLE_AFTER_S):
         self.batch_fn = batch_fn
         self.config = config
         self.on_cpu = on_cpu  # batches are capped by time (BatchConfig.cpu_batch_s)
         self.on_batch = on_batch  # called on the event loop with each batch's size and its items' queue waits
+        self.when_idle = when_idle  # called on a worker thread once no batch has run for idle_after_s
+        self.idle_after_s = idle_after_s
+        self._batches_run = 0
+        self._idle_timer: asyncio.TimerHandle | None = None
         self._pending: list[tuple[int, int, Any, asyncio.Future, float]] = []  # a heap
         self._arrivals = itertools.count()
         self._item_seconds = 0.0  # moving average of the model's time per item
@@ -103,6 +111,7 @@ class ModelBatcher:
             if not batch:
                 continue
             started = time.monotonic()
+            self._batches_run += 1
             outcomes = await asyncio.to_thread(self._run, [item for item, _, _ in batch])
             per_item = (time.monotonic() - started) / len(batch)
             self._item_seconds = per_item if not self._item_seconds else 0.8 * self._item_seconds + 0.2 * per_item
@@ -115,6 +124,20 @@ class ModelBatcher:
                     future.set_exception(outcome)
                 else:
                     future.set_result(outcome)
+        self._arm_idle_timer()
+
+    def _arm_idle_timer(self) -> None:
+        if self.when_idle is None:
+            return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer = asyncio.get_running_loop().call_later(self.idle_after_s, self._on_idle, self._batches_run)
+
+    def _on_idle(self, batches_seen: int) -> None:
+        if self._pending or self._batches_run != batches_seen:  # work came in meanwhile: its drain re-arms
+            return
+        future = asyncio.get_running_loop().run_in_executor(None, self.when_idle)
+        future.add_done_callback(_log_idle_failure)
 
     def _take_batch(self) -> list[tuple[int, int, Any, asyncio.Future, float]]:
         """Up to max_batch_size items of the most urgent priority waiting. A batch never mixes priorities: a click
@@ -166,6 +189,11 @@ class ModelBatcher:
             except Exception as exc:  # noqa: BLE001 - this item's caller gets it
                 outcomes.append(exc)
         return outcomes
+
+
+def _log_idle_failure(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("the idle hook failed: %r", future.exception())
 
 
 class BatchedModelDeployment:

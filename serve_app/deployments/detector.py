@@ -15,6 +15,7 @@ from serve_app.deployments.batching import BatchedModelDeployment, ModelBatcher
 from serve_app.masks.encode import encode_masks
 from serve_app.models.detector_choice import load_detector
 from serve_app.models.device import lower_cpu_priority
+from serve_app.models.host_memory import release_free_memory
 from serve_app.models.messages import DetectionRequest, Detections, Masks, SegmentationRequest
 from serve_app.telemetry import CacheReporter, ModelMetrics
 
@@ -30,7 +31,8 @@ class Detector(BatchedModelDeployment):
         self.model_metrics = ModelMetrics()
         self.report_cache = CacheReporter(self.model) if hasattr(self.model, "cache") else None
         # one queue for prompts and clicks: one model, one worker thread, priorities kept across both
-        self.batcher = ModelBatcher(self._run, on_batch=self._after_batch, on_cpu=self.model.device.type == "cpu")
+        self.batcher = ModelBatcher(self._run, on_batch=self._after_batch, on_cpu=self.model.device.type == "cpu",
+                                    when_idle=release_free_memory)
 
     async def detect(self, request: DetectionRequest) -> Detections:
         return await self.batcher.submit(request)

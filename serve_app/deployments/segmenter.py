@@ -18,6 +18,7 @@ from serve_app.deployments.routing import ImageAffinityRouter
 from serve_app.masks.encode import encode_masks
 from serve_app.models.checkpoints import is_checkpoint_file
 from serve_app.models.device import lower_cpu_priority
+from serve_app.models.host_memory import release_free_memory
 from serve_app.models.hf_segmenter import HfSamSegmenter
 from serve_app.models.messages import Masks, SegmentationRequest
 from serve_app.models.segmenter import SamSegmenter
@@ -50,7 +51,7 @@ class Segmenter(BatchedModelDeployment):
         self.model_metrics = ModelMetrics()
         self.report_cache = CacheReporter(self.model)
         self.batcher = ModelBatcher(self.model.segment, on_batch=self._after_batch,
-                                    on_cpu=self.model.device.type == "cpu")
+                                    on_cpu=self.model.device.type == "cpu", when_idle=release_free_memory)
 
     async def segment(self, request: SegmentationRequest) -> Masks:
         masks = await self.batcher.submit(request)
