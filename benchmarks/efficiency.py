@@ -35,19 +35,23 @@ from tests.serve_process import model_deployments
 
 
 def in_process_images_per_s(detector: GroundingDinoDetector, segmenter: SamSegmenter, settings: Settings,
-                             pictures: list[np.ndarray], batch: int) -> float:
+                             pictures: list[np.ndarray], batch: int, stage_s: dict[str, float] | None = None) -> float:
     requests = [DetectionRequest(image=p, phrases=["cats", "house"], box_threshold=settings.box_threshold,
                                  text_threshold=settings.text_threshold, max_detections=settings.max_detections)
                 for p in pictures]
     detector.detect(requests[:1])  # warm-up
     segmenter.segment([SegmentationRequest(image=pictures[0], boxes=np.array([[0, 0, 10, 10]], np.float32))])
+    stage_s = {} if stage_s is None else stage_s
     started = time.perf_counter()
     for start in range(0, len(requests), batch):
         chunk = requests[start:start + batch]
+        step = time.perf_counter()
         detections = detector.detect(chunk)
+        stage_s["detect"] = stage_s.get("detect", 0.0) + time.perf_counter() - step
+        step = time.perf_counter()
         segmenter.segment([SegmentationRequest(image=r.image, boxes=d.boxes) for r, d in zip(chunk, detections)])
+        stage_s["segment"] = stage_s.get("segment", 0.0) + time.perf_counter() - step
     return len(requests) / (time.perf_counter() - started)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -55,7 +59,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--max-detections", type=int, default=10)
     parser.add_argument("--torch-threads", type=int, default=0, help="user_config.torch_threads of the replicas")
-    parser.add_argument("--max-batch-size", type=int, default=0, help="replicas' max_batch_size (0: --images)")
+    parser.add_argument("--max-batch-size", type=int, default=0,
+                        help="replicas' max_batch_size (0: --images; -1: configs/serve.yaml as shipped)")
+    parser.add_argument("--in-process-batches", default="",
+                        help="comma-separated batch sizes for the in-process reference (default: 1 and --images)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--out", type=Path, default=None)
@@ -69,8 +76,11 @@ def main() -> None:
     pictures = [np.asarray(Image.open(io.BytesIO(files[n])).convert("RGB")) for n in names[:args.images]]
 
     detector, segmenter = load_models(settings)
-    in_process = {f"batch {b}": round(in_process_images_per_s(detector, segmenter, settings, pictures, b), 4)
-                  for b in sorted({1, args.images})}
+    batches = sorted({int(b) for b in args.in_process_batches.split(",") if b} or {1, args.images})
+    stage_s: dict[str, float] = {}
+    in_process = {f"batch {b}": round(in_process_images_per_s(detector, segmenter, settings, pictures, b,
+                                                             stage_s if b == 1 else None), 4)
+                  for b in batches}
     del detector, segmenter
     best = max(in_process.values())
 
@@ -78,7 +88,8 @@ def main() -> None:
     bodies = [text_prompt_body(f"{images.url}/{name}") for name in names]
 
     def threads(config: dict) -> None:
-        user_config(max_batch_size=args.max_batch_size or args.images)(config)
+        if args.max_batch_size >= 0:
+            user_config(max_batch_size=args.max_batch_size or args.images)(config)
         config["http_options"]["request_timeout_s"] = 3000
         for deployment in model_deployments(config):
             deployment["user_config"]["torch_threads"] = args.torch_threads
@@ -96,12 +107,17 @@ def main() -> None:
 
     assert report["failures"] == 0, report
     graph = args.images / report["wall_s"]
+    # Fill and drain: the first image's segment step cannot overlap an earlier detect, nor the last image's
+    # detect a later segment; bounded by one image's in-process time (batch 1), reported as a share of the run.
+    one_image_s = sum(stage_s.values()) / args.images if stage_s else None
     result = {
         "scenario": "serving efficiency", "models": args.models, "images": args.images,
         "max_detections": args.max_detections, "replica_torch_threads": args.torch_threads,
-        "replica_max_batch_size": args.max_batch_size or args.images,
+        "replica_max_batch_size": (args.max_batch_size or args.images) if args.max_batch_size >= 0 else "as shipped",
         "device": args.device, "precision": args.precision, **machine(),
         "in_process_images_per_s": in_process, "in_process_torch_threads": torch.get_num_threads(),
+        "in_process_stage_s_per_image": {k: round(v / args.images, 3) for k, v in stage_s.items()},
+        "fill_drain_share": round(one_image_s / report["wall_s"], 3) if one_image_s else None,
         "graph_images_per_s": round(graph, 4), "graph_load": report,
         "efficiency": round(graph / best, 3), "batch_sizes": histograms, "rss_mb": rss,
     }
