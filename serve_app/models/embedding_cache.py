@@ -38,6 +38,12 @@ def _tensor_bytes(value: Any) -> int:
     return 0
 
 
+def own_row(batch: torch.Tensor, row: int) -> torch.Tensor:
+    """One row of a batch as a float32 copy to cache, not a view: a cached view would keep the whole batch's tensor
+    alive behind one entry's bytes."""
+    return batch[row:row + 1].to(torch.float32, copy=True)
+
+
 class EmbeddingCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max(0, int(max_bytes))

@@ -16,7 +16,7 @@ import torch
 
 from serve_app import get_logger
 from serve_app.models.device import autocast_for, effective_precision, pick_device
-from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
+from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache, own_row
 from serve_app.models.errors import ModelLoadError, describe_load_failure
 from serve_app.models.mask_upsampling import upsample_masks
 from serve_app.models.messages import Masks, SegmentationRequest
@@ -146,15 +146,11 @@ def _decoder_inputs(encoded, row: int) -> dict:
     """The keyword arguments the family's forward takes instead of pixel values, for one image."""
     if isinstance(encoded, tuple):  # SAM-HQ: the last embedding and the ViT's intermediate ones
         embedding, intermediate = encoded
-        return {"image_embeddings": _own_row(embedding, row),
-                "intermediate_embeddings": [_own_row(t, row) for t in intermediate]}
+        return {"image_embeddings": own_row(embedding, row),
+                "intermediate_embeddings": [own_row(t, row) for t in intermediate]}
     if isinstance(encoded, list):  # SAM 2 / EdgeTAM: the feature pyramid, finest first
-        return {"image_embeddings": [_own_row(t, row) for t in encoded]}
-    return {"image_embeddings": _own_row(encoded, row)}
+        return {"image_embeddings": [own_row(t, row) for t in encoded]}
+    return {"image_embeddings": own_row(encoded, row)}
 
-
-def _own_row(batch: torch.Tensor, row: int) -> torch.Tensor:
-    """A copy, not a view: a cached view would keep the whole batch's tensor alive behind one entry's bytes."""
-    return batch[row:row + 1].to(torch.float32, copy=True)
 
 

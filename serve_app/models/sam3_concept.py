@@ -31,7 +31,7 @@ import torch
 
 from serve_app import get_logger
 from serve_app.models.device import autocast_for, effective_precision, pick_device
-from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
+from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache, own_row
 from serve_app.models.errors import ModelLoadError, describe_load_failure
 from serve_app.models.mask_upsampling import upsample_masks
 from serve_app.models.prompt_decoding import decode_prompts, has_points
@@ -127,12 +127,12 @@ class Sam3Concept:
                 vision = self.model.get_vision_features(pixel_values=pixels)
                 tracker_maps = self._tracker_features(vision.last_hidden_state) if self.tracker is not None else None
             if self._position_encoding is None:
-                self._position_encoding = tuple(_own_row(t, 0) for t in vision.fpn_position_encoding[:-1])
+                self._position_encoding = tuple(own_row(t, 0) for t in vision.fpn_position_encoding[:-1])
             side = int(pixels.shape[-1])
             for row in range(len(chunk)):
-                embedding = {"detector": [_own_row(t, row) for t in vision.fpn_hidden_states[:-1]]}
+                embedding = {"detector": [own_row(t, row) for t in vision.fpn_hidden_states[:-1]]}
                 if tracker_maps is not None:
-                    embedding["tracker"] = [_own_row(t, row) for t in tracker_maps]
+                    embedding["tracker"] = [own_row(t, row) for t in tracker_maps]
                 entries.append(CachedEmbedding(embedding, (side, side), encoder_size=side))
         return entries
 
@@ -273,9 +273,5 @@ def _tracker_from_video_model(video):
         raise ModelLoadError(f"DETECTOR_MODEL: the SAM 3 tracker could not be assembled ({', '.join(meta[:3])})")
     return tracker
 
-
-def _own_row(batch: torch.Tensor, row: int) -> torch.Tensor:
-    """A float32 copy, not a view: a cached view would keep the whole batch's tensor alive behind one entry's bytes."""
-    return batch[row:row + 1].to(torch.float32, copy=True)
 
 

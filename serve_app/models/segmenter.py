@@ -17,6 +17,7 @@ from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
 from serve_app.models.errors import CheckpointError
 from serve_app.models.mask_upsampling import upsample_masks
 from serve_app.models.messages import Masks, SegmentationRequest
+from serve_app.models.prompt_decoding import has_points
 from serve_app.models.sam_loading import load_sam
 
 logger = get_logger(__name__)
@@ -74,7 +75,7 @@ class SamSegmenter:
     def segment(self, requests: list[SegmentationRequest]) -> list[Masks]:
         """Encode each distinct uncached image once (in batches), then decode every request's prompts."""
         results = [Masks(masks=np.zeros((0, *r.image.shape[:2]), bool)) for r in requests]
-        active = [i for i, r in enumerate(requests) if len(r.boxes) or _has_points(r)]
+        active = [i for i, r in enumerate(requests) if len(r.boxes) or has_points(r)]
         entries, encoded_now = self.cache.lookup_or_encode(
             [requests[i].image for i in active], [requests[i].image_key for i in active], self._entries)
         for n, (i, entry) in enumerate(zip(active, entries)):
@@ -87,7 +88,7 @@ class SamSegmenter:
         return [CachedEmbedding(encoded[row:row + 1].clone(), input_sizes[row]) for row in range(len(images))]
 
     def _decode(self, cached: CachedEmbedding, request: SegmentationRequest) -> Masks:
-        if _has_points(request):
+        if has_points(request):
             return self._decode_points(cached, request)
         original_size = request.image.shape[:2]
         boxes = torch.as_tensor(np.asarray(request.boxes, np.float32), device=self.device)
@@ -130,7 +131,3 @@ class SamSegmenter:
             multimask_output=multimask,
         )
         return low_res, iou
-
-
-def _has_points(request: SegmentationRequest) -> bool:
-    return request.points is not None and len(request.points) > 0
