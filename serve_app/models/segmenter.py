@@ -18,6 +18,7 @@ from serve_app.models.errors import CheckpointError
 from serve_app.models.mask_upsampling import upsample_masks
 from serve_app.models.messages import Masks, SegmentationRequest
 from serve_app.models.prompt_decoding import has_points
+from serve_app.models.sam_decoder import SharedImageDecoder
 from serve_app.models.sam_loading import load_sam
 
 logger = get_logger(__name__)
@@ -93,9 +94,12 @@ class SamSegmenter:
         original_size = request.image.shape[:2]
         boxes = torch.as_tensor(np.asarray(request.boxes, np.float32), device=self.device)
         boxes = self.transform.apply_boxes_torch(boxes, original_size)
+        sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+        decoder = SharedImageDecoder(self.sam.mask_decoder, cached.embedding, self.sam.prompt_encoder.get_dense_pe(),
+                                     dense[:1])  # the image-side work every box shares, done once
         masks, scores = [], []
         for start in range(0, len(boxes), self.decoder_chunk):
-            low_res, iou = self._run_decoder(cached, boxes=boxes[start:start + self.decoder_chunk])
+            low_res, iou = decoder(sparse[start:start + self.decoder_chunk])
             masks.append(self._upsample(low_res[:, 0], cached, original_size))
             scores.append(iou[:, 0].float().cpu().numpy())
         return Masks(masks=np.concatenate(masks), scores=np.concatenate(scores).astype(np.float32))
