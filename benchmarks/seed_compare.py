@@ -22,6 +22,7 @@ import psutil
 from benchmarks.harness import (ImageServer, batch_sizes, distinct_images, histogram_delta, machine,
                                 long_requests, replica_rss_mb, retrieve_body, run_load, seed_backend, start_service)
 from benchmarks.models import MODEL_SETS, model_env
+from tests.serve_process import model_deployments
 
 
 def time_requests(url: str, body: dict, warmup: dict, repeats: int) -> list[dict]:
@@ -49,6 +50,9 @@ def main() -> None:
     parser.add_argument("--seed-from", type=Path, default=None,
                         help="reuse the seed side of an earlier run's JSON (same models and options) instead of "
                              "timing it again")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="replicas' user_config.torch_threads (experiments; 0 = configs/serve.yaml as shipped)")
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the service (experiments)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -67,7 +71,12 @@ def main() -> None:
             seed_rss = earlier["rss_mb"]["seed process"]
         else:
             seed_reports, seed_rss = run_seed(env, body, warmup, args.repeats)
-        service = start_service(env, long_requests)
+        def config(serve_config: dict) -> None:
+            long_requests(serve_config)
+            for deployment in model_deployments(serve_config) if args.torch_threads else ():
+                deployment["user_config"]["torch_threads"] = args.torch_threads
+
+        service = start_service({**env, **dict(item.split("=", 1) for item in args.env)}, config)
         try:
             before = batch_sizes(service)
             graph_reports = time_requests(service.url, body, warmup, args.repeats)
@@ -85,6 +94,7 @@ def main() -> None:
         "scenario": "seed baseline", "models": args.models, "tasks": args.tasks, "boxes": args.boxes or None,
         "device": args.device, "precision": args.precision,
         "image_latency_ms": args.image_latency_ms, "seed_from": str(args.seed_from) if args.seed_from else None,
+        "service_env": args.env, "service_torch_threads": args.torch_threads or "as shipped",
         **machine(),
         "seed_wall_s": [r["wall_s"] for r in seed_reports],
         "graph_wall_s": [r["wall_s"] for r in graph_reports],
