@@ -290,6 +290,34 @@ def test_cpu_replicas_use_every_usable_core_unless_told(monkeypatch):
     deployment = Deployment("cpu")
     deployment.reconfigure({})
     assert deployment.batcher.on_cpu is True
+    assert deployment.batcher.core_share is not None  # threads then chosen per batch (test_core_sharing.py)
+    deployment.reconfigure({"torch_threads": 3})
+    assert deployment.batcher.core_share is None  # the config's number holds
+    gpu = Deployment("cuda")
+    gpu.reconfigure({})
+    assert gpu.batcher.core_share is None
+
+
+def test_a_batch_runs_marked_busy_with_its_share_of_the_cores(tmp_path):
+    import torch
+
+    from serve_app.models.core_sharing import CoreShare
+
+    threads = torch.get_num_threads()
+    seen = []
+
+    def model(items):
+        seen.append((share.busy_replicas(), torch.get_num_threads()))
+        return items
+
+    share = CoreShare(3, tmp_path)
+    batcher = ModelBatcher(model)
+    batcher.core_share = share
+    try:
+        assert asyncio.run(batcher.submit(5)) == 5
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [(1, 3)] and list(tmp_path.iterdir()) == []
 
 
 def test_the_idle_hook_runs_once_the_queue_stays_empty_and_not_while_work_keeps_coming():

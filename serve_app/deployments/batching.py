@@ -10,6 +10,7 @@ loaded. Its settings are read in the deployment's `reconfigure`, so `serve deplo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from serve_app import get_logger
+from serve_app.models.core_sharing import CoreShare
 from serve_app.models.device import set_cpu_threads, usable_cores
 from serve_app.models.messages import Priority
 
@@ -84,6 +86,7 @@ class ModelBatcher:
         self.on_batch = on_batch  # called on the event loop with each batch's size and its items' queue waits
         self.when_idle = when_idle  # called on a worker thread once no batch has run for idle_after_s
         self.idle_after_s = idle_after_s
+        self.core_share: CoreShare | None = None  # on CPU: torch threads chosen per batch (set by reconfigure)
         self._batches_run = 0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._pending: list[tuple[int, int, Any, asyncio.Future, float]] = []  # a heap
@@ -172,6 +175,10 @@ class ModelBatcher:
 
     def _run(self, items: list) -> list:
         """Results, or per item the exception it raised (on the worker thread)."""
+        with self.core_share.working() if self.core_share is not None else contextlib.nullcontext():
+            return self._run_items(items)
+
+    def _run_items(self, items: list) -> list:
         try:
             results = self.batch_fn(items)
             if len(results) != len(items):
@@ -209,6 +216,9 @@ class BatchedModelDeployment:
         self.batcher.on_cpu = on_cpu
         threads = config.torch_threads or (max(1, usable_cores() // max(1, self.cpu_share)) if on_cpu else 0)
         set_cpu_threads(threads)
+        # torch_threads 0 on CPU: each batch takes the node's cores divided by the model replicas busy at that moment
+        self.batcher.core_share = CoreShare(usable_cores()) if on_cpu and not config.torch_threads else None
         logger.info("%s: max_batch_size %d%s, torch threads %s", type(self).__name__, config.max_batch_size,
                     f" (on CPU capped to about {config.cpu_batch_s:g} s of work)" if on_cpu and config.cpu_batch_s
-                    else "", threads or "Ray's default")
+                    else "", "shared per batch among the busy model replicas" if self.batcher.core_share
+                    else threads or "Ray's default")
