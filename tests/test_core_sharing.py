@@ -57,3 +57,26 @@ def test_three_busy_replicas_on_two_cores_get_one_thread_each(tmp_path, restore_
     (tmp_path / str(os.getppid())).touch()
     with CoreShare(2, tmp_path).working() as threads:
         assert threads == 1
+
+
+def test_a_running_batch_follows_the_other_replicas_at_its_next_module_call(tmp_path, restore_threads,
+                                                                            other_replica):
+    from serve_app.models.core_sharing import RECHECK_S
+
+    layer = torch.nn.Linear(4, 4)
+    share = CoreShare(4, tmp_path)
+    seen = []
+    with share.working():
+        layer(torch.zeros(1, 4))
+        seen.append(torch.get_num_threads())
+        (tmp_path / str(other_replica)).touch()  # another stage starts a batch while this one runs
+        time.sleep(RECHECK_S * 2)
+        layer(torch.zeros(1, 4))
+        seen.append(torch.get_num_threads())
+        (tmp_path / str(other_replica)).unlink()  # and ends it
+        time.sleep(RECHECK_S * 2)
+        layer(torch.zeros(1, 4))
+        seen.append(torch.get_num_threads())
+    torch.set_num_threads(3)
+    layer(torch.zeros(1, 4))  # outside a batch the hook changes nothing
+    assert seen == [4, 2, 4] and torch.get_num_threads() == 3

@@ -7,6 +7,10 @@ throughput. Here each replica marks itself busy for the length of a batch. It ta
 the replicas busy at that moment: all of them when it works alone, an equal share beside others. The marks are
 files named by process id in a node-local directory (/dev/shm when there is one), so replicas from any
 application on the node count, and a mark left by a killed process is ignored once its process is gone.
+
+A batch of a big model is long (Grounding DINO at 800 px: 10-20 s on CPU), so the share is taken again while it
+runs: a forward pre-hook on every torch module (torch's public global hook) re-reads the marks at most every
+`RECHECK_S` and changes the working thread's torch threads when the count of busy replicas has changed.
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ import torch
 
 # A mark older than this is from a process whose id was reused, not from a batch still running.
 STALE_AFTER_S = 3600.0
+# How often a running batch re-reads the marks (a directory listing: tens of microseconds).
+RECHECK_S = 0.05
+
+_working_share: "CoreShare | None" = None  # the share of the batch running in this process, if any
+_hook_installed = False
 
 
 def _default_directory() -> Path:
@@ -54,14 +63,43 @@ class CoreShare:
 
     @contextlib.contextmanager
     def working(self) -> Iterator[int]:
-        """Marks this replica busy and sets torch's threads to its share of the cores while the block runs."""
+        """Marks this replica busy and sets torch's threads to its share of the cores while the block runs (on the
+        thread that runs the model); the share follows the other replicas while the block runs."""
+        global _working_share
+        _install_hook()
         self._mark.touch()
         try:
-            threads = max(1, self.cores // max(1, self.busy_replicas()))
-            torch.set_num_threads(threads)
-            yield threads
+            self._threads = 0
+            self._take_share()
+            _working_share = self
+            yield self._threads
         finally:
+            _working_share = None
             self._mark.unlink(missing_ok=True)
+
+    def _take_share(self) -> None:
+        self._checked = time.monotonic()
+        threads = max(1, self.cores // max(1, self.busy_replicas()))
+        if threads != self._threads:
+            torch.set_num_threads(threads)
+            self._threads = threads
+
+    def recheck(self) -> None:
+        if time.monotonic() - self._checked >= RECHECK_S:
+            self._take_share()
+
+
+def _install_hook() -> None:
+    global _hook_installed
+    if not _hook_installed:
+        torch.nn.modules.module.register_module_forward_pre_hook(_before_forward)
+        _hook_installed = True
+
+
+def _before_forward(module, inputs) -> None:
+    share = _working_share
+    if share is not None:
+        share.recheck()
 
 
 def _alive(pid: int) -> bool:
