@@ -34,8 +34,9 @@ IDLE_AFTER_S = 2.0
 class BatchConfig:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     batch_wait_timeout_s: float = 0.0  # wait this long for more items only when the model is idle
-    # 0 = decided at start: on CPU the usable cores divided among the model roles sharing them (cpu_share: Grounding
-    # DINO and SAM), at least 1; on GPU Ray's default. More threads than cores slowed a Retrieve by a quarter.
+    # 0 = on CPU the usable cores divided by the model replicas busy at that moment, followed while a batch runs
+    # (serve_app.models.core_sharing): a stage working alone gets every core, and running more threads than cores
+    # (slower by a quarter) is avoided; on GPU Ray's default.
     torch_threads: int = 0
     # On CPU a batch holds only as many items as the model runs in about this long: batching a big model there
     # gains nothing (Grounding DINO at 800 px was 24 % slower per image in batches of 4) and delays every item of
