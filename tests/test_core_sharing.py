@@ -80,3 +80,11 @@ def test_a_running_batch_follows_the_other_replicas_at_its_next_module_call(tmp_
     torch.set_num_threads(3)
     layer(torch.zeros(1, 4))  # outside a batch the hook changes nothing
     assert seen == [4, 2, 4] and torch.get_num_threads() == 3
+
+
+def test_without_a_place_to_mark_a_batch_keeps_its_threads(tmp_path, restore_threads):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    torch.set_num_threads(1)
+    with CoreShare(4, blocked / "busy").working() as threads:
+        assert threads == 1 and torch.get_num_threads() == 1

@@ -24,6 +24,10 @@ from typing import Iterator
 
 import torch
 
+from serve_app import get_logger
+
+logger = get_logger(__name__)
+
 # A mark older than this is from a process whose id was reused, not from a batch still running.
 STALE_AFTER_S = 3600.0
 # How often a running batch re-reads the marks (a directory listing: tens of microseconds).
@@ -42,13 +46,16 @@ class CoreShare:
     def __init__(self, cores: int, directory: Path | None = None):
         self.cores = max(1, int(cores))
         self.directory = directory or _default_directory()
-        self.directory.mkdir(parents=True, exist_ok=True)
         self._mark = self.directory / str(os.getpid())
 
     def busy_replicas(self) -> int:
         """Replicas (live processes) marked busy on this node, this one included when it is."""
         count = 0
-        for mark in self.directory.iterdir():
+        try:
+            marks = list(self.directory.iterdir())
+        except OSError:
+            return 1
+        for mark in marks:
             if not mark.name.isdigit():
                 continue
             try:
@@ -66,8 +73,15 @@ class CoreShare:
         """Marks this replica busy and sets torch's threads to its share of the cores while the block runs (on the
         thread that runs the model); the share follows the other replicas while the block runs."""
         global _working_share
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)  # /dev/shm may have been cleaned meanwhile
+            self._mark.touch()
+        except OSError as exc:  # nowhere to mark: this batch keeps the threads it has
+            logger.warning("cannot mark this replica busy in %s (%s); torch threads stay at %d", self.directory, exc,
+                           torch.get_num_threads())
+            yield torch.get_num_threads()
+            return
         _install_hook()
-        self._mark.touch()
         try:
             self._threads = 0
             self._take_share()
