@@ -14,14 +14,30 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.harness import (ImageServer, batch_sizes, distinct_images, histogram_delta, machine, replica_rss_mb,
-                                run_load, start_service, text_prompt_body, user_config)
+from benchmarks.harness import (BatchCounter, ImageServer, distinct_images, machine, replica_rss_mb, run_load,
+                                start_service, text_prompt_body, user_config)
 from benchmarks.models import MODEL_SETS, model_env
+from tests.serve_process import ServeProcess
 
 
 def mean_batch(histogram: dict[str, int]) -> float:
     items = sum(histogram.values())
     return round(sum(int(size) * n for size, n in histogram.items()) / items, 2) if items else 0.0
+
+
+def sweep(service: ServeProcess, bodies: list[dict], levels: list[int], max_batch_size: int | str,
+          requests_per_level=lambda level: max(16, 3 * level), counter: BatchCounter | None = None) -> list[dict]:
+    """One row per concurrency level on a running service: its load report and the mean batch per model."""
+    counter = counter or BatchCounter(service)
+    rows = []
+    for level in levels:
+        requests = requests_per_level(level)
+        report = run_load(service.url, bodies, requests=requests, concurrency=level)
+        histograms = counter.since_last({"Detector": requests, "Segmenter": requests})  # one task per request
+        rows.append({"max_batch_size": max_batch_size, **report,
+                     "mean_batch": {name: mean_batch(h) for name, h in histograms.items()}})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def main() -> None:
@@ -45,13 +61,7 @@ def main() -> None:
             service = start_service(env, user_config(max_batch_size=max_batch_size))
             try:
                 run_load(service.url, bodies[:4], requests=4, concurrency=2)  # warm-up
-                for level in levels:
-                    before = batch_sizes(service)
-                    report = run_load(service.url, bodies, requests=max(16, 3 * level), concurrency=level)
-                    histograms = histogram_delta(before, batch_sizes(service))
-                    rows.append({"max_batch_size": max_batch_size, **report,
-                                 "mean_batch": {name: mean_batch(h) for name, h in histograms.items()}})
-                    print(json.dumps(rows[-1]), flush=True)
+                rows += sweep(service, bodies, levels, max_batch_size)
                 rss[f"max_batch_size={max_batch_size}"] = replica_rss_mb(service)
             finally:
                 service.stop()

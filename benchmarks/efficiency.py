@@ -14,6 +14,7 @@ embedding cache (off) are the same on both sides.
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import time
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.harness import (ImageServer, batch_sizes, distinct_images, histogram_delta, machine, replica_rss_mb,
+from benchmarks.harness import (BatchCounter, ImageServer, distinct_images, machine, replica_rss_mb,
                                 run_load, start_service, text_prompt_body, user_config)
 from benchmarks.models import MODEL_SETS, model_env
 from benchmarks.pipeline import load_models
@@ -31,7 +32,7 @@ from serve_app.models.grounding_dino import GroundingDinoDetector
 from serve_app.models.messages import DetectionRequest, SegmentationRequest
 from serve_app.models.segmenter import SamSegmenter
 from serve_app.settings import Settings
-from tests.serve_process import model_deployments
+from tests.serve_process import ServeProcess, model_deployments
 
 
 def in_process_images_per_s(detector: GroundingDinoDetector, segmenter: SamSegmenter, settings: Settings,
@@ -52,6 +53,38 @@ def in_process_images_per_s(detector: GroundingDinoDetector, segmenter: SamSegme
         segmenter.segment([SegmentationRequest(image=r.image, boxes=d.boxes) for r, d in zip(chunk, detections)])
         stage_s["segment"] = stage_s.get("segment", 0.0) + time.perf_counter() - step
     return len(requests) / (time.perf_counter() - started)
+
+def in_process_reference(settings: Settings, pictures: list[np.ndarray], batches: list[int], models=None) -> dict:
+    """The bare models' images/s at each batch size, with masks and (their detect step alone) boxes only,
+    and the seconds per stage at the smallest batch size. `models`: (detector, segmenter) already loaded."""
+    detector, segmenter = models or load_models(settings)
+    images_per_s, boxes_only, stage_s = {}, {}, {}
+    for b in batches:
+        stages: dict[str, float] = {}
+        images_per_s[f"batch {b}"] = round(in_process_images_per_s(detector, segmenter, settings, pictures, b,
+                                                                   stages), 4)
+        boxes_only[f"batch {b}"] = round(len(pictures) / stages["detect"], 4)
+        stage_s = stage_s or stages
+    del detector, segmenter, models
+    free_gpu_memory()
+    return {"images_per_s": images_per_s, "boxes_only_images_per_s": boxes_only, "stage_s": stage_s}
+
+
+def free_gpu_memory() -> None:
+    """Give what models no longer referenced held back to the GPU: the replicas started next share it."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def service_load(service: ServeProcess, bodies: list[dict], counter: BatchCounter | None = None,
+                 models: tuple[str, ...] = ("Detector", "Segmenter")) -> tuple[dict, dict]:
+    """All `bodies` sent at once (single-task requests, one item each for `models`): the load report and the
+    batch sizes the model deployments formed."""
+    counter = counter or BatchCounter(service)
+    report = run_load(service.url, bodies, requests=len(bodies), concurrency=len(bodies))
+    return report, counter.since_last({name: len(bodies) for name in models})
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -75,13 +108,9 @@ def main() -> None:
     names = sorted(files)
     pictures = [np.asarray(Image.open(io.BytesIO(files[n])).convert("RGB")) for n in names[:args.images]]
 
-    detector, segmenter = load_models(settings)
     batches = sorted({int(b) for b in args.in_process_batches.split(",") if b} or {1, args.images})
-    stage_s: dict[str, float] = {}
-    in_process = {f"batch {b}": round(in_process_images_per_s(detector, segmenter, settings, pictures, b,
-                                                             stage_s if b == 1 else None), 4)
-                  for b in batches}
-    del detector, segmenter
+    reference = in_process_reference(settings, pictures, batches)
+    in_process, stage_s = reference["images_per_s"], reference["stage_s"]
     best = max(in_process.values())
 
     images = ImageServer(files)
@@ -97,9 +126,7 @@ def main() -> None:
     service = start_service(env, threads)
     try:
         run_load(service.url, bodies[-1], requests=1, concurrency=1)  # warm-up, its own image
-        before = batch_sizes(service)
-        report = run_load(service.url, bodies[:args.images], requests=args.images, concurrency=args.images)
-        histograms = histogram_delta(before, batch_sizes(service))
+        report, histograms = service_load(service, bodies[:args.images])
         rss = replica_rss_mb(service)
     finally:
         service.stop()
@@ -116,6 +143,7 @@ def main() -> None:
         "replica_max_batch_size": (args.max_batch_size or args.images) if args.max_batch_size >= 0 else "as shipped",
         "device": args.device, "precision": args.precision, **machine(),
         "in_process_images_per_s": in_process, "in_process_torch_threads": torch.get_num_threads(),
+        "in_process_boxes_only_images_per_s": reference["boxes_only_images_per_s"],
         "in_process_stage_s_per_image": {k: round(v / args.images, 3) for k, v in stage_s.items()},
         "fill_drain_share": round(one_image_s / report["wall_s"], 3) if one_image_s else None,
         "graph_images_per_s": round(graph, 4), "graph_load": report,

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one command: serving efficiency, the seed comparison and a batching sweep, each in fp32
 # and fp16, plus the precision drift, with full-size architectures (random weights, built on the spot).
+# benchmarks/gpu_suite.py runs the first three, one service per precision and batch size (see its docstring).
 #
-#   benchmarks/gpu.sh                                   # one GPU, about 6-8 minutes; JSON in benchmarks/results/gpu
+#   benchmarks/gpu.sh                                   # one GPU, under 8 minutes; JSON in benchmarks/results/gpu
 #   benchmarks/gpu.sh --device cpu --models tiny --quick --out /tmp/smoke   # the CI smoke run: no GPU, tiny models
 #
 # On a fresh machine it installs the project from PyPI first (`pip install .`) unless it already imports.
@@ -32,43 +33,28 @@ fi
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-if [ "$quick" = 1 ]; then  # sizes for the CPU smoke run: every step runs, none measures anything
-  images=2 tasks=2 repeats=1 levels=1,2 batch_sizes=2 precisions=fp32
+if [ "$quick" = 1 ]; then  # the CPU smoke run: every phase runs, none measures anything
+  sizes=(--quick) precisions=fp32
 elif [ "$device" = cpu ]; then
-  images=8 tasks=8 repeats=1 levels=1,4 batch_sizes=4,1 precisions=fp32
+  sizes=(--images 8 --tasks 8 --repeats 1 --levels 1,4) precisions=fp32
 else
-  images=48 tasks=32 repeats=2 levels=1,8,32 batch_sizes=8,1 precisions="fp32 fp16"
+  sizes=(--images 48 --tasks 32 --repeats 2 --levels 1,8,32) precisions=fp32,fp16
 fi
 
+started=$SECONDS
 failed=()
-step() {  # step NAME COMMAND...: run one benchmark, keep going if it fails
-  local name=$1; shift
-  local started=$SECONDS
-  echo "== $name: $*"
-  if "$@" >"$out/$name.log" 2>&1; then
-    echo "   done in $((SECONDS - started)) s -> $out/$name.json"
-  else
-    echo "   FAILED after $((SECONDS - started)) s; last lines of $out/$name.log:"; tail -n 15 "$out/$name.log"
-    failed+=("$name")
-  fi
-}
-
 # build the models once, untimed; nothing else can run without them
 "$python" -c "from benchmarks.models import model_env; model_env('$models')" || exit 1
-if [ "$device" = cuda ]; then
-  step precision "$python" -m benchmarks.precision --models "$models" --images 8 --device cuda \
-    --precisions fp16,bf16 --out "$out/precision.json"
+echo "models built in $((SECONDS - started)) s"
+if [ "$device" = cuda ]; then  # in-process, cheap: fp16 and bf16 against fp32 on the same images
+  echo "== precision drift"
+  "$python" -m benchmarks.precision --models "$models" --images 6 --device cuda --precisions fp16,bf16 \
+    --out "$out/precision.json" >"$out/precision.log" 2>&1 || { tail -n 15 "$out/precision.log"; failed+=(precision); }
 fi
-for precision in $precisions; do
-  step "efficiency-$precision" "$python" -m benchmarks.efficiency --models "$models" --images "$images" \
-    --device "$device" --precision "$precision" --out "$out/efficiency-$precision.json"
-  step "seed-compare-$precision" "$python" -m benchmarks.seed_compare --models "$models" --tasks "$tasks" \
-    --repeats "$repeats" --boxes 20 --device "$device" --precision "$precision" --out "$out/seed-compare-$precision.json"
-done
-for precision in $(echo "$precisions" | tr ' ' '\n' | tac); do  # fp16 first: where batching matters most
-  step "batching-sweep-$precision" "$python" -m benchmarks.batching_sweep --models "$models" --levels "$levels" \
-    --batch-sizes "$batch_sizes" --device "$device" --precision "$precision" --out "$out/batching-sweep-$precision.json"
-done
+# efficiency, seed comparison and batching sweep per precision, sharing each service between them
+"$python" -m benchmarks.gpu_suite --models "$models" --device "$device" --precisions "$precisions" "${sizes[@]}" \
+  --out "$out" 2>&1 | tee "$out/suite.log" || failed+=(suite)
+echo "gpu.sh: $((SECONDS - started)) s in all"
 "$python" -m benchmarks.gpu_summary "$out"
 
 if [ ${#failed[@]} -gt 0 ]; then echo "failed: ${failed[*]}" >&2; exit 1; fi

@@ -22,8 +22,8 @@ def summary(folder: Path) -> str:
         return f"no results in {folder}"
     lines.append(f"machine: {first.get('machine')}, GPU: {first.get('gpu')}; torch {first.get('torch')}, "
                  f"ray {first.get('ray')}, transformers {first.get('transformers')}")
-    lines += ["", "| precision | in-process best (img/s) | service (img/s) | efficiency | seed (tasks/s) | "
-              "service (tasks/s) | speedup |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| precision | in-process best (img/s) | service (img/s) | efficiency | efficiency, boxes only | "
+              "seed (tasks/s) | service (tasks/s) | speedup |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for precision in ("fp32", "fp16", "bf16"):
         efficiency, seed = load(folder, f"efficiency-{precision}"), load(folder, f"seed-compare-{precision}")
         if not (efficiency or seed):
@@ -31,7 +31,8 @@ def summary(folder: Path) -> str:
         e = efficiency or {}
         s = seed or {}
         best = max(e.get("in_process_images_per_s", {}).values(), default=None)
-        lines.append(f"| {precision} | {best} | {e.get('graph_images_per_s')} | {e.get('efficiency')} | "
+        boxes_only = e.get("boxes_only", {}).get("efficiency")
+        lines.append(f"| {precision} | {best} | {e.get('graph_images_per_s')} | {e.get('efficiency')} | {boxes_only} | "
                      f"{s.get('seed_tasks_per_s')} | {s.get('graph_tasks_per_s')} | {s.get('speedup')} |")
     for precision in ("fp32", "fp16"):
         sweep = load(folder, f"batching-sweep-{precision}")
@@ -48,6 +49,10 @@ def summary(folder: Path) -> str:
         for run in drift["runs"]:
             lines.append(f"- {run['precision']}: speedup {run.get('speedup_vs_fp32')}, {run.get('drift', '')}"
                          f"{run.get('skipped', '')}")
+    timings = load(folder, "suite-timings")
+    if timings:
+        lines += ["", f"benchmarks.gpu_suite: {timings['total_s']} s; by phase: "
+                  + ", ".join(f"{name} {s} s" for name, s in timings["phases_s"].items())]
     return "\n".join(lines)
 
 

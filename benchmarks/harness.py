@@ -146,11 +146,35 @@ def run_load(url: str, body: dict[str, Any] | list[dict[str, Any]], requests: in
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def batch_sizes(service: ServeProcess) -> dict[str, dict[str, int]]:
+def batch_sizes(service: ServeProcess, until=None) -> dict[str, dict[str, int]]:
     """Items by the size of the batch they ran in, per model deployment, as the deployments recorded them
-    (read back from Prometheus once every earlier batch is exported)."""
-    snapshot = service.settled_metrics()
-    return {name: dict(h["items_by_batch_size"]) for name, h in snapshot["batch_sizes"].items()}
+    (read back from Prometheus): once `until(histograms)` holds, or else once two reads seconds apart agree."""
+    def histograms(snapshot: dict) -> dict[str, dict[str, int]]:
+        return {name: dict(h["items_by_batch_size"]) for name, h in snapshot.get("batch_sizes", {}).items()}
+
+    if until is not None:
+        snapshot = service.metrics(until=lambda snapshot: until(histograms(snapshot)))
+        if until(histograms(snapshot)):
+            return histograms(snapshot)
+    return histograms(service.settled_metrics())
+
+
+class BatchCounter:
+    """Batch sizes formed since the last call. Given how many items each deployment was sent, a call returns as
+    soon as that many are exported (about Ray's metrics interval); without, once /metrics settles (seconds)."""
+
+    def __init__(self, service: ServeProcess):
+        self.service = service
+        self.last = batch_sizes(service)
+
+    def since_last(self, items: dict[str, int] | None = None) -> dict[str, dict[str, int]]:
+        def counted(now: dict[str, dict[str, int]]) -> bool:
+            delta = histogram_delta(self.last, now)
+            return all(sum(delta.get(name, {}).values()) >= n for name, n in items.items())
+
+        now = batch_sizes(self.service, until=counted if items else None)
+        delta, self.last = histogram_delta(self.last, now), now
+        return delta
 
 
 def histogram_delta(before: dict, after: dict) -> dict[str, dict[str, int]]:

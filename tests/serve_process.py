@@ -97,6 +97,26 @@ class ServeProcess:
         self.stop()
         raise RuntimeError(f"service not ready after {self.startup_timeout_s} s:\n{self.log_tail()}")
 
+    def dashboard_url(self) -> str:
+        """The Ray dashboard `serve run` started (its REST API is what `serve deploy` talks to), from its log."""
+        import re
+
+        found = re.search(r"View the dashboard at \S*?(http://[\w.]+:\d+)", self.log_path.read_text(errors="replace"))
+        if not found:
+            raise RuntimeError(f"no dashboard address in the log of `serve run`:\n{self.log_tail()}")
+        return found.group(1)
+
+    def update_config(self, config_overrides) -> None:
+        """`serve deploy` of this service's config with `config_overrides` applied, as an operator updates a
+        running application: Serve changes a deployment in place when only its lightweight options
+        (user_config, replicas, autoscaling) differ, and restarts its replicas otherwise."""
+        config = yaml.safe_load(self.config_path.read_text())
+        config_overrides(config)
+        self.config_path.write_text(yaml.safe_dump(config))
+        subprocess.run([str(Path(sys.executable).parent / "serve"), "deploy", "--address", self.dashboard_url(),
+                        str(self.config_path)], cwd=ROOT, env={**self.env, "RAY_AUTH_MODE": "token"}, check=True,
+                       capture_output=True, timeout=120)
+
     def wait_for_log(self, pattern: str, timeout_s: float = 20) -> bool:
         """Replica logs reach `serve run`'s output through Ray's log monitor, a moment after the fact."""
         import re

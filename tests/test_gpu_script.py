@@ -22,5 +22,12 @@ def test_gpu_script_runs_every_benchmark_on_cpu(tmp_path):
     assert efficiency["precision"] == "fp32" and efficiency["models"] == "tiny" and efficiency["efficiency"] > 0
     assert efficiency["graph_load"]["failures"] == 0
     assert seed["speedup"] > 0 and seed["boxes"] == 20 and seed["precision"] == "fp32" and seed["device"] == "cpu"
-    assert [row["concurrency"] for row in sweep["rows"]] == [1, 2] and all(r["failures"] == 0 for r in sweep["rows"])
+    assert efficiency["boxes_only"]["graph_load"]["failures"] == 0 and efficiency["boxes_only"]["efficiency"] > 0
+    # as shipped at every level, then batching off (set in place by `serve deploy`) above concurrency 1
+    assert [(row["max_batch_size"], row["concurrency"]) for row in sweep["rows"]] == [
+        ("as shipped", 1), ("as shipped", 2), (1, 2)]
+    assert all(r["failures"] == 0 for r in sweep["rows"])
+    assert all(mean == 1.0 for mean in sweep["rows"][-1]["mean_batch"].values())
+    timings = json.loads((out / "suite-timings.json").read_text())
+    assert timings["failed"] == {} and timings["phases_s"]["fp32 service"] > 0
     assert "| fp32 |" in run.stdout  # the summary table for docs/performance.md
