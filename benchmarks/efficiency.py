@@ -54,9 +54,12 @@ def in_process_images_per_s(detector: GroundingDinoDetector, segmenter: SamSegme
         stage_s["segment"] = stage_s.get("segment", 0.0) + time.perf_counter() - step
     return len(requests) / (time.perf_counter() - started)
 
-def in_process_reference(settings: Settings, pictures: list[np.ndarray], batches: list[int], models=None) -> dict:
+def in_process_reference(settings: Settings, pictures: list[np.ndarray], batches: list[int], models=None,
+                         one_thread_batch: int | None = None) -> dict:
     """The bare models' images/s at each batch size, with masks and (their detect step alone) boxes only,
-    and the seconds per stage at the smallest batch size. `models`: (detector, segmenter) already loaded."""
+    and the seconds per stage at the smallest batch size. `models`: (detector, segmenter) already loaded.
+    `one_thread_batch`: that batch size once more with one torch thread, as a GPU replica has (Ray's default),
+    to tell the CPU work around the GPU from the graph's own costs (not part of the best)."""
     detector, segmenter = models or load_models(settings)
     images_per_s, boxes_only, stage_s = {}, {}, {}
     for b in batches:
@@ -65,9 +68,21 @@ def in_process_reference(settings: Settings, pictures: list[np.ndarray], batches
                                                                    stages), 4)
         boxes_only[f"batch {b}"] = round(len(pictures) / stages["detect"], 4)
         stage_s = stage_s or stages
+    one_thread = {}
+    if one_thread_batch:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            stages = {}
+            one_thread = {"batch": one_thread_batch, "images_per_s": round(in_process_images_per_s(
+                detector, segmenter, settings, pictures, one_thread_batch, stages), 4),
+                "boxes_only_images_per_s": round(len(pictures) / stages["detect"], 4)}
+        finally:
+            torch.set_num_threads(threads)
     del detector, segmenter, models
     free_gpu_memory()
-    return {"images_per_s": images_per_s, "boxes_only_images_per_s": boxes_only, "stage_s": stage_s}
+    return {"images_per_s": images_per_s, "boxes_only_images_per_s": boxes_only, "stage_s": stage_s,
+            "one_torch_thread": one_thread}
 
 
 def free_gpu_memory() -> None:

@@ -4,7 +4,8 @@
     python -m benchmarks.gpu_suite --models tiny --device cpu --quick --out DIR       # the CI smoke run
 
 For each precision, the three sides below load at once, then each is measured alone, in this order:
-1. the in-process reference (the bare models, batch 1, 8 and `--images`);
+1. the in-process reference (the bare models, batch 1, 8 and `--images`; batch 8 again on one torch thread, as
+   a GPU replica runs its CPU work);
 2. the seed architecture (benchmarks.seed_backend): a warm-up and `--repeats` "Retrieve predictions" of `--tasks`;
 3. ONE service from configs/serve.yaml as shipped, which then serves, one after another: the efficiency load
    (`--images` single-image requests at once, with masks, then boxes only), the same Retrieve as the seed, and
@@ -134,7 +135,8 @@ def main() -> int:
 
                 batches = sorted({1, min(8, args.images), args.images})
                 reference = models and phases.run(f"{precision} in-process",
-                                                  lambda: in_process_reference(settings, pictures, batches, models))
+                                                  lambda: in_process_reference(settings, pictures, batches, models,
+                                                                               one_thread_batch=min(8, args.images)))
                 models = None
                 free_gpu_memory()
 
@@ -197,6 +199,7 @@ def efficiency_result(args, about: dict, reference: dict, measured: dict) -> dic
         "replica_max_batch_size": "as shipped", "service_startup_s": measured["startup_s"],
         "in_process_images_per_s": reference["images_per_s"],
         "in_process_boxes_only_images_per_s": reference["boxes_only_images_per_s"],
+        "in_process_one_torch_thread": reference["one_torch_thread"],
         "in_process_stage_s_per_image": {k: round(v / args.images, 4) for k, v in reference["stage_s"].items()},
         "graph_images_per_s": round(graph, 4), "graph_load": masks, "efficiency": round(graph / best, 3),
         "batch_sizes": masks_batches,

@@ -23,6 +23,7 @@ def test_gpu_script_runs_every_benchmark_on_cpu(tmp_path):
     assert efficiency["graph_load"]["failures"] == 0
     assert seed["speedup"] > 0 and seed["boxes"] == 20 and seed["precision"] == "fp32" and seed["device"] == "cpu"
     assert efficiency["boxes_only"]["graph_load"]["failures"] == 0 and efficiency["boxes_only"]["efficiency"] > 0
+    assert efficiency["in_process_one_torch_thread"]["images_per_s"] > 0
     # as shipped at every level, then batching off (set in place by `serve deploy`) above concurrency 1
     assert [(row["max_batch_size"], row["concurrency"]) for row in sweep["rows"]] == [
         ("as shipped", 1), ("as shipped", 2), (1, 2)]
