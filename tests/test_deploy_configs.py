@@ -120,3 +120,16 @@ def test_every_example_pipeline_is_valid_documented_and_what_it_says():
         settings = Settings.load({}, env=env)
         assert choose_pipeline(settings, model_type_of=HUB_MODEL_TYPES.get) == env["PIPELINE"], path.name
         assert f"configs/pipelines/{path.name}" in models_doc
+
+
+def test_model_replicas_drain_their_work_before_autoscaling_removes_them():
+    """Serve force-kills a replica it scales down once graceful_shutdown_timeout_s (default 20 s) has passed; a CPU
+    replica holding full-size batches needs minutes, and a killed replica's tasks fail."""
+    from serve_app.deployments.detector import Detector
+    from serve_app.deployments.segmenter import Segmenter
+
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    [detector] = [d for d in config["applications"][0]["deployments"] if d["name"] == "Detector"]
+    assert detector["graceful_shutdown_timeout_s"] >= 300
+    for deployment in (Detector, Segmenter):  # the code's defaults, used where the config names none
+        assert deployment._deployment_config.graceful_shutdown_timeout_s >= 300

@@ -20,7 +20,7 @@ from serve_app.models.messages import DetectionRequest, Detections, Masks, Segme
 from serve_app.telemetry import CacheReporter, ModelMetrics
 
 
-@serve.deployment(name="Detector", max_ongoing_requests=64)  # configs/serve.yaml says why
+@serve.deployment(name="Detector", max_ongoing_requests=64, graceful_shutdown_timeout_s=300)  # serve.yaml: why
 class Detector(BatchedModelDeployment):
     def __init__(self, model: str, *, device: str = "auto", precision: str = "fp32", cpu_niceness: int = 0,
                  cpu_share: int = 1, cache_bytes: int = 0):

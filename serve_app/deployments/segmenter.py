@@ -29,6 +29,7 @@ from serve_app.telemetry import CacheReporter, ModelMetrics
     name="Segmenter",
     max_ongoing_requests=64,  # as the Detector's in configs/serve.yaml: the replica orders work by priority
     max_queued_requests=2048,  # items waiting in each caller; beyond it /predict answers 503 + Retry-After
+    graceful_shutdown_timeout_s=300,  # a replica autoscaling removes finishes the work it holds (configs/serve.yaml)
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8, "upscale_delay_s": 10,
                         "downscale_delay_s": 120},
     request_router_config=RequestRouterConfig(request_router_class=ImageAffinityRouter),
