@@ -99,7 +99,7 @@ class Settings:
     max_download_bytes: int = 50 * 1024 * 1024  # MAX_DOWNLOAD_BYTES
     download_timeout_s: float = 20.0  # DOWNLOAD_TIMEOUT_S: whole download, connect included
     task_timeout_s: float = 90.0  # TASK_TIMEOUT_S: one task end to end (Label Studio gives /predict 100 s)
-    replica_retry_timeout_s: float = 30.0  # REPLICA_RETRY_TIMEOUT_S: wait for a replacement replica, then 503
+    replica_retry_timeout_s: float = 30.0  # REPLICA_RETRY_TIMEOUT_S: wait for a running replica, then 503
 
     @property
     def sam_enabled(self) -> bool:

@@ -117,6 +117,20 @@ class ServeProcess:
                         str(self.config_path)], cwd=ROOT, env={**self.env, "RAY_AUTH_MODE": "token"}, check=True,
                        capture_output=True, timeout=120)
 
+    def replica_pids(self, deployment: str) -> list[int]:
+        """Process ids of this service's live replicas of `deployment`."""
+        import psutil
+
+        pids = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if os.getsid(proc.pid) == self.process.pid and \
+                        f"ServeReplica:grounded-serve:{deployment}" in " ".join(proc.info["cmdline"] or []):
+                    pids.append(proc.pid)
+            except (psutil.NoSuchProcess, OSError):
+                continue
+        return pids
+
     def wait_for_log(self, pattern: str, timeout_s: float = 20) -> bool:
         """Replica logs reach `serve run`'s output through Ray's log monitor, a moment after the fact."""
         import re

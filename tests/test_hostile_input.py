@@ -20,7 +20,6 @@ import threading
 import time
 
 import httpx
-import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -80,6 +79,9 @@ def small_limits(config):
                               backpressure_config={"status_code": 503, "retry_after_s": 7})
         if deployment["name"] == "Detector":
             deployment["user_config"]["batch_wait_timeout_s"] = 3.0
+            # Serve's status shows a killed replica as running until its next health check: the retry waits
+            # that long before it can answer 503, and all of it must fit in the 12 s request timeout
+            deployment["health_check_period_s"] = 2
 
 
 @pytest.fixture(scope="module")
@@ -207,20 +209,8 @@ def test_requests_never_outlive_the_serve_timeout(client, images):
     assert response.status_code in (408, 504)
 
 
-def replica_pids(service: ServeProcess, deployment: str) -> list[int]:
-    pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if os.getsid(proc.pid) == service.process.pid and \
-                    f"ServeReplica:grounded-serve:{deployment}" in " ".join(proc.info["cmdline"] or []):
-                pids.append(proc.pid)
-        except (psutil.NoSuchProcess, OSError):
-            continue
-    return pids
-
-
 def test_a_detector_replica_killed_mid_request_means_retry_or_503(client, service, images):
-    [pid] = replica_pids(service, "Detector")
+    [pid] = service.replica_pids("Detector")
 
     def kill_soon():
         # the request's items are now waiting in the replica's 3 s batch window (they reach it in well under

@@ -132,6 +132,20 @@ def _refuse_constant(name: str) -> Any:
 
 
 _LONG_NUMBER = re.compile(rb"\d{19}")  # an integer beyond 64 bits has at least 19 digits
+STATUS_RECHECK_S = 1.0  # how often a retry after a replica loss asks whether a replica is still running
+
+
+def running_replicas(status, app_name: str, deployment: str) -> int:
+    """RUNNING replicas of `deployment` in a `serve.status()` answer. (Above the deployment class: Serve pickles
+    it, with the module globals it uses, when the decorator runs.)"""
+    application = status.applications.get(app_name)
+    overview = application.deployments.get(deployment) if application else None
+    return int(overview.replica_states.get("RUNNING", 0)) if overview else 0
+
+
+async def awaited(response):
+    """A DeploymentResponse's result as a coroutine, so it can be shielded and waited on as a task."""
+    return await response
 
 
 def parse_json(body: bytes) -> Any:
@@ -169,6 +183,8 @@ class Ingress:
         self._setup_token = ""
         self.models_ready = {"detector": False, **({"segmenter": False} if separate_segmenter else {})}
         self.model_status: dict[str, dict[str, Any]] = {}
+        self._status_lock = asyncio.Lock()  # serve.status() read for retries after a replica loss, shared
+        self._status, self._status_read_at = None, float("-inf")
         self._readiness_task = asyncio.get_event_loop().create_task(self._watch_readiness())
         # Decoding and result building (RLE, polygons) hold the GIL much of the time. Many threads doing it at
         # once starve the event loop that feeds the model replicas, so this work gets few threads of its own.
@@ -228,7 +244,7 @@ class Ingress:
                     if key not in self.models_ready or deployment not in deployments:
                         continue
                     overview = deployments[deployment]
-                    running = overview.replica_states.get("RUNNING", 0)
+                    running = running_replicas(status, app_name, deployment)
                     self.models_ready[key] = running > 0
                     self.model_status[key] = {"status": str(overview.status.value), "running_replicas": running,
                                               **({"message": overview.message} if overview.message else {})}
@@ -298,7 +314,9 @@ class Ingress:
 
     async def _call_model(self, name: str, method, request):
         """One model call. A replica that dies mid-request is retried once, on another replica or the one Serve
-        starts in its place, for at most REPLICA_RETRY_TIMEOUT_S; after that the request gets a 503."""
+        starts in its place. If no replica of the deployment is running REPLICA_RETRY_TIMEOUT_S later, the request
+        gets a 503; while one is, the retry is work queued or running there, and only the task's own timeout
+        (TASK_TIMEOUT_S) bounds it: a busy CPU replica can take minutes, and cutting it would waste that work."""
         try:
             return await method.remote(request)
         except BackPressureError as exc:
@@ -306,17 +324,44 @@ class Ingress:
         except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
             self.metrics.count(f"{name.lower()}_replica_failures")
             logger.warning("%s replica failed (%s); retrying once", name, exc.__class__.__name__)
-        retry = method.remote(request)
+        response = method.remote(request)
+        retry = asyncio.ensure_future(awaited(response))
         try:
-            return await asyncio.wait_for(retry, timeout=self.settings.replica_retry_timeout_s)
-        except asyncio.TimeoutError:
-            retry.cancel()
-            raise ServiceUnavailable(f"the {name} deployment lost a replica and none was back within "
-                                     f"{self.settings.replica_retry_timeout_s:g} s (REPLICA_RETRY_TIMEOUT_S)") from None
+            try:
+                return await asyncio.wait_for(asyncio.shield(retry), timeout=self.settings.replica_retry_timeout_s)
+            except asyncio.TimeoutError:
+                logger.info("%s retry not answered after %g s: waiting while Serve reports a running replica", name,
+                            self.settings.replica_retry_timeout_s)
+            # Serve's status learns of a dead replica at its next health check, seconds later: ask again each second
+            while not (await asyncio.wait({retry}, timeout=STATUS_RECHECK_S))[0]:
+                if not await self._running_replicas(name):
+                    raise ServiceUnavailable(
+                        f"the {name} deployment lost a replica and none was running "
+                        f"{self.settings.replica_retry_timeout_s:g} s later (REPLICA_RETRY_TIMEOUT_S)") from None
+            return retry.result()
         except BackPressureError as exc:
             raise ServiceUnavailable(f"the {name} deployment is overloaded ({exc})") from None
         except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
             raise ServiceUnavailable(f"the {name} deployment failed twice: {exc.__class__.__name__}") from None
+        finally:
+            if not retry.done():  # a 503, or this task was cancelled: the replica must not go on with it
+                retry.cancel()
+                response.cancel()
+
+    async def _running_replicas(self, name: str) -> int:
+        """RUNNING replicas of a model deployment, from Serve's controller at most STATUS_RECHECK_S ago: every
+        waiting retry shares one read (0 if the controller cannot answer)."""
+        async with self._status_lock:
+            if time.monotonic() - self._status_read_at >= STATUS_RECHECK_S:
+                try:
+                    self._status = await asyncio.to_thread(serve.status)
+                except Exception:  # noqa: BLE001 - a controller that cannot answer counts as no replica
+                    logger.warning("cannot read Serve status while retrying a %s call", name, exc_info=True)
+                    self._status = None
+                self._status_read_at = time.monotonic()
+        if self._status is None:
+            return 0
+        return running_replicas(self._status, serve.get_replica_context().app_name, name)
 
     # -- routes ---------------------------------------------------------------------------------
 
@@ -388,3 +433,4 @@ class Ingress:
         self.metrics.count("predict_tasks", len(response["results"]))
         self.metrics.count("task_errors", len(response.get("task_errors", ())))
         return SafeJSONResponse(response)
+
