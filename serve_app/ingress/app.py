@@ -433,4 +433,3 @@ class Ingress:
         self.metrics.count("predict_tasks", len(response["results"]))
         self.metrics.count("task_errors", len(response.get("task_errors", ())))
         return SafeJSONResponse(response)
-
