@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from benchmarks.harness import (ImageServer, batch_sizes, histogram_delta, machine, replica_rss_mb, run_load,
+from benchmarks.harness import (BatchCounter, ImageServer, machine, replica_rss_mb, run_load,
                                 start_service, text_prompt_body, user_config, without_masks)
 from benchmarks.models import model_env
 from benchmarks.pipeline import InProcessPipeline
@@ -54,7 +54,7 @@ def main() -> None:
         for _ in range(3):
             pipeline.predict(body)
         pipeline.stage_s.clear()
-        before = batch_sizes(service)
+        counter = BatchCounter(service)
         served, local = [], []
         for _ in range(args.blocks):
             report = run_load(service.url, body, requests=args.requests, concurrency=1)
@@ -64,7 +64,7 @@ def main() -> None:
                 started = time.perf_counter()
                 pipeline.predict(body)
                 local.append(time.perf_counter() - started)
-        histograms = histogram_delta(before, batch_sizes(service))
+        histograms = counter.since_last()
         health = []  # the floor: one HTTP hop through Serve's proxy to the ingress, no model call
         with httpx.Client(base_url=service.url, timeout=30) as client:
             for _ in range(args.blocks * args.requests):

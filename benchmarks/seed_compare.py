@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.harness import (ImageServer, batch_sizes, distinct_images, histogram_delta, machine,
+from benchmarks.harness import (BatchCounter, ImageServer, distinct_images, machine,
                                 long_requests, replica_rss_mb, retrieve_body, run_load, seed_backend, start_service)
 from benchmarks.models import MODEL_SETS, model_env
 from tests.serve_process import model_deployments
@@ -78,9 +78,9 @@ def main() -> None:
 
         service = start_service({**env, **dict(item.split("=", 1) for item in args.env)}, config)
         try:
-            before = batch_sizes(service)
+            counter = BatchCounter(service)
             graph_reports = time_requests(service.url, body, warmup, args.repeats)
-            histograms = histogram_delta(before, batch_sizes(service))
+            histograms = counter.since_last()
             rss = replica_rss_mb(service)
         finally:
             service.stop()
