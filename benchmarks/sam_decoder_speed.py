@@ -3,7 +3,7 @@
     python -m benchmarks.sam_decoder_speed [--models full-vit_t] [--threads 1] [--boxes 20] [--repeats 5]
 
 In-process, one 640x480 image encoded once; times only the decoder over `--boxes` random boxes in the segmenter's
-chunks (4 on CPU): segment-anything's `MaskDecoder` (what `SamSegmenter` ran before) and `SharedImageDecoder`
+chunks (2 on CPU): segment-anything's `MaskDecoder` (what `SamSegmenter` ran before) and `SharedImageDecoder`
 (what it runs now), alternating, medians. Random weights in the real architecture (benchmarks.models).
 """
 

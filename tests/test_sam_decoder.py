@@ -1,6 +1,6 @@
-"""SharedImageDecoder (the first layer's image-side projections done once per image) equals segment-anything's
-MaskDecoder on the same prompts: the real decoder architecture (SAM, MobileSAM: 256 channels, 8 heads, 64x64
-image tokens) and the tests' tiny one, box batches of 1 to 7, single and multi-mask output."""
+"""SharedImageDecoder (image side shared, cross-attention in token space, channels-last up-scaling) equals
+segment-anything's MaskDecoder on the same prompts: the real decoder architecture (SAM, MobileSAM: 256 channels,
+8 heads, 64x64 image tokens) and the tests' tiny one, box batches of 1 to 7, single and multi-mask output."""
 
 import pytest
 import torch
@@ -51,3 +51,19 @@ def test_a_batch_of_images_is_refused():
     embedding = torch.zeros(2, 32, 16, 16)
     with pytest.raises(ValueError, match="one image"):
         SharedImageDecoder(sam.mask_decoder, embedding, sam.prompt_encoder.get_dense_pe(), torch.zeros(1, 32, 16, 16))
+
+
+@torch.inference_mode()
+def test_an_output_upscaling_of_another_shape_runs_as_it_is():
+    """The channels-last up-scaling knows SAM's five layers; any other stack is run as its own module, still equal."""
+    sam = _sam(256, 32, 64, 2, 32)
+    layers = list(sam.mask_decoder.output_upscaling)
+    sam.mask_decoder.output_upscaling = torch.nn.Sequential(layers[0], torch.nn.GELU(), layers[3], layers[4])
+    generator = torch.Generator().manual_seed(3)
+    embedding = torch.randn(1, 32, 16, 16, generator=generator)
+    sparse, dense = sam.prompt_encoder(points=None, boxes=torch.tensor([[10.0, 20.0, 200.0, 150.0]]), masks=None)
+    pe = sam.prompt_encoder.get_dense_pe()
+    expected, _ = sam.mask_decoder(image_embeddings=embedding, image_pe=pe, sparse_prompt_embeddings=sparse,
+                                   dense_prompt_embeddings=dense, multimask_output=False)
+    masks, _ = SharedImageDecoder(sam.mask_decoder, embedding, pe, dense[:1])(sparse)
+    assert torch.allclose(masks, expected, rtol=1e-4, atol=1e-4 * expected.abs().max())

@@ -38,9 +38,10 @@ class SamSegmenter:
         self.device = device
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
         self.encoder_batch_size = max(1, encoder_batch_size)
-        # Boxes decoded at once. Each holds 64² x 256 floats of activations: on CPU 4 at a time stay in cache and
-        # decoded 20 boxes 1.7x faster than 16 at a time (MobileSAM, docs/performance.md); a GPU wants wide batches.
-        self.decoder_chunk = decoder_chunk if decoder_chunk > 0 else (4 if device.type == "cpu" else 64)
+        # Boxes decoded at once. Each holds 64² x 256 floats of activations per step: on CPU 2 at a time stay in
+        # cache and decoded 20 boxes faster than 1, 4, 8 or 20 at a time (docs/performance.md); a GPU wants wide
+        # batches.
+        self.decoder_chunk = decoder_chunk if decoder_chunk > 0 else (2 if device.type == "cpu" else 64)
 
     @classmethod
     def load(cls, checkpoint: str, *, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
