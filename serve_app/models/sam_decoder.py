@@ -66,7 +66,7 @@ class SharedImageDecoder:
         hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + n]) for n, i in enumerate(chosen)],
                                dim=1)
         b, h, w, c = upscaled.shape
-        masks = (upscaled.view(b, h * w, c) @ hyper_in.transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
+        masks = (upscaled.reshape(b, h * w, c) @ hyper_in.transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
         iou = decoder.iou_prediction_head(queries[:, 0])
         return masks, iou[:, chosen]
 
@@ -187,7 +187,7 @@ def _upscale(upscaling, keys: torch.Tensor, size) -> torch.Tensor:
     from segment_anything.modeling.common import LayerNorm2d
 
     channels, height, width = size
-    image = keys.view(-1, height, width, channels).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
+    image = keys.reshape(-1, height, width, channels).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
     layers = list(upscaling)
     if len(layers) != 5 or not isinstance(layers[1], LayerNorm2d):
         return upscaling(image.contiguous()).permute(0, 2, 3, 1)  # another architecture: run it as it is
