@@ -1,4 +1,4 @@
-"""SAM's box decoding with the first layer's image side shared across boxes, against MaskDecoder per box.
+"""SAM's box decoding by SharedImageDecoder (image side shared, cross-attention in token space) against MaskDecoder.
 
     python -m benchmarks.sam_decoder_speed [--models full-vit_t] [--threads 1] [--boxes 20] [--repeats 5]
 
