@@ -8,6 +8,7 @@ The GPUs are logical (Ray schedules by declared resources; there is no CUDA here
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
 import time
 
@@ -37,6 +38,7 @@ def cluster():
     yield cluster, worker
     ray.shutdown()
     cluster.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)  # Ray leaves its session logs and sockets there
 
 
 def multinode_config(tiny_models):
