@@ -33,6 +33,16 @@ def use_gpus(settings: Settings) -> bool:
     return settings.accelerator == "gpu"
 
 
+def replicas_per_node(settings: Settings, *, gpus: bool) -> dict[str, Any]:
+    """On CPU one model replica already uses every core of its node (serve_app.models.core_sharing), so a second
+    one there only adds its loading and a third way to split the cores: measured on 2 cores, autoscaling's second
+    Detector cut the service from 0.99 to 0.78-0.82 of the bare models' throughput (docs/performance.md). Capped
+    per node, not in total, so replicas still scale out onto other nodes; GPU replicas share a GPU by fractions."""
+    if gpus or not settings.cpu_replicas_per_node:
+        return {}
+    return {"max_replicas_per_node": settings.cpu_replicas_per_node}
+
+
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     settings = Settings.load(args)
     gpus = use_gpus(settings)
@@ -44,18 +54,19 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     # SAM 3 answers the clicks too, from the image features it cached for the text prompt: route an image's
     # requests to the replica holding them, as the Segmenter's are
     routing = {"request_router_config": RequestRouterConfig(request_router_class=ImageAffinityRouter)} if concept else {}
+    per_node = replicas_per_node(settings, gpus=gpus)
     detector = Detector.options(ray_actor_options={
         "num_cpus": settings.detector_cpus, "num_gpus": settings.detector_gpus if gpus else 0,
-    }, **routing).bind(settings.detector_model, device=settings.device, precision=settings.precision,
+    }, **routing, **per_node).bind(settings.detector_model, device=settings.device, precision=settings.precision,
                        cpu_niceness=settings.model_cpu_niceness, cpu_share=models_sharing,
                        cache_bytes=settings.sam_embedding_cache_bytes if concept else 0)
     segmenter = None
     if settings.sam_enabled:
         segmenter = Segmenter.options(ray_actor_options={
             "num_cpus": settings.segmenter_cpus, "num_gpus": settings.segmenter_gpus if gpus else 0,
-        }).bind(settings.segmenter_checkpoint, model_type=settings.segmenter_model_type, device=settings.device,
-                precision=settings.precision, setting=settings.segmenter_checkpoint_setting,
-                sha256=settings.segmenter_checkpoint_sha256, cache_dir=settings.checkpoint_cache_dir,
-                cache_bytes=settings.sam_embedding_cache_bytes, cpu_niceness=settings.model_cpu_niceness,
-                cpu_share=models_sharing)
+        }, **per_node).bind(settings.segmenter_checkpoint, model_type=settings.segmenter_model_type,
+                            device=settings.device, precision=settings.precision,
+                            setting=settings.segmenter_checkpoint_setting, sha256=settings.segmenter_checkpoint_sha256,
+                            cache_dir=settings.checkpoint_cache_dir, cache_bytes=settings.sam_embedding_cache_bytes,
+                            cpu_niceness=settings.model_cpu_niceness, cpu_share=models_sharing)
     return Ingress.bind(settings.to_dict(), detector, segmenter)

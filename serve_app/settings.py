@@ -75,6 +75,7 @@ class Settings:
     segmenter_cpus: float = 0.4  # SEGMENTER_CPUS
     segmenter_gpus: float = 0.5  # SEGMENTER_GPUS
     model_cpu_niceness: int = 5  # MODEL_CPU_NICENESS: nice value added to model replicas that run on CPU (0 = off)
+    cpu_replicas_per_node: int = 1  # CPU_REPLICAS_PER_NODE: replicas of one model per node when on CPU (0 = no limit)
     # Image sources
     label_studio_url: str = ""  # LABEL_STUDIO_URL (or LABEL_STUDIO_HOST): base for /data/... task URLs
     image_host_allowlist: str = ""  # IMAGE_HOST_ALLOWLIST: comma-separated hosts (or host:port) that may be private
@@ -182,6 +183,9 @@ class Settings:
                      "max_download_bytes"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be a positive integer, got {getattr(self, name)}")
+        if self.cpu_replicas_per_node < 0:
+            raise SettingsError(f"CPU_REPLICAS_PER_NODE must be 0 (no limit) or a positive integer, "
+                                f"got {self.cpu_replicas_per_node}")
         if not 0 <= self.model_cpu_niceness <= 19:
             raise SettingsError(f"MODEL_CPU_NICENESS must be 0 to 19, got {self.model_cpu_niceness}")
         if self.sam_embedding_cache_bytes < 0 or self.polygon_tolerance_px < 0:

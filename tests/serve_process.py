@@ -190,9 +190,8 @@ class ServeProcess:
         self.stop(timeout_s=5, first_signal=signal.SIGKILL)
 
     def stop(self, timeout_s: float = 60, first_signal: int = signal.SIGINT) -> None:
-        if self.process is None:
-            return
-        # Ray's own processes run in the same session: whatever outlives `serve run` is killed too.
-        stop_session(self.process, first_signal, timeout_s)
-        self.process = None
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        if self.process is not None:
+            # Ray's own processes run in the same session: whatever outlives `serve run` is killed too.
+            stop_session(self.process, first_signal, timeout_s)
+            self.process = None
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)  # also when start() was never called

@@ -32,7 +32,8 @@ def two_segmenters(config):
 @pytest.fixture(scope="module")
 def service(tiny_models, tmp_path_factory):
     env = {"GROUNDING_DINO_MODEL": str(tiny_models["grounding_dino"]), "USE_SAM": "true",
-           "SAM_CHECKPOINT": str(tiny_models["sam"]), "BOX_THRESHOLD": "0.0", "TEXT_THRESHOLD": "0.0"}
+           "SAM_CHECKPOINT": str(tiny_models["sam"]), "BOX_THRESHOLD": "0.0", "TEXT_THRESHOLD": "0.0",
+           "CPU_REPLICAS_PER_NODE": "0"}  # both replicas on this one node
     process = ServeProcess(env, tmp_path_factory.mktemp("serve"), config_overrides=two_segmenters)
     # Both replicas must serve before the first prompt: an image hashed while only one was known would
     # move when the second joins (a legitimate miss, but not what this test counts).

@@ -35,7 +35,8 @@ def two_slow_detectors(config: dict) -> None:
 @pytest.fixture(scope="module")
 def service(tiny_models, tmp_path_factory):
     env = {"GROUNDING_DINO_MODEL": str(tiny_models["grounding_dino"]), "USE_SAM": "false",
-           "REPLICA_RETRY_TIMEOUT_S": "1", "TASK_TIMEOUT_S": "60"}
+           "REPLICA_RETRY_TIMEOUT_S": "1", "TASK_TIMEOUT_S": "60",
+           "CPU_REPLICAS_PER_NODE": "0"}  # both replicas on this one node
     process = ServeProcess(env, tmp_path_factory.mktemp("serve"), config_overrides=two_slow_detectors).start(
         ready=lambda health: health.get("models", {}).get("detector", {}).get("running_replicas") == 2)
     yield process

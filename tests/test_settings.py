@@ -68,6 +68,7 @@ def test_label_studio_host_is_an_alias_of_label_studio_url():
     ({"USE_SAM": "maybe"}, "USE_SAM='maybe' is not a valid bool"),
     ({"MAX_DETECTIONS": "0"}, "MAX_DETECTIONS must be a positive integer"),
     ({"ACCELERATOR": "tpu"}, "ACCELERATOR must be auto, gpu or cpu"),
+    ({"CPU_REPLICAS_PER_NODE": "-1"}, "CPU_REPLICAS_PER_NODE must be 0 \\(no limit\\) or a positive integer"),
     ({"LABEL_STUDIO_URL": "ls:8080"}, "must start with http"),
     ({"LABEL_STUDIO_URL": "http://ls:99999"}, "not a valid URL"),
     ({"LABEL_STUDIO_API_KEY": "k"}, "LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not"),
