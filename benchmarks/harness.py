@@ -94,7 +94,7 @@ def start_service(env: dict[str, str], override: Callable[[dict], None] | None =
                   startup_timeout_s: float = 600) -> ServeProcess:
     work = Path(tempfile.mkdtemp(prefix="gs-bench-"))
     service = ServeProcess({"IMAGE_HOST_ALLOWLIST": "127.0.0.1", **env}, work, config_overrides=override,
-                           startup_timeout_s=startup_timeout_s)
+                           startup_timeout_s=startup_timeout_s, remove_workdir=True)
     return service.start()
 
 

@@ -42,11 +42,12 @@ class ServeProcess:
     """`serve run` in its own session and Ray cluster; stopped by SIGINT like a person would."""
 
     def __init__(self, env: dict[str, str], workdir: Path, config_overrides=None, startup_timeout_s: float = 240,
-                 address: str = "local"):
+                 address: str = "local", remove_workdir: bool = False):
         self.address = address  # "local": a new single-node cluster; or an existing cluster's GCS address
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
+        self.remove_workdir = remove_workdir  # for callers whose workdir is a temp dir of their own, not pytest's
         self.log_path = workdir / "serve.log"
         config = yaml.safe_load(SERVE_CONFIG.read_text())
         config["http_options"]["port"] = self.port
@@ -94,8 +95,9 @@ class ServeProcess:
             except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(1)
+        tail = self.log_tail()  # before stop(), which may remove the log with the workdir
         self.stop()
-        raise RuntimeError(f"service not ready after {self.startup_timeout_s} s:\n{self.log_tail()}")
+        raise RuntimeError(f"service not ready after {self.startup_timeout_s} s:\n{tail}")
 
     def dashboard_url(self) -> str:
         """The Ray dashboard `serve run` started (its REST API is what `serve deploy` talks to), from its log."""
@@ -195,3 +197,5 @@ class ServeProcess:
             stop_session(self.process, first_signal, timeout_s)
             self.process = None
         shutil.rmtree(self.ray_tmp, ignore_errors=True)  # also when start() was never called
+        if self.remove_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
