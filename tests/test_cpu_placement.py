@@ -15,16 +15,15 @@ import pytest
 from tests.configs import SEED_CONFIG
 from tests.conftest import load_ls_fixture
 from tests.imaging import data_url, pattern, png_bytes
-from tests.serve_process import ServeProcess
+from tests.serve_process import ServeProcess, model_deployments
 
 pytestmark = pytest.mark.serve
 
 
 def two_detectors(config: dict) -> None:
-    for deployment in config["applications"][0]["deployments"]:
-        if deployment["name"] == "Detector":
-            deployment.pop("autoscaling_config", None)
-            deployment["num_replicas"] = 2
+    [detector] = model_deployments(config, segmenter=False)
+    detector.pop("autoscaling_config", None)
+    detector["num_replicas"] = 2
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +50,9 @@ def test_a_second_cpu_replica_of_a_model_waits_for_another_node(service):
 
     body = copy.deepcopy(load_ls_fixture("predict_batch.json")["body"])
     body["label_config"] = SEED_CONFIG
-    body["tasks"] = [dict(copy.deepcopy(body["tasks"][0]), id=i, data={"image": data_url(png_bytes(pattern(96, 128, seed=i)))})
-                     for i in range(3)]
+    images = [data_url(png_bytes(pattern(96, 128, seed=i))) for i in range(3)]
+    template = body["tasks"][0]
+    body["tasks"] = [dict(copy.deepcopy(template), id=i, data={"image": image}) for i, image in enumerate(images)]
     answer = httpx.post(f"{service.url}/predict", json=body, timeout=90)
     assert answer.status_code == 200
     results = answer.json()["results"]
