@@ -86,7 +86,9 @@ class ServeProcess:
         deadline = started + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"serve run exited with {self.process.returncode}:\n{self.log_tail()}")
+                tail, code = self.log_tail(), self.process.returncode
+                self.stop()  # what Ray left running in the session, and the temp dirs
+                raise RuntimeError(f"serve run exited with {code}:\n{tail}")
             try:
                 health = httpx.get(f"{self.url}/health", timeout=2).json()
                 if ready(health):
