@@ -19,17 +19,16 @@ import pytest
 from tests.configs import SEED_CONFIG
 from tests.conftest import load_ls_fixture
 from tests.imaging import data_url, pattern, png_bytes
-from tests.serve_process import ServeProcess
+from tests.serve_process import ServeProcess, model_deployments
 
 pytestmark = pytest.mark.serve
 
 
 def two_slow_detectors(config: dict) -> None:
-    for deployment in config["applications"][0]["deployments"]:
-        if deployment["name"] == "Detector":
-            deployment.pop("autoscaling_config", None)
-            deployment["num_replicas"] = 2
-            deployment["user_config"]["batch_wait_timeout_s"] = 4.0
+    [detector] = model_deployments(config, segmenter=False)
+    detector.pop("autoscaling_config", None)
+    detector["num_replicas"] = 2
+    detector["user_config"]["batch_wait_timeout_s"] = 4.0
 
 
 @pytest.fixture(scope="module")
