@@ -1,5 +1,7 @@
 """Model code without Ray: tiny random-weight models saved, then loaded back through the production loaders."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -58,6 +60,24 @@ def test_each_item_keeps_its_own_thresholds(detector):
     ])
     assert len(loose) > 0 and len(strict) == 0
     assert detector.detect([DetectionRequest(image, [], 0.0, 0.0)])[0].boxes.shape == (0, 4)
+
+
+def test_pixels_from_a_tensor_equal_pixels_from_pil(detector):
+    """The detector hands the image processor a tensor (which it can resize on a GPU): the same pixels as PIL's."""
+    from PIL import Image
+
+    assert detector.preprocess_on is None  # a CPU replica resizes where it runs
+    image = pattern(300, 200, seed=5)
+    ours = detector._pixels(image)
+    theirs = detector.image_processor(images=[Image.fromarray(image)], return_tensors="pt")
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    frozen = image.copy()
+    frozen.setflags(write=False)  # as images arrive from Ray's object store
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns about tensors over read-only memory
+        assert torch.equal(detector._pixels(frozen)["pixel_values"], ours["pixel_values"])
 
 
 def test_batching_does_not_change_any_item(detector):

@@ -74,6 +74,11 @@ def phrase_token_masks(offsets: list[tuple[int, int]], spans: list[tuple[int, in
     return masks
 
 
+def takes_tensors(image_processor) -> bool:
+    """Whether a transformers image processor is torchvision-based (tensor input, a `device` to work on)."""
+    return getattr(image_processor, "backend", None) == "torchvision" or bool(getattr(image_processor, "is_fast", False))
+
+
 class GroundingDinoDetector:
     """Loads a Grounding DINO checkpoint (hub id or local directory) and detects phrases in images."""
 
@@ -85,6 +90,9 @@ class GroundingDinoDetector:
         self.image_processor = processor.image_processor
         self.device = device
         self.max_text_len = int(getattr(model.config, "max_text_len", 256))
+        # transformers' torchvision image processors take tensors and resize where they are told; a GPU
+        # replica has one CPU thread, where resizing and normalising a batch of images would wait on it
+        self.preprocess_on = device if takes_tensors(self.image_processor) and device.type == "cuda" else None
 
     @classmethod
     def load(cls, model_id_or_path: str = DEFAULT_GROUNDING_DINO, *, device: str = "auto",
@@ -113,8 +121,7 @@ class GroundingDinoDetector:
         """
         results = [Detections() for _ in requests]
         active = [i for i, r in enumerate(requests) if r.phrases]
-        pixels = {i: self.image_processor(images=[Image.fromarray(requests[i].image)], return_tensors="pt")
-                  for i in active}
+        pixels = {i: self._pixels(requests[i].image) for i in active}
         groups: dict[tuple[int, ...], list[int]] = {}
         for i in active:
             groups.setdefault(tuple(pixels[i]["pixel_values"].shape[-2:]), []).append(i)
@@ -123,6 +130,16 @@ class GroundingDinoDetector:
             for i, detections in zip(members, self._forward([requests[i] for i in members], batch)):
                 results[i] = detections
         return results
+
+    def _pixels(self, image: np.ndarray) -> dict[str, torch.Tensor]:
+        """Resized and normalised pixels (and mask) of one RGB image, on the GPU when the processor can work there."""
+        if not takes_tensors(self.image_processor):
+            return self.image_processor(images=[Image.fromarray(image)], return_tensors="pt")
+        if not image.flags.writeable:  # images that arrive through Ray's object store are read-only views
+            image = image.copy()
+        chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        extra = {"device": self.preprocess_on} if self.preprocess_on is not None else {}
+        return self.image_processor(images=[chw], return_tensors="pt", **extra)
 
     def _forward(self, requests: list[DetectionRequest], pixels: dict[str, torch.Tensor]) -> list[Detections]:
         captions, spans = zip(*(build_caption(r.phrases) for r in requests))
