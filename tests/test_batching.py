@@ -265,6 +265,96 @@ def test_cpu_batches_hold_about_cpu_batch_s_of_work(seconds_per_item, on_cpu, la
     assert max(sizes[1:]) == largest and sum(sizes) == 10
 
 
+class Overlap:
+    """A model whose items take `seconds` each, recording how many of its batches ran at once."""
+
+    def __init__(self, seconds):
+        self.seconds, self.running, self.most, self.sizes = seconds, 0, 0, []
+        self.lock = threading.Lock()
+
+    def __call__(self, items):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.sizes.append(len(items))
+        time.sleep(self.seconds * len(items))
+        with self.lock:
+            self.running -= 1
+        return [item * 10 for item in items]
+
+
+@pytest.mark.parametrize("concurrent, seconds, lanes, most, largest", [
+    (True, 0.15, 2, 2, 1),  # a big model on CPU: one-item batches, two at once
+    (True, 0.15, 3, 3, 1),
+    (False, 0.15, 2, 1, 1),  # a model that did not declare it runs one batch at a time
+    (True, 0.005, 2, 1, 8),  # a small model batches instead
+])
+def test_cpu_lanes_run_one_item_batches_side_by_side(tmp_path, concurrent, seconds, lanes, most, largest):
+    import torch
+
+    from serve_app.models.core_sharing import CoreShare
+
+    model = Overlap(seconds)
+
+    async def scenario():
+        batcher = ModelBatcher(model, config=BatchConfig(max_batch_size=8, cpu_batch_s=0.1, cpu_lanes=lanes),
+                               on_cpu=True, concurrent_batches=concurrent)
+        batcher.core_share = CoreShare(4, tmp_path)
+        assert await batcher.submit(1) == 10  # measures the model's time per item
+        return await asyncio.gather(*(batcher.submit(i) for i in range(9)))
+
+    threads = torch.get_num_threads()
+    try:
+        assert asyncio.run(scenario()) == [i * 10 for i in range(9)]
+    finally:
+        torch.set_num_threads(threads)
+    assert model.most == most and max(model.sizes[1:]) == largest and sum(model.sizes) == 10
+    assert list(tmp_path.iterdir()) == []  # every lane's mark is gone
+
+
+def test_an_item_arriving_while_one_lane_runs_starts_the_next_lane_at_once(tmp_path):
+    import torch
+
+    from serve_app.models.core_sharing import CoreShare
+
+    first_started, release = threading.Event(), threading.Event()
+    seen = []
+
+    def model(items):
+        seen.append((items[0], torch.get_num_threads(), len(list(tmp_path.iterdir()))))
+        if items[0] == "first":
+            first_started.set()
+            release.wait(10)
+        else:
+            time.sleep(0.3)
+        return items
+
+    async def scenario():
+        batcher = ModelBatcher(model, config=BatchConfig(cpu_batch_s=0.1, cpu_lanes=2), on_cpu=True,
+                               concurrent_batches=True)
+        batcher.core_share = CoreShare(2, tmp_path)
+        await batcher.submit("warm-up")  # 0.3 s an item: batches of one
+        first = asyncio.ensure_future(batcher.submit("first"))
+        await asyncio.to_thread(first_started.wait, 10)
+        second = await asyncio.wait_for(batcher.submit("second"), 5)  # runs while "first" still holds its lane
+        release.set()
+        return second, await first
+
+    threads = torch.get_num_threads()
+    try:
+        assert asyncio.run(scenario()) == ("second", "first")
+    finally:
+        torch.set_num_threads(threads)
+    assert seen[0] == ("warm-up", 2, 1)  # alone: every core
+    assert seen[2] == ("second", 1, 2)  # beside the first lane: half of them
+
+
+def test_cpu_lanes_setting_is_validated():
+    assert BatchConfig.from_user_config({"cpu_lanes": 3}).cpu_lanes == 3
+    with pytest.raises(ValueError):
+        BatchConfig.from_user_config({"cpu_lanes": -1})
+
+
 def test_cpu_replicas_use_every_usable_core_unless_told(monkeypatch):
     """torch_threads 0 means the usable cores shared among the model roles for a CPU model, Ray's default for a GPU
     one."""
@@ -307,7 +397,7 @@ def test_a_batch_runs_marked_busy_with_its_share_of_the_cores(tmp_path):
     seen = []
 
     def model(items):
-        seen.append((share.busy_replicas(), torch.get_num_threads()))
+        seen.append((share.busy_batches(), torch.get_num_threads()))
         return items
 
     share = CoreShare(3, tmp_path)

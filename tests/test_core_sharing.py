@@ -31,11 +31,11 @@ def test_a_replica_working_alone_takes_every_core_and_leaves_no_mark(tmp_path, r
     share = CoreShare(4, tmp_path)
     with share.working() as threads:
         assert threads == 4 and torch.get_num_threads() == 4
-        assert share.busy_replicas() == 1
+        assert share.busy_batches() == 1
     assert list(tmp_path.iterdir()) == []
 
 
-def test_busy_replicas_split_the_cores_and_a_dead_or_stale_mark_does_not_count(tmp_path, restore_threads,
+def test_busy_batches_split_the_cores_and_a_dead_or_stale_mark_does_not_count(tmp_path, restore_threads,
                                                                                  other_replica):
     share = CoreShare(4, tmp_path)
     (tmp_path / str(other_replica)).touch()  # another replica is running a batch
@@ -88,3 +88,11 @@ def test_without_a_place_to_mark_a_batch_keeps_its_threads(tmp_path, restore_thr
     torch.set_num_threads(1)
     with CoreShare(4, blocked / "busy").working() as threads:
         assert threads == 1 and torch.get_num_threads() == 1
+
+
+def test_two_lanes_of_one_replica_count_as_two_batches(tmp_path, restore_threads):
+    share = CoreShare(4, tmp_path)
+    with share.working(0), share.working(1) as threads:
+        assert threads == 2 and share.busy_batches() == 2
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([str(os.getpid()), f"{os.getpid()}.1"])
+    assert list(tmp_path.iterdir()) == []

@@ -80,6 +80,21 @@ def test_pixels_from_a_tensor_equal_pixels_from_pil(detector):
         assert torch.equal(detector._pixels(frozen)["pixel_values"], ours["pixel_values"])
 
 
+def test_detect_on_several_threads_at_once_equals_one_at_a_time(detector):
+    """The Detector's CPU lanes call detect() from several threads: results must not depend on it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert GroundingDinoDetector.concurrent_batches
+    requests = [DetectionRequest(pattern(240, 320, seed=s), [f"thing {s}", "a much longer phrase " * s], 0.0, 0.0, 8)
+                for s in range(1, 7)]
+    alone = [detector.detect([request])[0] for request in requests]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda request: detector.detect([request])[0], requests * 3))
+    for expected, got in zip(alone * 3, together):
+        assert np.array_equal(expected.phrase_ids, got.phrase_ids)
+        np.testing.assert_allclose(expected.boxes, got.boxes, atol=1e-4)
+
+
 def test_batching_does_not_change_any_item(detector):
     """Different prompts (text padding) and image sizes: each item equals its own single-item run."""
     requests = [

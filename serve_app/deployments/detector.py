@@ -32,7 +32,8 @@ class Detector(BatchedModelDeployment):
         self.report_cache = CacheReporter(self.model) if hasattr(self.model, "cache") else None
         # one queue for prompts and clicks: one model, one worker thread, priorities kept across both
         self.batcher = ModelBatcher(self._run, on_batch=self._after_batch, on_cpu=self.model.device.type == "cpu",
-                                    when_idle=release_free_memory)
+                                    when_idle=release_free_memory,
+                                    concurrent_batches=getattr(self.model, "concurrent_batches", False))
 
     async def detect(self, request: DetectionRequest) -> Detections:
         return await self.batcher.submit(request)

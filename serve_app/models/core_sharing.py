@@ -10,7 +10,11 @@ application on the node count, and a mark left by a killed process is ignored on
 
 A batch of a big model is long (Grounding DINO at 800 px: 10-20 s on CPU), so the share is taken again while it
 runs: a forward pre-hook on every torch module (torch's public global hook) re-reads the marks at most every
-`RECHECK_S` and changes the working thread's torch threads when the count of busy replicas has changed.
+`RECHECK_S` and changes the working thread's torch threads when the count of busy batches has changed.
+
+A replica may run several batches at once on CPU, one per lane (serve_app.deployments.batching): each lane marks
+itself (`PID` for the first, `PID.LANE` for the others) and counts as one busy batch. torch's thread count is
+the process's, and every lane takes the same share from the same marks, so the lanes agree on it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -33,7 +38,7 @@ STALE_AFTER_S = 3600.0
 # How often a running batch re-reads the marks (a directory listing: tens of microseconds).
 RECHECK_S = 0.05
 
-_working_share: "CoreShare | None" = None  # the share of the batch running in this process, if any
+_working = threading.local()  # .lane: the batch this thread is running, if any
 _hook_installed = False
 
 
@@ -46,61 +51,70 @@ class CoreShare:
     def __init__(self, cores: int, directory: Path | None = None):
         self.cores = max(1, int(cores))
         self.directory = directory or _default_directory()
-        self._mark = self.directory / str(os.getpid())
 
-    def busy_replicas(self) -> int:
-        """Replicas (live processes) marked busy on this node, this one included when it is."""
+    def busy_batches(self) -> int:
+        """Batches running on this node right now (marked by live processes), this replica's included."""
         count = 0
         try:
             marks = list(self.directory.iterdir())
         except OSError:
             return 1
         for mark in marks:
-            if not mark.name.isdigit():
+            pid = mark.name.split(".", 1)[0]
+            if not pid.isdigit():
                 continue
             try:
                 stale = time.time() - mark.stat().st_mtime > STALE_AFTER_S
             except FileNotFoundError:  # its batch just ended
                 continue
-            if _alive(int(mark.name)) and not stale:
+            if _alive(int(pid)) and not stale:
                 count += 1
             else:
                 mark.unlink(missing_ok=True)  # its replica died mid-batch
         return count
 
     @contextlib.contextmanager
-    def working(self) -> Iterator[int]:
-        """Marks this replica busy and sets torch's threads to its share of the cores while the block runs (on the
-        thread that runs the model); the share follows the other replicas while the block runs."""
-        global _working_share
+    def working(self, lane: int = 0) -> Iterator[int]:
+        """Marks one batch of this replica busy and sets torch's threads to its share of the cores while the block
+        runs (on the thread that runs the model); the share follows the other batches while the block runs."""
+        mark = self.directory / (str(os.getpid()) if lane == 0 else f"{os.getpid()}.{lane}")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)  # /dev/shm may have been cleaned meanwhile
-            self._mark.touch()
+            mark.touch()
         except OSError as exc:  # nowhere to mark: this batch keeps the threads it has
             logger.warning("cannot mark this replica busy in %s (%s); torch threads stay at %d", self.directory, exc,
                            torch.get_num_threads())
             yield torch.get_num_threads()
             return
         _install_hook()
+        running = _Lane(self)
         try:
-            self._threads = 0
-            self._take_share()
-            _working_share = self
-            yield self._threads
+            running.take_share()
+            _working.lane = running
+            yield running.threads
         finally:
-            _working_share = None
-            self._mark.unlink(missing_ok=True)
+            _working.lane = None
+            mark.unlink(missing_ok=True)
 
-    def _take_share(self) -> None:
-        self._checked = time.monotonic()
-        threads = max(1, self.cores // max(1, self.busy_replicas()))
-        if threads != self._threads:
+
+class _Lane:
+    """One running batch's thread count, re-read from the marks at most every RECHECK_S."""
+
+    def __init__(self, share: CoreShare):
+        self.share = share
+        self.threads = 0
+        self.checked = 0.0
+
+    def take_share(self) -> None:
+        self.checked = time.monotonic()
+        threads = max(1, self.share.cores // max(1, self.share.busy_batches()))
+        if threads != self.threads:
             torch.set_num_threads(threads)
-            self._threads = threads
+            self.threads = threads
 
     def recheck(self) -> None:
-        if time.monotonic() - self._checked >= RECHECK_S:
-            self._take_share()
+        if time.monotonic() - self.checked >= RECHECK_S:
+            self.take_share()
 
 
 def _install_hook() -> None:
@@ -111,9 +125,9 @@ def _install_hook() -> None:
 
 
 def _before_forward(module, inputs) -> None:
-    share = _working_share
-    if share is not None:
-        share.recheck()
+    lane = getattr(_working, "lane", None)
+    if lane is not None:
+        lane.recheck()
 
 
 def _alive(pid: int) -> bool:

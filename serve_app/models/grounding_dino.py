@@ -12,6 +12,7 @@ user typed (and from there to one Label Studio label).
 
 from __future__ import annotations
 
+import threading
 
 import numpy as np
 import torch
@@ -82,6 +83,10 @@ def takes_tensors(image_processor) -> bool:
 class GroundingDinoDetector:
     """Loads a Grounding DINO checkpoint (hub id or local directory) and detects phrases in images."""
 
+    # detect() may run on several threads at once (CPU lanes, serve_app.deployments.batching): the model's forward
+    # keeps no state, and the one shared tokenizer is used under a lock
+    concurrent_batches = True
+
     def __init__(self, model, processor, device: torch.device, *, precision: str = "fp32"):
         self.model = model
         self.precision = effective_precision(device, precision)
@@ -90,6 +95,8 @@ class GroundingDinoDetector:
         self.image_processor = processor.image_processor
         self.device = device
         self.max_text_len = int(getattr(model.config, "max_text_len", 256))
+        # a fast tokenizer called with padding or truncation from two threads at once raises "Already borrowed"
+        self._tokenizer_lock = threading.Lock()
         # transformers' torchvision image processors take tensors and resize where they are told; a GPU
         # replica has one CPU thread, where resizing and normalising a batch of images would wait on it
         self.preprocess_on = device if takes_tensors(self.image_processor) and device.type == "cuda" else None
@@ -143,14 +150,15 @@ class GroundingDinoDetector:
 
     def _forward(self, requests: list[DetectionRequest], pixels: dict[str, torch.Tensor]) -> list[Detections]:
         captions, spans = zip(*(build_caption(r.phrases) for r in requests))
-        text = self.tokenizer(
-            list(captions),
-            padding="longest",
-            truncation=True,
-            max_length=self.max_text_len,
-            return_offsets_mapping=True,
-            return_tensors="pt",
-        )
+        with self._tokenizer_lock:
+            text = self.tokenizer(
+                list(captions),
+                padding="longest",
+                truncation=True,
+                max_length=self.max_text_len,
+                return_offsets_mapping=True,
+                return_tensors="pt",
+            )
         offsets = text.pop("offset_mapping").tolist()
         inputs = {k: v.to(self.device) for k, v in {**text, **pixels}.items()}
         with autocast_for(self.device, self.precision):
