@@ -5,7 +5,8 @@
 
 Full-size architectures with random weights (benchmarks.models). In-process: the same GroundingDinoDetector
 and SamSegmenter called directly on decoded images, with torch's default threads (all cores), at batch size 1 and at
-`--images` (the best counts). Service: `--images` single-task requests sent at once from a separate
+`--images`, and on CPU one image at a time on each of `--in-process-lanes` threads with the cores split between
+them, as the Detector's CPU lanes run (the best counts). Service: `--images` single-task requests sent at once from a separate
 process, each a different 640x480 image; images/s = images / wall time. MAX_DETECTIONS (default 10 here,
 about what a trained Grounding DINO returns at its thresholds; random weights would fill any cap) and the
 embedding cache (off) are the same on both sides.
@@ -18,6 +19,7 @@ import gc
 import io
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from benchmarks.harness import (BatchCounter, ImageServer, distinct_images, mach
                                 run_load, start_service, text_prompt_body, user_config)
 from benchmarks.models import MODEL_SETS, model_env
 from benchmarks.pipeline import load_models
+from serve_app.models.device import pick_device, usable_cores
 from serve_app.models.grounding_dino import GroundingDinoDetector
 from serve_app.models.messages import DetectionRequest, SegmentationRequest
 from serve_app.models.segmenter import SamSegmenter
@@ -35,13 +38,40 @@ from serve_app.settings import Settings
 from tests.serve_process import ServeProcess, model_deployments
 
 
-def in_process_images_per_s(detector: GroundingDinoDetector, segmenter: SamSegmenter, settings: Settings,
-                             pictures: list[np.ndarray], batch: int, stage_s: dict[str, float] | None = None) -> float:
+def _warm_requests(detector: GroundingDinoDetector, segmenter: SamSegmenter, settings: Settings,
+                   pictures: list[np.ndarray]) -> list[DetectionRequest]:
     requests = [DetectionRequest(image=p, phrases=["cats", "house"], box_threshold=settings.box_threshold,
                                  text_threshold=settings.text_threshold, max_detections=settings.max_detections)
                 for p in pictures]
     detector.detect(requests[:1])  # warm-up
     segmenter.segment([SegmentationRequest(image=pictures[0], boxes=np.array([[0, 0, 10, 10]], np.float32))])
+    return requests
+
+
+def in_process_lanes_images_per_s(detector: GroundingDinoDetector, segmenter: SamSegmenter, settings: Settings,
+                                  pictures: list[np.ndarray], lanes: int) -> float:
+    """One image at a time (detect, then segment) on each of `lanes` threads, torch's threads split between them."""
+    requests = _warm_requests(detector, segmenter, settings, pictures)
+    threads = torch.get_num_threads()
+
+    def lane(chunk: list[DetectionRequest]) -> None:
+        for request in chunk:
+            detections = detector.detect([request])[0]
+            segmenter.segment([SegmentationRequest(image=request.image, boxes=detections.boxes)])
+
+    torch.set_num_threads(max(1, threads // lanes))
+    try:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(lanes) as pool:
+            list(pool.map(lane, [requests[i::lanes] for i in range(lanes)]))
+        return len(requests) / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def in_process_images_per_s(detector: GroundingDinoDetector, segmenter: SamSegmenter, settings: Settings,
+                             pictures: list[np.ndarray], batch: int, stage_s: dict[str, float] | None = None) -> float:
+    requests = _warm_requests(detector, segmenter, settings, pictures)
     stage_s = {} if stage_s is None else stage_s
     started = time.perf_counter()
     for start in range(0, len(requests), batch):
@@ -55,9 +85,10 @@ def in_process_images_per_s(detector: GroundingDinoDetector, segmenter: SamSegme
     return len(requests) / (time.perf_counter() - started)
 
 def in_process_reference(settings: Settings, pictures: list[np.ndarray], batches: list[int], models=None,
-                         one_thread_batch: int | None = None) -> dict:
+                         one_thread_batch: int | None = None, lanes: int = 0) -> dict:
     """The bare models' images/s at each batch size, with masks and (their detect step alone) boxes only,
-    and the seconds per stage at the smallest batch size. `models`: (detector, segmenter) already loaded.
+    and the seconds per stage at the smallest batch size; with `lanes` > 1, also one image at a time on that
+    many threads ("lanes N", with masks). `models`: (detector, segmenter) already loaded.
     `one_thread_batch`: that batch size once more with one torch thread, as a GPU replica has (Ray's default),
     to tell the CPU work around the GPU from the graph's own costs (not part of the best)."""
     detector, segmenter = models or load_models(settings)
@@ -68,6 +99,9 @@ def in_process_reference(settings: Settings, pictures: list[np.ndarray], batches
                                                                    stages), 4)
         boxes_only[f"batch {b}"] = round(len(pictures) / stages["detect"], 4)
         stage_s = stage_s or stages
+    if lanes > 1:
+        images_per_s[f"lanes {lanes}"] = round(in_process_lanes_images_per_s(detector, segmenter, settings, pictures,
+                                                                            lanes), 4)
     one_thread = {}
     if one_thread_batch:
         threads = torch.get_num_threads()
@@ -113,6 +147,9 @@ def main() -> None:
                         help="comma-separated batch sizes for the in-process reference (default: 1 and --images)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--in-process-lanes", type=int, default=-1,
+                        help="threads for the in-process lanes reference (-1: on CPU the usable cores, as the "
+                             "Detector's cpu_lanes 0; 0 or 1: none)")
     parser.add_argument("--in-process-after", action="store_true",
                         help="measure the best in-process batch size again after the service and report the "
                              "efficiency against both: a shared machine's speed drifts between the halves of a run")
@@ -127,7 +164,10 @@ def main() -> None:
     pictures = [np.asarray(Image.open(io.BytesIO(files[n])).convert("RGB")) for n in names[:args.images]]
 
     batches = sorted({int(b) for b in args.in_process_batches.split(",") if b} or {1, args.images})
-    reference = in_process_reference(settings, pictures, batches)
+    lanes = args.in_process_lanes
+    if lanes < 0:
+        lanes = usable_cores() if pick_device(settings.device).type == "cpu" else 0
+    reference = in_process_reference(settings, pictures, batches, lanes=lanes)
     in_process, stage_s = reference["images_per_s"], reference["stage_s"]
     best = max(in_process.values())
 
@@ -154,8 +194,9 @@ def main() -> None:
     graph = args.images / report["wall_s"]
     after = {}
     if args.in_process_after:
-        best_batch = max(in_process, key=in_process.get)
-        after = in_process_reference(settings, pictures, [int(best_batch.split()[-1])])["images_per_s"]
+        kind, size = max(in_process, key=in_process.get).split()
+        after = in_process_reference(settings, pictures, [int(size)] if kind == "batch" else [],
+                                     lanes=int(size) if kind == "lanes" else 0)["images_per_s"]
     # Fill and drain: the first image's segment step cannot overlap an earlier detect, nor the last image's
     # detect a later segment; bounded by one image's in-process time (batch 1), reported as a share of the run.
     one_image_s = sum(stage_s.values()) / args.images if stage_s else None
