@@ -440,3 +440,18 @@ def test_a_failing_idle_hook_does_not_stop_the_batcher():
         return first, await batcher.submit(2)
 
     assert asyncio.run(scenario()) == (2, 4)
+
+
+def test_the_detector_runs_grounding_dino_in_lanes_on_cpu(tiny_models):
+    """The deployment's constructor (called as Serve calls it, without Ray) lets Grounding DINO's batches overlap on
+    CPU, with lanes from user_config."""
+    from serve_app.deployments.detector import Detector
+
+    detector = Detector.func_or_class(str(tiny_models["grounding_dino"]), device="cpu")
+    detector.reconfigure({"cpu_lanes": 2})
+    assert detector.batcher.concurrent_batches and detector.batcher.on_cpu
+    assert detector.batcher.config.cpu_lanes == 2 and detector.batcher.core_share is not None
+    detector.batcher._item_seconds = 5.0  # a big model's pass: batches of one image
+    assert detector.batcher._lane_limit() == 2
+    detector.reconfigure({"cpu_lanes": 1})
+    assert detector.batcher._lane_limit() == 1
