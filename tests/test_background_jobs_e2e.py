@@ -7,6 +7,7 @@ job stores the rest through Label Studio's API. Images come from a loopback serv
 
 from __future__ import annotations
 
+import re
 import time
 
 import httpx
@@ -86,6 +87,12 @@ def exactly_one_prediction_each(client, service, task_ids, version: str) -> dict
     return stored
 
 
+def answer_ms(service) -> float:
+    """How long the service took to answer the first /predict, from the ingress's access log."""
+    assert service.wait_for_log(r"POST /predict 200 [\d.]+ms")
+    return float(re.search(r"POST /predict 200 ([\d.]+)ms", service.log_path.read_text(errors="replace")).group(1))
+
+
 def jobs(service) -> dict:
     return httpx.get(f"{service.url}/jobs", timeout=10).json()
 
@@ -100,8 +107,10 @@ def test_a_retrieve_beyond_ml_timeout_predict_is_answered_in_time_and_finished_i
         client.ml.create(project=project.id, url=service.url, is_interactive=True, title="grounded-serve")
         version = httpx.get(f"{service.url}/health").json()["model_version"]
 
-        took = retrieve(client, project)
-        assert took < ML_TIMEOUT_PREDICT_S, took  # answered before Label Studio hung up
+        retrieve(client, project)
+        # answered before Label Studio would hang up. Label Studio's action also includes saving the answer: 0.5 MB
+        # of noise masks a task, beside the job's own writes, which took it 11 s once on a busy 2-core machine
+        assert answer_ms(service) < ML_TIMEOUT_PREDICT_S * 1000
         listing = jobs(service)
         [job] = [j for j in listing["jobs"] if j["state"] == "running"]
         # what finished by the deadline went back in the answer; the rest is pending in the job
