@@ -59,7 +59,6 @@ class ServeProcess:
         self.ray_tmp = tempfile.mkdtemp(prefix="gs-ray-", dir="/tmp")
         self.env = {
             **os.environ,
-            "RAY_TMPDIR": self.ray_tmp,
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
             "HF_HUB_OFFLINE": "1",
@@ -67,6 +66,8 @@ class ServeProcess:
             "RAY_metrics_report_interval_ms": "1000",  # /metrics (read from Prometheus) lags the work by this
             "PYTHONPATH": str(ROOT),
             **env,
+            # its own, also when `env` is another ServeProcess's env (a restart): that one's dir is removed already
+            "RAY_TMPDIR": self.ray_tmp,
         }
         self.env.pop("RAY_ADDRESS", None)
         self.startup_timeout_s = startup_timeout_s
