@@ -11,6 +11,7 @@ import asyncio
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -30,15 +31,24 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     temp_dir = tempfile.mkdtemp(prefix="gs-mn-", dir="/tmp")  # short: unix socket paths are limited
-    cluster = Cluster(initialize_head=True, connect=True, head_node_args={
-        "num_cpus": 2, "num_gpus": 1, "resources": {"head_node": 1}, "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": free_port(), "temp_dir": temp_dir})
-    worker = cluster.add_node(num_cpus=2, num_gpus=1, resources={"worker_node": 1})
-    cluster.wait_for_nodes()
-    yield cluster, worker
-    ray.shutdown()
-    cluster.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)  # Ray leaves its session logs and sockets there
+    # Ray writes the head's address to $RAY_TMPDIR/ray/ray_current_cluster (else /tmp/ray, which a fresh machine
+    # lacks: the head failed to start there), and worker nodes' sessions go there too: all of it in ours
+    (Path(temp_dir) / "ray").mkdir()
+    try:
+        with pytest.MonkeyPatch.context() as environment:
+            environment.setenv("RAY_TMPDIR", temp_dir)
+            cluster = Cluster(initialize_head=True, connect=True, head_node_args={
+                "num_cpus": 2, "num_gpus": 1, "resources": {"head_node": 1}, "include_dashboard": True,
+                "dashboard_host": "127.0.0.1", "dashboard_port": free_port(), "temp_dir": temp_dir})
+            try:
+                worker = cluster.add_node(num_cpus=2, num_gpus=1, resources={"worker_node": 1})
+                cluster.wait_for_nodes()
+                yield cluster, worker
+            finally:
+                ray.shutdown()
+                cluster.shutdown()
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)  # Ray leaves its session logs and sockets there
 
 
 def multinode_config(tiny_models):
