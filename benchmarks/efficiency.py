@@ -6,8 +6,8 @@
 Full-size architectures with random weights (benchmarks.models). In-process: the same GroundingDinoDetector
 and SamSegmenter called directly on decoded images, with torch's default threads (all cores), at batch size 1 and at
 `--images`, and on CPU one image at a time on each of `--in-process-lanes` threads with the cores split between
-them, as the Detector's CPU lanes run (the best counts). Service: `--images` single-task requests sent at once from a separate
-process, each a different 640x480 image; images/s = images / wall time. MAX_DETECTIONS (default 10 here,
+them, as the Detector's CPU lanes run (the best counts). Service: `--images` single-task requests sent at once
+from a separate process, each a different 640x480 image; images/s = images / wall time. MAX_DETECTIONS (default 10 here,
 about what a trained Grounding DINO returns at its thresholds; random weights would fill any cap) and the
 embedding cache (off) are the same on both sides.
 """
