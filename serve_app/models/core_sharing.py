@@ -107,10 +107,9 @@ class _Lane:
 
     def take_share(self) -> None:
         self.checked = time.monotonic()
-        threads = max(1, self.share.cores // max(1, self.share.busy_batches()))
-        if threads != self.threads:
-            torch.set_num_threads(threads)
-            self.threads = threads
+        self.threads = max(1, self.share.cores // max(1, self.share.busy_batches()))
+        if self.threads != torch.get_num_threads():  # the process's count: another lane may have set it since
+            torch.set_num_threads(self.threads)
 
     def recheck(self) -> None:
         if time.monotonic() - self.checked >= RECHECK_S:
