@@ -13,6 +13,7 @@ from serve_app.deployments.detector import Detector
 from serve_app.deployments.routing import ImageAffinityRouter
 from serve_app.deployments.segmenter import Segmenter
 from serve_app.ingress.app import Ingress
+from serve_app.models.host_memory import replica_env
 from serve_app.pipeline_choice import choose_pipeline
 from serve_app.settings import Settings
 
@@ -55,15 +56,17 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     # requests to the replica holding them, as the Segmenter's are
     routing = {"request_router_config": RequestRouterConfig(request_router_class=ImageAffinityRouter)} if concept else {}
     per_node = replicas_per_node(settings, gpus=gpus)
+    env_vars = replica_env(settings.model_malloc_reuse)  # merged with the application's runtime_env by Serve
+    model_env = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
     detector = Detector.options(ray_actor_options={
-        "num_cpus": settings.detector_cpus, "num_gpus": settings.detector_gpus if gpus else 0,
+        "num_cpus": settings.detector_cpus, "num_gpus": settings.detector_gpus if gpus else 0, **model_env,
     }, **routing, **per_node).bind(settings.detector_model, device=settings.device, precision=settings.precision,
                        cpu_niceness=settings.model_cpu_niceness, cpu_share=models_sharing,
                        cache_bytes=settings.sam_embedding_cache_bytes if concept else 0)
     segmenter = None
     if settings.sam_enabled:
         segmenter = Segmenter.options(ray_actor_options={
-            "num_cpus": settings.segmenter_cpus, "num_gpus": settings.segmenter_gpus if gpus else 0,
+            "num_cpus": settings.segmenter_cpus, "num_gpus": settings.segmenter_gpus if gpus else 0, **model_env,
         }, **per_node).bind(settings.segmenter_checkpoint, model_type=settings.segmenter_model_type,
                             device=settings.device, precision=settings.precision,
                             setting=settings.segmenter_checkpoint_setting, sha256=settings.segmenter_checkpoint_sha256,
