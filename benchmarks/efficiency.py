@@ -18,6 +18,7 @@ import argparse
 import gc
 import io
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.harness import (BatchCounter, ImageServer, distinct_images, machine, replica_rss_mb,
+from benchmarks.harness import (BatchCounter, allocate_like_the_replicas, ImageServer, distinct_images, machine, replica_rss_mb,
                                 run_load, start_service, text_prompt_body, user_config)
 from benchmarks.models import MODEL_SETS, model_env
 from benchmarks.pipeline import load_models
@@ -158,6 +159,7 @@ def main() -> None:
 
     env = {**model_env(args.models), "SAM_EMBEDDING_CACHE_BYTES": "0", "MAX_DETECTIONS": str(args.max_detections),
            "DEVICE": args.device, "PRECISION": args.precision, "TASK_TIMEOUT_S": "3000"}  # CPU: minutes per batch
+    allocate_like_the_replicas("benchmarks.efficiency", env)
     settings = Settings.load(env=env)
     files = distinct_images(args.images + 1)
     names = sorted(files)
@@ -206,6 +208,7 @@ def main() -> None:
         "replica_max_batch_size": (args.max_batch_size or args.images) if args.max_batch_size >= 0 else "as shipped",
         "device": args.device, "precision": args.precision, **machine(),
         "in_process_images_per_s": in_process, "in_process_torch_threads": torch.get_num_threads(),
+        "in_process_glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "in_process_boxes_only_images_per_s": reference["boxes_only_images_per_s"],
         "in_process_stage_s_per_image": {k: round(v / args.images, 3) for k, v in stage_s.items()},
         "fill_drain_share": round(one_image_s / report["wall_s"], 3) if one_image_s else None,

@@ -39,7 +39,7 @@ from PIL import Image
 
 from benchmarks.batching_sweep import sweep
 from benchmarks.efficiency import free_gpu_memory, in_process_reference, service_load
-from benchmarks.harness import (BatchCounter, ImageServer, distinct_images, long_requests, machine, replica_rss_mb,
+from benchmarks.harness import (BatchCounter, ImageServer, allocate_like_the_replicas, distinct_images, long_requests, machine, replica_rss_mb,
                                 retrieve_body, run_load, seed_backend, start_service, text_prompt_body, user_config,
                                 without_masks)
 from benchmarks.models import MODEL_SETS, model_env
@@ -104,6 +104,7 @@ def main() -> int:
     common = {**model_env(args.models), "SAM_EMBEDDING_CACHE_BYTES": "0", "DEVICE": args.device,
               "BOX_THRESHOLD": "0", "TEXT_THRESHOLD": "0", "MAX_DETECTIONS": str(args.boxes),
               "TASK_TIMEOUT_S": "3000", "PREDICT_DEADLINE_S": "3000"}  # every task in the answer, however slow
+    allocate_like_the_replicas("benchmarks.gpu_suite", common)  # the in-process reference's allocator
     files = distinct_images(max(args.images, args.tasks) + 8)
     names = sorted(files)
     pictures = [np.asarray(Image.open(io.BytesIO(files[n])).convert("RGB")) for n in names[:args.images]]

@@ -90,9 +90,29 @@ def user_config(max_batch_size: int | None = None,
     return override
 
 
+# Set by `allocate_like_the_replicas` to the GLIBC_TUNABLES this benchmark was started with.
+OUTER_TUNABLES = "BENCH_OUTER_GLIBC_TUNABLES"
+
+
+def allocate_like_the_replicas(module: str, env: dict[str, str]) -> None:
+    """Re-run this benchmark (`python -m module`) under the malloc tunables the service's model replicas start with
+    (MODEL_MALLOC_REUSE, serve_app.models.host_memory), so an in-process reference runs the same allocator as the
+    replicas it is compared with. glibc reads its tunables only when a process starts."""
+    from serve_app.models.host_memory import replica_env
+    from serve_app.settings import Settings
+
+    outer = os.environ.get(OUTER_TUNABLES, os.environ.get("GLIBC_TUNABLES", ""))
+    wanted = replica_env(Settings.load(env={**os.environ, **env}).model_malloc_reuse, inherited=outer)
+    if wanted and os.environ.get("GLIBC_TUNABLES") != wanted["GLIBC_TUNABLES"]:
+        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]],
+                  {**os.environ, **wanted, OUTER_TUNABLES: outer})
+
+
 def start_service(env: dict[str, str], override: Callable[[dict], None] | None = None,
                   startup_timeout_s: float = 600) -> ServeProcess:
     work = Path(tempfile.mkdtemp(prefix="gs-bench-"))
+    if OUTER_TUNABLES in os.environ:  # the service's other processes start as they would without the benchmark
+        env = {"GLIBC_TUNABLES": os.environ[OUTER_TUNABLES], **env}
     service = ServeProcess({"IMAGE_HOST_ALLOWLIST": "127.0.0.1", **env}, work, config_overrides=override,
                            startup_timeout_s=startup_timeout_s, remove_workdir=True)
     return service.start()
@@ -111,8 +131,9 @@ def seed_backend(env: dict[str, str]):
     from tests.serve_process import free_port
 
     port = free_port()
+    outer = {"GLIBC_TUNABLES": os.environ[OUTER_TUNABLES]} if OUTER_TUNABLES in os.environ else {}
     process = subprocess.Popen([sys.executable, "-m", "benchmarks.seed_backend", "--port", str(port)], cwd=ROOT,
-                               env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+                               env={**os.environ, **outer, **env, "PYTHONPATH": str(ROOT)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

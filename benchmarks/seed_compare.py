@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="replicas' user_config.torch_threads (experiments; 0 = configs/serve.yaml as shipped)")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the service (experiments)")
+    parser.add_argument("--seed-env", action="append", default=[],
+                        help="NAME=VALUE for the seed's process (experiments: e.g. the replicas' GLIBC_TUNABLES)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -70,7 +72,8 @@ def main() -> None:
             seed_reports = [{"wall_s": w, "tasks_per_s": args.tasks / w, "failures": 0} for w in earlier["seed_wall_s"]]
             seed_rss = earlier["rss_mb"]["seed process"]
         else:
-            seed_reports, seed_rss = run_seed(env, body, warmup, args.repeats)
+            seed_reports, seed_rss = run_seed({**env, **dict(item.split("=", 1) for item in args.seed_env)}, body,
+                                              warmup, args.repeats)
         def config(serve_config: dict) -> None:
             long_requests(serve_config)
             for deployment in model_deployments(serve_config) if args.torch_threads else ():
@@ -94,7 +97,7 @@ def main() -> None:
         "scenario": "seed baseline", "models": args.models, "tasks": args.tasks, "boxes": args.boxes or None,
         "device": args.device, "precision": args.precision,
         "image_latency_ms": args.image_latency_ms, "seed_from": str(args.seed_from) if args.seed_from else None,
-        "service_env": args.env, "service_torch_threads": args.torch_threads or "as shipped",
+        "service_env": args.env, "seed_env": args.seed_env, "service_torch_threads": args.torch_threads or "as shipped",
         **machine(),
         "seed_wall_s": [r["wall_s"] for r in seed_reports],
         "graph_wall_s": [r["wall_s"] for r in graph_reports],

@@ -44,6 +44,20 @@ def replicas_per_node(settings: Settings, *, gpus: bool) -> dict[str, Any]:
     return {"max_replicas_per_node": settings.cpu_replicas_per_node}
 
 
+def model_actor_options(settings: Settings) -> dict[str, Any]:
+    """The model replicas' runtime_env, when they need one: the malloc tunables (MODEL_MALLOC_REUSE) on top of the
+    application's runtime_env. Serve gives a deployment that sets no runtime_env the application's, but one that sets
+    its own keeps only that, except where configs/serve.yaml lists the deployment (the Segmenter is not listed: the
+    app has none when SAM is off), so the application's is merged here as Serve merges it for listed ones."""
+    env_vars = replica_env(settings.model_malloc_reuse)
+    if not env_vars:
+        return {}
+    import ray
+
+    application = dict(ray.get_runtime_context().runtime_env or {}) if ray.is_initialized() else {}
+    return {"runtime_env": {**application, "env_vars": {**application.get("env_vars", {}), **env_vars}}}
+
+
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     settings = Settings.load(args)
     gpus = use_gpus(settings)
@@ -56,8 +70,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     # requests to the replica holding them, as the Segmenter's are
     routing = {"request_router_config": RequestRouterConfig(request_router_class=ImageAffinityRouter)} if concept else {}
     per_node = replicas_per_node(settings, gpus=gpus)
-    env_vars = replica_env(settings.model_malloc_reuse)  # merged with the application's runtime_env by Serve
-    model_env = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
+    model_env = model_actor_options(settings)
     detector = Detector.options(ray_actor_options={
         "num_cpus": settings.detector_cpus, "num_gpus": settings.detector_gpus if gpus else 0, **model_env,
     }, **routing, **per_node).bind(settings.detector_model, device=settings.device, precision=settings.precision,

@@ -262,6 +262,25 @@ def test_prometheus_exports_the_projects_metrics_next_to_serves(client, service,
     assert "ray_grounded_serve_embedding_cache_lookups" in found and "ray_grounded_serve_events" in found
 
 
+def test_model_replicas_start_with_the_malloc_tunables_and_the_ingress_without(service):
+    """MODEL_MALLOC_REUSE (on): glibc reads its tunables when a process starts, so they must be in the environment
+    Ray starts the model replicas with (their runtime_env), beside the application's own variables."""
+    import psutil
+
+    from serve_app.models.host_memory import MALLOC_TUNABLES
+
+    def start_environment(deployment: str) -> dict[str, str]:
+        [pid] = service.replica_pids(deployment)
+        return psutil.Process(pid).environ()  # /proc/PID/environ: the environment the process was started with
+
+    first_tunable = MALLOC_TUNABLES.split(":")[0]  # glibc cuts the string it parsed at the first ':' in place
+    for deployment in ("Detector", "Segmenter"):
+        environment = start_environment(deployment)
+        assert environment.get("GLIBC_TUNABLES", "").startswith(first_tunable), (deployment, environment)
+        assert environment.get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD") == "0", (deployment, environment)
+    assert "GLIBC_TUNABLES" not in start_environment("Ingress")
+
+
 def test_cpu_model_replicas_yield_the_cores_to_the_proxy_and_the_ingress(service):
     """MODEL_CPU_NICENESS (5): model replicas on CPU run niced more than the ingress and the proxy."""
     import os
