@@ -93,3 +93,12 @@ def test_freed_heap_memory_goes_back_to_the_os():
     held, after, released = out.stdout.split()
     assert released == "True"
     assert float(held) - float(after) > 200  # of the 256 MiB freed, the OS got at least 200 back
+
+
+def test_the_builder_gives_the_model_replicas_the_tunables_only_when_reuse_is_on():
+    from serve_app.app import model_actor_options
+    from serve_app.settings import Settings
+
+    on = model_actor_options(Settings.load(env={"MODEL_MALLOC_REUSE": "true"}))
+    assert on["runtime_env"]["env_vars"]["GLIBC_TUNABLES"].startswith(MALLOC_TUNABLES)
+    assert model_actor_options(Settings.load(env={"MODEL_MALLOC_REUSE": "false"})) == {}
