@@ -1,17 +1,17 @@
 """A model replica's host memory: reused while it works, given back to the operating system once it is idle.
 
 Reuse. A forward pass of a full-size model allocates and frees hundreds of MB of activations, and glibc's defaults
-hand most of it back to the kernel at once: blocks over 32 MB are always mmap'ed, and each thread's arena unmaps
-what it freed. The next pass then faults every page in again, zeroed by the kernel. On the 2-core VM of
-docs/performance.md that kernel time was 35-45 % of a pass: Grounding DINO at 800 px took 14.4 s an image
-(7.8 s of it in the kernel), SAM ViT-B 16.6 s, MobileSAM 2.2 s. With `MALLOC_TUNABLES` (one arena, no mmap,
-no trimming while busy) they took 9.7, 10.0 and 1.2 s, at 1-12 % more peak RSS. glibc reads its tunables only
+hand much of it back to the kernel at once: blocks over 32 MB are always mmap'ed, and the worker threads' arenas
+unmap what they freed. The next pass faults those pages in again, zeroed by the kernel. On the 2-core VM of
+docs/performance.md that kernel time was 35-45 % of a pass: Grounding DINO at 800 px took 14.4 s an image (7.8 s
+of it in the kernel), SAM ViT-B 16.6 s, MobileSAM 2.2 s. With `MALLOC_TUNABLES` (one arena, no mmap, no trimming
+while busy) they took 9.7, 10.0 and 1.2 s, for 12-27 % more peak RSS while busy. glibc reads its tunables only
 when a process starts, so the builder puts them in the model replicas' environment (`replica_env`).
 
-Giving back. A forward pass of a full-size model allocates hundreds of MB of activations and frees them at its end; glibc's
-malloc keeps most of that in its heaps (big blocks stop being mmap'ed once the dynamic threshold has grown) so
-an idle replica holds its high-water mark for good. `malloc_trim(0)` returns those free pages: the replica then
-holds its weights and little else between requests (docs/performance.md, "Memory").
+Giving back. Between requests glibc keeps the freed memory in its heaps (with the tunables, all of it; without,
+big blocks stop being mmap'ed once the dynamic threshold has grown), so an idle replica would hold its high-water
+mark for good. `malloc_trim(0)` returns those free pages: the replica then holds its weights and little else
+between requests (docs/performance.md, "Memory").
 """
 
 from __future__ import annotations
