@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 from serve_app import get_logger
 from serve_app.models.core_sharing import CoreShare
 from serve_app.models.device import set_cpu_threads, usable_cores
+from serve_app.models.host_memory import release_free_memory
 from serve_app.models.messages import Priority
 
 logger = get_logger(__name__)
@@ -248,6 +249,12 @@ class BatchedModelDeployment:
 
     batcher: ModelBatcher
     cpu_share: int = 1  # model roles whose replicas share this node's cores
+
+    def loaded(self) -> None:
+        """The end of a constructor: what loading freed (the checkpoint's copy of the weights) goes back now, not after
+        the first batch. With the replicas' malloc tunables glibc keeps it until trimmed (ViT-B: 1,393 MB after
+        loading, 1,036 MB trimmed)."""
+        release_free_memory()
 
     def reconfigure(self, user_config: dict) -> None:
         config = BatchConfig.from_user_config(user_config)

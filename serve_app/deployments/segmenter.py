@@ -53,9 +53,7 @@ class Segmenter(BatchedModelDeployment):
         self.report_cache = CacheReporter(self.model)
         self.batcher = ModelBatcher(self.model.segment, on_batch=self._after_batch,
                                     on_cpu=self.model.device.type == "cpu", when_idle=release_free_memory)
-        # what loading freed (the checkpoint's copy of the weights) goes back now, not after the first batch: with the
-        # replicas' malloc tunables glibc keeps it until trimmed (ViT-B: 1,393 MB after loading, 1,036 MB trimmed)
-        release_free_memory()
+        self.loaded()
 
     async def segment(self, request: SegmentationRequest) -> Masks:
         masks = await self.batcher.submit(request)
