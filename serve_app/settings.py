@@ -7,6 +7,7 @@ fails `serve run` with a clear message instead of failing requests later.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
@@ -30,6 +31,10 @@ KEY_VARIABLES = ("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN")
 
 class SettingsError(ValueError):
     pass
+
+
+MAX_TIMEOUT_S = 86_400.0  # a timeout or deadline beyond a day is a typo, and asyncio misbehaves near infinity
+MAX_RESOURCE = 1_024  # CPUs or GPUs of one replica
 
 
 PIPELINES = ("auto", "detect", "detect+segment", "concept")
@@ -92,6 +97,10 @@ class Settings:
     predict_deadline_s: float = 30.0  # PREDICT_DEADLINE_S: a batch /predict answers by then; the rest go on in the background
     background_task_concurrency: int = 0  # BACKGROUND_TASK_CONCURRENCY: tasks in flight for background jobs alone (0: auto)
     max_background_tasks: int = 100_000  # MAX_BACKGROUND_TASKS: tasks queued for jobs at once (ids and image URLs)
+    max_queued_bytes: int = 256 * 1024 * 1024  # MAX_QUEUED_BYTES: image values (URLs, data: URLs) queued tasks keep
+    max_pending_writes: int = 64  # MAX_PENDING_WRITES: finished predictions waiting to be stored before jobs pause
+    write_deadline_s: float = 300.0  # WRITE_DEADLINE_S: storing one prediction, retries and their waits included
+    job_write_failure_limit: int = 20  # JOB_WRITE_FAILURE_LIMIT: failed writes in a row that stop a job
     ingress_cpu_threads: int = 2  # INGRESS_CPU_THREADS: threads per ingress replica for image decoding and RLE
     max_detections: int = 50  # MAX_DETECTIONS: boxes kept per task
     max_prompt_chars: int = 2_000  # MAX_PROMPT_CHARS
@@ -180,7 +189,8 @@ class Settings:
                 raise SettingsError(str(exc)) from None
         if self.background_task_concurrency < 0:
             raise SettingsError("BACKGROUND_TASK_CONCURRENCY must be 0 (auto) or a positive integer")
-        for name in ("max_tasks_per_request", "task_concurrency", "max_background_tasks",
+        for name in ("max_tasks_per_request", "task_concurrency", "max_background_tasks", "max_queued_bytes",
+                     "max_pending_writes", "job_write_failure_limit",
                      "ingress_cpu_threads", "max_detections",
                      "max_prompt_chars", "max_phrases", "max_context_items", "max_request_bytes", "max_image_pixels", "ingress_image_memory_bytes",
                      "max_download_bytes"):
@@ -193,9 +203,11 @@ class Settings:
             raise SettingsError(f"MODEL_CPU_NICENESS must be 0 to 19, got {self.model_cpu_niceness}")
         if self.sam_embedding_cache_bytes < 0 or self.polygon_tolerance_px < 0:
             raise SettingsError("SAM_EMBEDDING_CACHE_BYTES and POLYGON_TOLERANCE_PX must not be negative")
-        for name in ("download_timeout_s", "task_timeout_s", "replica_retry_timeout_s", "predict_deadline_s"):
-            if getattr(self, name) <= 0:
-                raise SettingsError(f"{name.upper()} must be positive, got {getattr(self, name)}")
+        for name in ("download_timeout_s", "task_timeout_s", "replica_retry_timeout_s", "predict_deadline_s",
+                     "write_deadline_s"):
+            if not 0 < getattr(self, name) <= MAX_TIMEOUT_S:
+                raise SettingsError(f"{name.upper()} must be more than 0 and at most {MAX_TIMEOUT_S:g} s (a day), "
+                                    f"got {getattr(self, name)}")
         if self.segmenter_model and self.use_mobile_sam:
             raise SettingsError("USE_MOBILE_SAM=true and SEGMENTER_MODEL are both set: SEGMENTER_MODEL names the "
                                 "segmenter (MobileSAM too, as a .pth path or URL); unset one of them")
@@ -206,8 +218,8 @@ class Settings:
         if self.accelerator not in ("auto", "gpu", "cpu"):
             raise SettingsError(f"ACCELERATOR must be auto, gpu or cpu, got {self.accelerator!r}")
         for name in ("detector_cpus", "detector_gpus", "segmenter_cpus", "segmenter_gpus"):
-            if getattr(self, name) < 0:
-                raise SettingsError(f"{name.upper()} must not be negative, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) <= MAX_RESOURCE:
+                raise SettingsError(f"{name.upper()} must be 0 to {MAX_RESOURCE}, got {getattr(self, name)}")
         if self.label_studio_url:
             problem = url_problem(self.label_studio_url)
             if problem:
@@ -244,8 +256,8 @@ def _parse(name: str, type_name: Any, raw: Any, source: str) -> Any:
             raise ValueError("expected true/false")
         if type_name == "float":
             value = float(raw)
-            if value != value:  # NaN
-                raise ValueError("NaN")
+            if not math.isfinite(value):  # NaN, inf, and 1e999 (which float() turns into inf)
+                raise ValueError("not a finite number")
             return value
         if type_name == "int":
             return int(str(raw).replace("_", ""))

@@ -60,7 +60,8 @@ def assert_matches_sam_predictor(sam, images, boxes, results) -> None:
 class PredictionsStandIn:
     """Label Studio's `/api/predictions/` as far as background jobs use it, for tests that need no real Label
     Studio (tests/test_label_studio_e2e.py and test_background_jobs_e2e.py use the real one). Stores what is
-    POSTed; `fail_after_storing` answers that many POSTs 502 *after* storing them (a proxy that lost the reply)."""
+    POSTed (with an id, which DELETE takes); `fail_after_storing` answers that many POSTs 502 *after* storing them (a
+    proxy that lost the reply)."""
 
     def __init__(self, token: str = "stand-in-token", fail_after_storing: int = 0):
         import json
@@ -68,6 +69,7 @@ class PredictionsStandIn:
 
         self.token = token
         self.rows: list[dict] = []
+        self.next_id = 0
         self.posts = 0
         self.fail_after_storing = fail_after_storing
         self.lock = threading.Lock()
@@ -100,10 +102,22 @@ class PredictionsStandIn:
                     return self._answer(404, {})
                 with stand_in.lock:
                     stand_in.posts += 1
-                    stand_in.rows.append(body)
+                    stand_in.next_id += 1
+                    row = {"id": stand_in.next_id, **body}
+                    stand_in.rows.append(row)
                     fail = stand_in.fail_after_storing > 0
                     stand_in.fail_after_storing -= fail
-                self._answer(502 if fail else 201, {"id": len(stand_in.rows), **body})
+                self._answer(502 if fail else 201, row)
+
+            def do_DELETE(self):
+                if not self._authorized():
+                    return
+                row_id = self.path.strip("/").rsplit("/", 1)[-1]
+                with stand_in.lock:
+                    before = len(stand_in.rows)
+                    stand_in.rows = [row for row in stand_in.rows if str(row["id"]) != row_id]
+                    found = len(stand_in.rows) < before
+                self._answer(204 if found else 404, {})
 
             def do_GET(self):
                 if not self._authorized():

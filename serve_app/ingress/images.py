@@ -30,6 +30,7 @@ from serve_app import get_logger
 from serve_app.ingress.errors import ImageError
 from serve_app.ingress.label_studio_auth import LabelStudioAuthError, LabelStudioCredentials
 from serve_app.ingress.origins import origin as url_origin
+from serve_app.redaction import redact_urls, shown_url
 
 logger = get_logger(__name__)
 
@@ -70,7 +71,7 @@ def origin(url: str) -> tuple[str, str, int]:
     try:
         return url_origin(url)
     except ValueError as exc:
-        raise ImageError(f"malformed URL {url[:200]!r}: {exc}") from None
+        raise ImageError(f"malformed URL {shown_url(url)!r}: {exc}") from None
 
 
 # IPv6 ranges that carry or reach IPv4 addresses (NAT64 maps 64:ff9b::a9fe:a9fe to 169.254.169.254) or are
@@ -134,7 +135,7 @@ class ImageFetcher:
             return None
         _, host, port = origin(url)
         if not host:
-            raise ImageError(f"image URL has no host: {url[:200]!r}")
+            raise ImageError(f"image URL has no host: {shown_url(url)!r}")
         try:
             infos = await self._resolve(host, port)
         except (socket.gaierror, UnicodeError) as exc:
@@ -164,16 +165,16 @@ class ImageFetcher:
             return local.as_uri()
         if not scheme and url.startswith(("/data/", "/storage-data/", "/tasks/")):
             if not base:
-                raise ImageError(f"{url[:200]!r} is relative to Label Studio; set LABEL_STUDIO_URL to fetch it")
+                raise ImageError(f"{shown_url(url)!r} is relative to Label Studio; set LABEL_STUDIO_URL to fetch it")
             return urljoin(base.rstrip("/") + "/", url.lstrip("/"))
         if scheme in CLOUD_SCHEMES:
             if not base:
-                raise ImageError(f"{url[:200]!r} is in cloud storage; set LABEL_STUDIO_URL so Label Studio can presign it")
+                raise ImageError(f"{shown_url(url)!r} is in cloud storage; set LABEL_STUDIO_URL so Label Studio can presign it")
             if not isinstance(task_id, int) or isinstance(task_id, bool):
-                raise ImageError(f"{url[:200]!r} is in cloud storage; presigning it needs the task's integer id")
+                raise ImageError(f"{shown_url(url)!r} is in cloud storage; presigning it needs the task's integer id")
             encoded = base64.urlsafe_b64encode(url.encode()).decode()
             return f"{base.rstrip('/')}/tasks/{task_id}/presign/?fileuri={encoded}"
-        raise ImageError(f"unsupported image URL {url[:100]!r}: only http(s), data, Label Studio /data/ paths and "
+        raise ImageError(f"unsupported image URL {shown_url(url, 100)!r}: only http(s), data, Label Studio /data/ paths and "
                          "s3/gs/azure-blob URIs are fetched")
 
     def _local_path(self, url: str) -> Path | None:
@@ -191,9 +192,9 @@ class ImageFetcher:
         try:
             candidate = candidate.resolve()  # symlinks and ".." are resolved before the check
         except (ValueError, OSError) as exc:  # a NUL byte in the path, a symlink loop
-            raise ImageError(f"unusable local file path {url[:200]!r}: {exc}") from None
+            raise ImageError(f"unusable local file path {shown_url(url)!r}: {exc}") from None
         if not candidate.is_relative_to(root):
-            raise ImageError(f"{url[:200]!r} is outside the document root (LOCAL_FILES_DOCUMENT_ROOT)", status_code=403)
+            raise ImageError(f"{shown_url(url)!r} is outside the document root (LOCAL_FILES_DOCUMENT_ROOT)", status_code=403)
         return candidate
 
     async def fetch(self, url: str) -> bytes:
@@ -204,10 +205,11 @@ class ImageFetcher:
         try:
             return await asyncio.wait_for(self._download(url), timeout=self.policy.timeout_s)
         except asyncio.TimeoutError:
-            raise ImageError(f"downloading {url[:200]!r} took longer than {self.policy.timeout_s:g} s "
+            raise ImageError(f"downloading {shown_url(url)!r} took longer than {self.policy.timeout_s:g} s "
                              "(DOWNLOAD_TIMEOUT_S)", status_code=504) from None
         except httpx.HTTPError as exc:
-            raise ImageError(f"cannot download {url[:200]!r}: {exc.__class__.__name__}: {exc}", status_code=502) from None
+            raise ImageError(f"cannot download {shown_url(url)!r}: {exc.__class__.__name__}: {redact_urls(str(exc))}",
+                             status_code=502) from None
 
     async def _download(self, url: str) -> bytes:
         refreshed = False
@@ -233,7 +235,7 @@ class ImageFetcher:
                     hint = {401: "; set LABEL_STUDIO_API_KEY to a valid token",
                             403: "; the token's user cannot see this project",
                             404: "; the file is not in Label Studio"}.get(response.status_code, "")
-                    raise ImageError(f"Label Studio answered HTTP {response.status_code} for {url[:200]!r} "
+                    raise ImageError(f"Label Studio answered HTTP {response.status_code} for {shown_url(url)!r} "
                                      f"(sent: {used}){hint}", status_code=502)
                 if response.is_redirect:
                     redirects += 1
@@ -242,7 +244,7 @@ class ImageFetcher:
                         raise ImageError("image redirect to a non-http URL refused", status_code=403)
                     continue
                 if response.status_code != 200:
-                    raise ImageError(f"image URL answered HTTP {response.status_code}: {url[:200]!r}",
+                    raise ImageError(f"image URL answered HTTP {response.status_code}: {shown_url(url)!r}",
                                      status_code=502 if response.status_code >= 500 else 422)
                 declared = response.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > self.policy.max_bytes:
@@ -254,7 +256,7 @@ class ImageFetcher:
                         raise ImageError(self._too_big(size), status_code=413)
                     chunks.append(chunk)
                 return b"".join(chunks)
-        raise ImageError(f"more than {MAX_REDIRECTS} redirects for {url[:200]!r}")
+        raise ImageError(f"more than {MAX_REDIRECTS} redirects for {shown_url(url)!r}")
 
     def _too_big(self, size: int) -> str:
         return f"image is larger than {self.policy.max_bytes} bytes ({size}+; MAX_DOWNLOAD_BYTES)"

@@ -1,4 +1,4 @@
-"""Background jobs: a "Retrieve predictions" answers before Label Studio hangs up, and nothing is lost.
+"""Background jobs: a "Retrieve predictions" answers before Label Studio hangs up, and every task is accounted for.
 
 Label Studio sends every selected task in one `/predict` and stores nothing if the answer comes after
 `ML_TIMEOUT_PREDICT`. So a batch `/predict` (one without an editor context) becomes a job: its tasks run on
@@ -8,23 +8,35 @@ unfinished tasks keep running and each prediction is stored with `POST /api/pred
 under the same model_version. If Label Studio hangs up first, the request is cancelled, not the job: what
 was finished but never answered is stored the same way.
 
-Each task id is claimed by one job while it runs, and after it was stored until the job leaves the board's
-history: a second "Retrieve predictions" that sends a task still in flight (or just stored, before Label
-Studio's list caught up) gets `[]` for it and computes nothing, so a task gets one prediction per model version
-however often the user clicks. A task that failed, or went back in an answer, is released: the next Retrieve
-runs it again if Label Studio has no prediction for it. After a restart Label Studio's stored predictions are
-the record: Retrieve sends only the tasks that lack one.
+A job's work runs in a context of its own, never the request's: Ray Serve cancels the model calls a request made
+(its "child requests", found through the request's context variables) when the client disconnects, and tasks
+started from the request would inherit that context. A task that is cancelled from outside all the same (a replica
+shutting down) is queued again, at most MAX_TASK_ATTEMPTS times, then failed with the reason.
 
-Queued tasks hold their id and image value only. Tasks run at most TASK_CONCURRENCY at once while some
-job's request is still waiting, BACKGROUND_TASK_CONCURRENCY otherwise (fewer than a model replica's
-`max_ongoing_requests`, so a click from the editor always finds a free slot), and their model requests carry a
-lower priority (Priority.BATCH, then Priority.BACKGROUND) than the editor's.
+Every task is in exactly one state (serve_app.ingress.job_state); GET /jobs, `grounded-serve jobs` and the
+Prometheus gauges read the counts of those states. A job is finished when every task is in a final state.
+
+Each task id is claimed by one job (per Label Studio instance and project) while it runs, and after it was stored
+until the job leaves the board's history: a second "Retrieve predictions" that sends a task still in flight (or just
+stored, before Label Studio's list caught up) gets `[]` for it and computes nothing, so a task gets one prediction
+per model version however often the user clicks. A task that failed, or went back in an answer, is released: the
+next Retrieve runs it again if Label Studio has no prediction for it. After a restart Label Studio's stored
+predictions are the record: Retrieve sends only the tasks that lack one.
+
+Bounds: queued tasks hold their id and image value only, at most MAX_BACKGROUND_TASKS of them and MAX_QUEUED_BYTES
+of values. Tasks run at most TASK_CONCURRENCY at once while some job's request is still waiting,
+BACKGROUND_TASK_CONCURRENCY otherwise (fewer than a model replica's `max_ongoing_requests`, so a click from the
+editor always finds a free slot), and their model requests carry a lower priority (Priority.BATCH, then
+Priority.BACKGROUND) than the editor's. No background task starts while MAX_PENDING_WRITES predictions wait to be
+stored (a slow Label Studio slows the job instead of filling memory), and JOB_WRITE_FAILURE_LIMIT failed writes in a
+row stop the job: its unstarted tasks fail at once, saying why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import dataclasses
 import datetime
 import time
@@ -34,6 +46,7 @@ from typing import Any, Callable
 
 from serve_app import get_logger
 from serve_app.ingress.errors import ServiceUnavailable
+from serve_app.ingress.job_state import FailureLog, JobTask, TaskState, TaskStates
 from serve_app.ingress.pipeline import (
     NO_PREDICTION,
     TASK_PRIORITY,
@@ -43,45 +56,39 @@ from serve_app.ingress.pipeline import (
     echoable_id,
     response_for,
 )
-from serve_app.ingress.prediction_writer import PredictionRefused, PredictionWriter
+from serve_app.ingress.prediction_writer import PredictionWriter
 from serve_app.models.messages import Priority
-from serve_app.retries import TransientError
+from serve_app.redaction import redact_urls
 from serve_app.settings import Settings
 
 logger = get_logger(__name__)
 
 JOB_HISTORY = 20  # finished jobs kept for GET /jobs (and their task claims, against duplicates)
-FAILED_SHOWN = 100  # failed tasks listed per job in GET /jobs (all are counted)
 WRITE_CONCURRENCY = 4  # predictions written to Label Studio at once
+MAX_TASK_ATTEMPTS = 3  # starts of one task; more cancellations from outside the job fail it
 
 
-@dataclass
-class QueuedTask:
-    index: int  # position in the request's `tasks`
-    task_id: int | None  # Label Studio's id; None when the request sent none usable (then it cannot be stored)
-    task: dict[str, Any]  # {"id": ..., "data": {<image key>: <image value>}}: nothing else is kept
-
-
-@dataclass
+@dataclass(eq=False)
 class Job:
     id: str
+    instance: str  # the Label Studio instance (its origin) the request came from; "" when unknown
     project: str
     model_version: str
     request: LabellingRequest  # config, prompt, thresholds; its `tasks` list is dropped
     writer: PredictionWriter | None
-    total: int
+    states: TaskStates
+    tasks: list[JobTask] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     started: float = field(default_factory=time.monotonic)
-    queue: collections.deque[QueuedTask] = field(default_factory=collections.deque)
-    running: dict[int, asyncio.Task] = field(default_factory=dict)  # index -> task
-    finished: dict[int, tuple[TaskOutcome, int | None]] = field(default_factory=dict)  # index -> (outcome, id)
-    writing: set[asyncio.Task] = field(default_factory=set)
+    queue: collections.deque[JobTask] = field(default_factory=collections.deque)
+    runners: dict[int, asyncio.Task] = field(default_factory=dict)  # index -> its asyncio task, while RUNNING
+    writes: dict[int, asyncio.Task] = field(default_factory=dict)  # index -> its asyncio task, while WRITING
     waiting: bool = True  # the /predict that started the job is still waiting for it
-    state: str = "running"  # running | finished | cancelled
-    answered: int = 0  # predictions that went back in the /predict answer
-    stored: int = 0  # predictions written through the API
-    failed: dict[Any, str] = field(default_factory=dict)  # task id (or index) -> why
-    cancelled_tasks: int = 0
+    state: str = "running"  # running | finished | cancelled | stopped
+    failures: FailureLog = field(default_factory=FailureLog)
+    write_failures_in_a_row: int = 0
+    stop_reason: str | None = None
+    dropped: bool = False  # its unfinished tasks were dropped (DELETE /jobs/{id}, or no credential to store them)
     background_since: float | None = None
     finished_at: float | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # nothing queued or running
@@ -91,30 +98,47 @@ class Job:
         return Priority.BATCH if self.waiting else Priority.BACKGROUND
 
     @property
-    def pending(self) -> int:
-        return len(self.queue) + len(self.running) + len(self.finished) * (not self.waiting) + len(self.writing)
+    def total(self) -> int:
+        return len(self.tasks)
+
+    def counts(self) -> dict[str, int]:
+        s = self.states
+        return {"total": self.total, "done": s[TaskState.ANSWERED] + s[TaskState.STORED],
+                "answered": s[TaskState.ANSWERED], "stored": s[TaskState.STORED], "failed": s[TaskState.FAILED],
+                "cancelled": s[TaskState.CANCELLED], "pending": s.pending, "queued": s[TaskState.QUEUED],
+                "running": s[TaskState.RUNNING], "held": s[TaskState.HELD], "writing": s[TaskState.WRITING]}
 
     def summary(self) -> dict[str, Any]:
         now = time.monotonic()
-        done = self.answered + self.stored
+        stored = self.states[TaskState.STORED]
         since = self.background_since  # the rate is of background work: what the answer held came before it
-        rate = self.stored / (now - since) if since is not None and now > since and self.stored else None
-        pending = self.pending if self.state == "running" else 0
+        rate = stored / (now - since) if since is not None and now > since and stored else None
+        pending = self.states.pending
         return {
-            "id": self.id, "project": self.project, "model_version": self.model_version, "state": self.state,
+            "id": self.id, "instance": self.instance or None, "project": self.project,
+            "model_version": self.model_version, "state": self.state,
             "started_at": _iso(self.created_at),
             "finished_at": _iso(self.created_at + (self.finished_at - self.started)) if self.finished_at else None,
-            "tasks": {"total": self.total, "done": done, "answered": self.answered, "stored": self.stored,
-                      "failed": len(self.failed), "pending": pending, "cancelled": self.cancelled_tasks},
+            "tasks": self.counts(),
             "rate_per_s": round(rate, 3) if rate else None,
             "eta_s": round(pending / rate, 1) if rate and pending else (0.0 if not pending else None),
-            "failed_tasks": [{"task": task, "error": error}
-                             for task, error in list(self.failed.items())[:FAILED_SHOWN]],
+            **({"stopped_because": self.stop_reason} if self.stop_reason else {}),
+            "failure_kinds": dict(self.failures.kinds),
+            "failed_tasks": list(self.failures.shown),
         }
 
 
 def _iso(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _input_bytes(task: Any) -> int:
+    """What a queued task keeps, roughly: its image value dominates (a `data:` URL can be megabytes)."""
+    if not isinstance(task, dict):
+        return 64
+    data = task.get("data")
+    values = data.values() if isinstance(data, dict) else [data]
+    return 64 + sum(len(v) if isinstance(v, (str, bytes)) else 16 for v in values)
 
 
 class JobBoard:
@@ -124,16 +148,24 @@ class JobBoard:
         self.settings = settings
         self.on_event = on_event  # for Prometheus: ("background_tasks_stored", 1) ..., after each change
         self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
-        self.claims: dict[tuple[str, int], Job] = {}
-        self.running = 0
-        self.queued = 0
+        self.claims: dict[tuple[str, str, int], Job] = {}  # (instance, project, task id) -> job
+        self.states = TaskStates()  # every job's tasks together
         self._writes = asyncio.Semaphore(WRITE_CONCURRENCY)
+
+    @property
+    def queued(self) -> int:
+        return self.states[TaskState.QUEUED]
+
+    @property
+    def running(self) -> int:
+        return self.states[TaskState.RUNNING]
 
     # -- a /predict ------------------------------------------------------------------------------
 
-    async def predict(self, request: LabellingRequest, writer: PredictionWriter | None) -> dict[str, Any]:
+    async def predict(self, request: LabellingRequest, writer: PredictionWriter | None,
+                      instance: str = "") -> dict[str, Any]:
         """The answer to a batch /predict: what finished within PREDICT_DEADLINE_S; the rest goes on here."""
-        job, outcomes, warnings = self._start(request, writer)
+        job, outcomes, warnings = self._start(request, writer, instance)
         try:
             await asyncio.wait_for(asyncio.shield(job.settled.wait()), timeout=self.settings.predict_deadline_s)
         except asyncio.TimeoutError:
@@ -144,32 +176,29 @@ class JobBoard:
         warnings += self._hand_over(job, answered=True, outcomes=outcomes)
         finished = [o for o in outcomes if o is not None]
         unavailable = [o for o in finished if o.unavailable]
-        if unavailable and all(o.error is not None for o in finished) and not job.pending:
+        if unavailable and all(o.error is not None for o in finished) and not job.states.pending:
             raise ServiceUnavailable(unavailable[0].error)  # nothing done, nothing going on: retry it all later
         response = response_for(request, [o or TaskOutcome(list(NO_PREDICTION)) for o in outcomes],
                                 self.pipeline.model_version, warnings)
         if job.state == "running" and job.writer is not None:
-            response["job"] = {"id": job.id, "pending": job.pending}
+            response["job"] = {"id": job.id, "pending": job.states.pending}
         return response
 
-    def _start(self, request: LabellingRequest, writer: PredictionWriter | None):
+    def _start(self, request: LabellingRequest, writer: PredictionWriter | None, instance: str):
         s = self.settings
         project = request.project.split(".", 1)[0]
-        job = Job(id=uuid.uuid4().hex[:12], project=project, model_version=self.pipeline.model_version,
-                  request=dataclasses.replace(request, tasks=[]), writer=writer, total=len(request.tasks))
+        job = Job(id=uuid.uuid4().hex[:12], instance=instance, project=project,
+                  model_version=self.pipeline.model_version, request=dataclasses.replace(request, tasks=[]),
+                  writer=writer, states=TaskStates(parent=self.states))
         outcomes: list[TaskOutcome | None] = [None] * len(request.tasks)
-        in_flight, over_cap = collections.Counter(), 0
+        in_flight, over_count, over_bytes = collections.Counter(), 0, 0
         image_key = request.config.image_key
         for index, task in enumerate(request.tasks):
             task_id = echoable_id(task.get("id") if isinstance(task, dict) else None)
             task_id = task_id if isinstance(task_id, int) else None
-            claimed_by = self.claims.get((project, task_id)) if task_id is not None else None
+            claimed_by = self.claims.get((instance, project, task_id)) if task_id is not None else None
             if claimed_by is not None:
                 in_flight[claimed_by.id] += 1
-                outcomes[index] = TaskOutcome(list(NO_PREDICTION))
-                continue
-            if self.queued >= s.max_background_tasks:
-                over_cap += 1
                 outcomes[index] = TaskOutcome(list(NO_PREDICTION))
                 continue
             kept = None  # not an object: the pipeline fails it alone, whatever it was; nothing big is kept
@@ -177,20 +206,34 @@ class JobBoard:
                 data = task.get("data")
                 kept = {"id": task.get("id"),
                         "data": {image_key: data.get(image_key)} if isinstance(data, dict) else data}
-            job.queue.append(QueuedTask(index, task_id, kept))
-            self.queued += 1
-            if task_id is not None:
-                self.claims[(project, task_id)] = job
-        job.total = len(job.queue)
+            size = _input_bytes(kept)
+            if self.queued >= s.max_background_tasks:
+                over_count += 1
+            elif self.states.input_bytes + size > s.max_queued_bytes and self.states.input_bytes:
+                over_bytes += 1
+            else:
+                queued = JobTask(index, task_id, kept, size)
+                job.tasks.append(queued)
+                job.states.add(queued)
+                job.queue.append(queued)
+                if task_id is not None:
+                    self.claims[(instance, project, task_id)] = job
+                continue
+            outcomes[index] = TaskOutcome(list(NO_PREDICTION))
         warnings = []
         for job_id, count in in_flight.items():
             warnings.append(f"{count} of these tasks are being predicted by background job {job_id}; their "
                             "predictions are stored when it finishes (GET /jobs)")
-        if over_cap:
-            warnings.append(f"{over_cap} tasks were not queued: the service holds at most {s.max_background_tasks} "
+        if over_count:
+            warnings.append(f"{over_count} tasks were not queued: the service holds at most {s.max_background_tasks} "
                             "queued tasks (MAX_BACKGROUND_TASKS); run \"Retrieve predictions\" again when the "
                             "current jobs are done")
-            logger.warning("job %s: %d tasks over MAX_BACKGROUND_TASKS not queued", job.id, over_cap)
+            logger.warning("job %s: %d tasks over MAX_BACKGROUND_TASKS not queued", job.id, over_count)
+        if over_bytes:
+            warnings.append(f"{over_bytes} tasks were not queued: the queued tasks' image values would exceed "
+                            f"{s.max_queued_bytes} bytes (MAX_QUEUED_BYTES); run \"Retrieve predictions\" again when "
+                            "the current jobs are done")
+            logger.warning("job %s: %d tasks over MAX_QUEUED_BYTES not queued", job.id, over_bytes)
         self.jobs[job.id] = job
         if not job.queue:
             self._settle(job)
@@ -204,16 +247,19 @@ class JobBoard:
             return []
         job.waiting = False
         job.background_since = time.monotonic()  # the rate in GET /jobs counts from here
-        for index, (outcome, task_id) in list(job.finished.items()):
+        for task in job.tasks:
+            if task.outcome is None:
+                continue
             if answered:
-                outcomes[index] = outcome
-                job.answered += outcome.error is None
-                self._release(job, task_id)  # Label Studio stores it from the answer; if the answer is lost, it
-                # stays retryable
-            elif outcome.error is None:
-                self._store(job, index, outcome, task_id)
-        job.finished.clear()
-        unfinished = len(job.queue) + len(job.running)
+                outcomes[task.index] = task.outcome  # failures too: the answer lists them in task_errors
+                if task.state is TaskState.HELD:
+                    self._move(job, task, TaskState.ANSWERED)
+                    self._release(job, task)  # Label Studio stores it from the answer; if the answer is lost, it
+                    # stays retryable
+            elif task.state is TaskState.HELD:
+                self._store(job, task, task.outcome)
+            task.outcome = None
+        unfinished = job.states[TaskState.QUEUED] + job.states[TaskState.RUNNING]
         if not unfinished:
             self._maybe_finish(job)
             return []
@@ -236,79 +282,139 @@ class JobBoard:
 
     def _pump(self) -> None:
         """Start queued tasks while there is room: jobs whose request waits first, then background jobs, each in
-        the order they came."""
+        the order they came; background jobs only while few predictions wait to be stored."""
         s = self.settings
         waiting = [job for job in self.jobs.values() if job.waiting and job.queue]
-        capacity = s.task_concurrency if waiting else (s.background_task_concurrency or 2)
-        candidates = waiting or [job for job in self.jobs.values() if job.queue and job.state == "running"]
+        if waiting:
+            capacity, candidates = s.task_concurrency, waiting
+        else:
+            capacity = s.background_task_concurrency or 2
+            candidates = [job for job in self.jobs.values() if job.queue and job.state == "running"]
+            if self.states[TaskState.WRITING] >= s.max_pending_writes:
+                return  # a write that ends pumps again
         loop = asyncio.get_running_loop()
         for job in candidates:
             while job.queue and self.running < capacity:
-                queued = job.queue.popleft()
-                self.queued -= 1
-                self.running += 1
-                job.running[queued.index] = loop.create_task(self._run(job, queued))
+                task = job.queue.popleft()
+                self._move(job, task, TaskState.RUNNING)
+                task.attempts += 1
+                # A context of its own: never the request's, whose cancellation Serve passes on to its model calls.
+                job.runners[task.index] = loop.create_task(self._run(job, task), context=contextvars.Context())
             if self.running >= capacity:
                 return
 
-    async def _run(self, job: Job, queued: QueuedTask) -> None:
+    async def _run(self, job: Job, task: JobTask) -> None:
         TASK_PRIORITY.set(job.priority)  # this asyncio task's own context
-        outcome = None
         try:
-            outcome = await self.pipeline.label_task_outcome(job.request, queued.task)
-        except ServiceUnavailable as exc:
-            outcome = TaskOutcome(list(NO_PREDICTION), str(exc), unavailable=True)
+            try:
+                outcome = await self.pipeline.label_task_outcome(job.request, task.task)
+            except ServiceUnavailable as exc:
+                outcome = TaskOutcome(list(NO_PREDICTION), str(exc), unavailable=True)
+            except Exception as exc:  # noqa: BLE001 - the pipeline catches its own; a bug here must not lose the task
+                logger.exception("job %s: task %s failed", job.id, task.task_id)
+                outcome = TaskOutcome(list(NO_PREDICTION), f"internal error: {exc.__class__.__name__}")
         except asyncio.CancelledError:
-            self._release(job, queued.task_id)
+            job.runners.pop(task.index, None)
+            self._cancelled_while_running(job, task)
             raise
+        else:
+            job.runners.pop(task.index, None)
+            self._record(job, task, outcome)
         finally:
-            self.running -= 1
-            job.running.pop(queued.index, None)
-            if outcome is not None:
-                self._record(job, queued, outcome)
             self._settle_if_idle(job)
             self._pump()
 
-    def _record(self, job: Job, queued: QueuedTask, outcome: TaskOutcome) -> None:
+    def _cancelled_while_running(self, job: Job, task: JobTask) -> None:
+        if job.dropped:  # DELETE /jobs/{id}, or nowhere to store it
+            self._move(job, task, TaskState.CANCELLED)
+            self._release(job, task)
+        elif task.attempts < MAX_TASK_ATTEMPTS:
+            logger.warning("job %s: task %s was cancelled from outside the job; queued again (attempt %d of %d)",
+                           job.id, task.task_id, task.attempts + 1, MAX_TASK_ATTEMPTS)
+            self._move(job, task, TaskState.QUEUED)
+            job.queue.appendleft(task)
+        else:
+            self._fail(job, task, f"cancelled from outside the job {task.attempts} times (a replica shutting "
+                                  "down?); run \"Retrieve predictions\" again for it")
+
+    def _record(self, job: Job, task: JobTask, outcome: TaskOutcome) -> None:
         if outcome.error is not None:
-            self._fail(job, queued.index, queued.task_id, outcome.error)
-        if job.waiting:
-            job.finished[queued.index] = (outcome, queued.task_id)
-        elif outcome.error is None:
-            self._store(job, queued.index, outcome, queued.task_id)
+            self._fail(job, task, outcome.error, outcome if job.waiting else None)
+        elif job.waiting:
+            task.outcome = outcome
+            self._move(job, task, TaskState.HELD)
+        else:
+            self._store(job, task, outcome)
 
-    def _store(self, job: Job, index: int, outcome: TaskOutcome, task_id: int | None) -> None:
-        writing = asyncio.get_running_loop().create_task(self._write(job, index, outcome, task_id))
-        job.writing.add(writing)
-        writing.add_done_callback(lambda done: (job.writing.discard(done), self._maybe_finish(job)))
-
-    async def _write(self, job: Job, index: int, outcome: TaskOutcome, task_id: int | None) -> None:
-        if task_id is None or job.writer is None:
-            self._fail(job, index, task_id, "finished after the answer, but it has no Label Studio task id to store "
-                                            "the prediction under")
+    def _store(self, job: Job, task: JobTask, outcome: TaskOutcome) -> None:
+        if task.task_id is None or job.writer is None:
+            self._fail(job, task, "finished after the answer, but it has no Label Studio task id to store the "
+                                  "prediction under")
             return
-        async with self._writes:
-            try:
-                await job.writer.create(task_id, outcome.prediction, job.model_version)
-            except (PredictionRefused, TransientError) as exc:
-                self._fail(job, index, task_id, f"storing the prediction failed: {exc}")
-                logger.error("job %s: task %s: storing the prediction failed: %s", job.id, task_id, exc)
-                return
-        job.stored += 1
-        self._count("background_tasks_stored")
+        self._move(job, task, TaskState.WRITING)
+        write = asyncio.get_running_loop().create_task(self._write(job, task, outcome.prediction),
+                                                       context=contextvars.Context())
+        job.writes[task.index] = write
 
-    def _fail(self, job: Job, index: int, task_id: int | None, error: str) -> None:
-        job.failed[task_id if task_id is not None else f"#{index}"] = error
-        self._release(job, task_id)  # retryable: the next Retrieve runs it again
+    async def _write(self, job: Job, task: JobTask, prediction: dict[str, Any]) -> None:
+        error = None
+        try:
+            async with self._writes:
+                await asyncio.wait_for(job.writer.create(task.task_id, prediction, job.model_version),
+                                       timeout=self.settings.write_deadline_s)
+        except asyncio.CancelledError:
+            job.writes.pop(task.index, None)
+            # DELETE /jobs/{id}: whether the row reached Label Studio is unknown, so the claim stays until the
+            # job leaves the history, and a quick second Retrieve cannot store a second copy
+            self._move(job, task, TaskState.CANCELLED)
+            self._maybe_finish(job)
+            raise
+        except asyncio.TimeoutError:
+            error = f"storing the prediction took longer than {self.settings.write_deadline_s:g} s (WRITE_DEADLINE_S)"
+        except Exception as exc:  # noqa: BLE001 - any answer the writer did not expect fails this task alone
+            error = f"storing the prediction failed: {exc}"
+        job.writes.pop(task.index, None)
+        if error is None:
+            job.write_failures_in_a_row = 0
+            self._move(job, task, TaskState.STORED)
+            self._count("background_tasks_stored")
+        else:
+            logger.error("job %s: task %s: %s", job.id, task.task_id, redact_urls(error))
+            self._fail(job, task, error)
+            job.write_failures_in_a_row += 1
+            if job.write_failures_in_a_row >= self.settings.job_write_failure_limit and job.state == "running":
+                self._stop(job, f"{job.write_failures_in_a_row} predictions in a row could not be stored "
+                                f"(JOB_WRITE_FAILURE_LIMIT); the last: {redact_urls(error)}")
+        self._maybe_finish(job)
+        self._pump()
+
+    def _stop(self, job: Job, reason: str) -> None:
+        """Label Studio keeps refusing or not answering: fail what has not started, instead of computing
+        predictions that cannot be stored."""
+        job.stop_reason = reason
+        logger.error("job %s stopped: %s", job.id, reason)
+        while job.queue:
+            self._fail(job, job.queue.popleft(), f"not started: the job stopped ({reason})")
+
+    def _fail(self, job: Job, task: JobTask, error: str, outcome: TaskOutcome | None = None) -> None:
+        error = redact_urls(error)
+        task.outcome = dataclasses.replace(outcome, error=error) if outcome is not None else None
+        self._move(job, task, TaskState.FAILED)
+        job.failures.add(task.task_id if task.task_id is not None else f"#{task.index}", error)
+        self._release(job, task)  # retryable: the next Retrieve runs it again
         if not job.waiting:
             self._count("background_tasks_failed")
 
-    def _release(self, job: Job, task_id: int | None) -> None:
-        if task_id is not None and self.claims.get((job.project, task_id)) is job:
-            del self.claims[(job.project, task_id)]
+    def _move(self, job: Job, task: JobTask, state: TaskState) -> None:
+        job.states.move(task, state)
+
+    def _release(self, job: Job, task: JobTask) -> None:
+        key = (job.instance, job.project, task.task_id)
+        if task.task_id is not None and self.claims.get(key) is job:
+            del self.claims[key]
 
     def _settle_if_idle(self, job: Job) -> None:
-        if not job.queue and not job.running:
+        if not job.queue and not job.runners:
             self._settle(job)
 
     def _settle(self, job: Job) -> None:
@@ -316,20 +422,25 @@ class JobBoard:
         self._maybe_finish(job)
 
     def _maybe_finish(self, job: Job) -> None:
-        if job.waiting or job.queue or job.running or job.writing or job.state != "running":
+        """The job ends, once, when its request stopped waiting and every task is in a final state."""
+        if job.waiting or job.states.pending or job.finished_at is not None:
             return
-        job.state = "finished"
         job.finished_at = time.monotonic()
-        if job.background_since is None or not (job.stored or job.failed or job.cancelled_tasks):
-            del self.jobs[job.id]  # all of it went back in the answer: nothing to show in GET /jobs
+        if job.state == "running":
+            job.state = "stopped" if job.stop_reason else "finished"
+        s = job.states
+        if job.background_since is None or not (s[TaskState.STORED] or s[TaskState.FAILED] or s[TaskState.CANCELLED]):
+            self.jobs.pop(job.id, None)  # all of it went back in the answer: nothing to show in GET /jobs
             return
-        logger.info("job %s finished: %d answered, %d stored, %d failed, %d cancelled of %d tasks", job.id,
-                    job.answered, job.stored, len(job.failed), job.cancelled_tasks, job.total)
+        logger.info("job %s %s: %d answered, %d stored, %d failed, %d cancelled of %d tasks", job.id, job.state,
+                    s[TaskState.ANSWERED], s[TaskState.STORED], s[TaskState.FAILED], s[TaskState.CANCELLED],
+                    job.total)
         self._trim_history()
-        self._count("background_jobs_finished")  # and the gauges see the job end
+        if job.state != "cancelled":
+            self._count("background_jobs_finished")  # and the gauges see the job end
 
     def _trim_history(self) -> None:
-        done = [job for job in self.jobs.values() if job.state != "running"]
+        done = [job for job in self.jobs.values() if job.state != "running" and not job.states.pending]
         for job in done[:max(0, len(done) - JOB_HISTORY)]:
             del self.jobs[job.id]
             for key in [key for key, owner in self.claims.items() if owner is job]:
@@ -345,31 +456,34 @@ class JobBoard:
         return [job.summary() for job in reversed(self.jobs.values())]
 
     def totals(self) -> dict[str, int]:
-        running = [job for job in self.jobs.values() if job.state == "running"]
-        return {"running_jobs": len(running), "pending_tasks": sum(job.pending for job in running),
-                "stored_tasks": sum(job.stored for job in self.jobs.values()),
-                "failed_tasks": sum(len(job.failed) for job in self.jobs.values())}
+        s = self.states
+        return {"running_jobs": sum(job.state == "running" for job in self.jobs.values()),
+                "pending_tasks": s.pending,
+                "stored_tasks": sum(job.states[TaskState.STORED] for job in self.jobs.values()),
+                "failed_tasks": sum(job.states[TaskState.FAILED] for job in self.jobs.values())}
 
     def cancel(self, job_id: str) -> bool:
-        """Drop the job's queued tasks and cancel its running ones; predictions being written are kept."""
+        """Drop the job's queued tasks, cancel its running ones and its pending writes."""
         job = self.jobs.get(job_id)
         if job is None or job.state != "running":
             return False
-        dropped = self._drop_unfinished(job)
         job.state = "cancelled"
-        job.finished_at = time.monotonic()
-        logger.warning("job %s cancelled: %d tasks dropped", job.id, dropped)
+        dropped = self._drop_unfinished(job)
+        for write in list(job.writes.values()):
+            write.cancel()  # unwinds to CANCELLED, keeping its claim
+        logger.warning("job %s cancelled: %d tasks dropped, %d writes cancelled", job.id, dropped, len(job.writes))
+        self._settle_if_idle(job)
         self._trim_history()
         self._count("background_jobs_cancelled")
         return True
 
     def _drop_unfinished(self, job: Job) -> int:
-        dropped = len(job.queue) + len(job.running)
-        self.queued -= len(job.queue)
-        for queued in job.queue:
-            self._release(job, queued.task_id)
-        job.queue.clear()
-        for running in list(job.running.values()):
-            running.cancel()  # releases its claim as it unwinds
-        job.cancelled_tasks += dropped
+        dropped = len(job.queue) + len(job.runners)
+        while job.queue:
+            task = job.queue.popleft()
+            self._move(job, task, TaskState.CANCELLED)
+            self._release(job, task)
+        job.dropped = True  # its runners unwind as cancelled, not queued again
+        for runner in list(job.runners.values()):
+            runner.cancel()  # moves to CANCELLED and releases its claim as it unwinds
         return dropped

@@ -1,9 +1,13 @@
 """Storing predictions in Label Studio through its API (`POST /api/predictions/`).
 
 Used by the background jobs that finish a "Retrieve predictions" after its answer (serve_app.ingress.jobs)
-and by `grounded-serve prelabel`: one writer, so both store the same rows the same way. A prediction is
-stored at most once per call: before a retry, the writer asks Label Studio whether the earlier attempt was
-stored after all (a read timeout or a 502 can hide a row that was written), so a retry never adds a copy.
+and by `grounded-serve prelabel`: one writer, so both store the same rows the same way.
+
+Exactly once, when a write's fate is unknown: before a retry, the writer asks Label Studio whether the earlier
+attempt was stored after all (a read timeout or a 502 can hide a row that was written), and only rows of this task
+and this model version count. Label Studio can still commit the first attempt after that check said no (it was slow,
+not failed); so after a write that needed a retry, the writer lists the task's rows of this model version again and
+deletes every copy but the first, leaving exactly one.
 """
 
 from __future__ import annotations
@@ -13,9 +17,15 @@ from typing import Any, Awaitable, Callable
 import httpx
 import orjson
 
+from serve_app import get_logger
 from serve_app.ingress.errors import BadRequest
 from serve_app.ingress.label_studio_auth import LabelStudioAuthError, LabelStudioCredentials
 from serve_app.retries import TRANSIENT_STATUS, TransientError, retry_after, with_retries
+
+
+logger = get_logger(__name__)
+
+MAX_PAGES = 20  # pages of one task's predictions read to check for a stored row
 
 
 class PredictionRefused(RuntimeError):
@@ -53,11 +63,14 @@ class PredictionWriter:
                              "model_version": model_version}, option=orjson.OPT_SERIALIZE_NUMPY)
         refreshed = False
         tried = False
+        uncertain = False  # an attempt may have stored a row without the writer learning of it
 
         async def attempt() -> None:
-            nonlocal refreshed, tried
-            if tried and await self.stored(task_id, model_version):
-                return  # the earlier attempt reached Label Studio after all
+            nonlocal refreshed, tried, uncertain
+            if tried:
+                uncertain = True
+                if await self.stored(task_id, model_version):
+                    return  # the earlier attempt reached Label Studio after all
             tried = True
             response = await self._request("POST", "/api/predictions/", content=body,
                                            headers={"Content-Type": "application/json"})
@@ -73,21 +86,65 @@ class PredictionWriter:
                 raise PredictionRefused(f"Label Studio refused the prediction of task {task_id} "
                                         f"(HTTP {response.status_code}, {self.credentials.describe()}): "
                                         f"{response.text[:300]!r}")
+            if not _is_row(response):  # a 2xx that is not Label Studio's (an SSO proxy's login page)
+                raise PredictionRefused(f"storing the prediction of task {task_id} was answered HTTP "
+                                        f"{response.status_code} {response.headers.get('content-type', '')!r} "
+                                        "without the stored row: is a proxy in front of Label Studio?")
 
         await with_retries(attempt, self.retries, f"storing the prediction of task {task_id}", self.max_delay_s)
+        if uncertain:
+            await with_retries(lambda: self.keep_one(task_id, model_version), self.retries,
+                               f"checking task {task_id} for a second copy", self.max_delay_s)
 
     async def stored(self, task_id: int, model_version: str) -> bool:
         """Whether the task already holds a prediction of `model_version`."""
-        response = await self._request("GET", "/api/predictions/", params={"task": task_id})
-        if response.status_code in TRANSIENT_STATUS:
-            raise TransientError(f"Label Studio answered HTTP {response.status_code}",
-                                 retry_after(response.headers.get("retry-after")))
-        if response.status_code != 200:
-            raise PredictionRefused(f"Label Studio answered HTTP {response.status_code} listing the predictions "
-                                    f"of task {task_id} ({self.credentials.describe()})")
-        rows = response.json()
-        rows = rows.get("results", []) if isinstance(rows, dict) else rows  # paginated or not
-        return any(isinstance(row, dict) and row.get("model_version") == model_version for row in rows)
+        return bool(await self.rows(task_id, model_version))
+
+    async def keep_one(self, task_id: int, model_version: str) -> int:
+        """Delete all but the first of the task's predictions of `model_version`; how many were deleted."""
+        rows = sorted(await self.rows(task_id, model_version), key=lambda row: row["id"])
+        for extra in rows[1:]:
+            response = await self._request("DELETE", f"/api/predictions/{extra['id']}/")
+            if response.status_code in TRANSIENT_STATUS:
+                raise TransientError(f"Label Studio answered HTTP {response.status_code} deleting a second copy",
+                                     retry_after(response.headers.get("retry-after")))
+            if response.status_code not in (200, 204, 404):
+                raise PredictionRefused(f"Label Studio answered HTTP {response.status_code} deleting prediction "
+                                        f"{extra['id']}, a second copy of task {task_id}'s")
+        if len(rows) > 1:
+            logger.warning("task %s held %d predictions of %s after a retried write: kept prediction %s",
+                           task_id, len(rows), model_version, rows[0]["id"])
+        return max(0, len(rows) - 1)
+
+    async def rows(self, task_id: int, model_version: str) -> list[dict[str, Any]]:
+        """The task's predictions of `model_version`, every page of them. A row counts only if it says it belongs to
+        this task: a Label Studio (or a proxy) that ignores `?task=` must not turn a failed write into "stored"."""
+        found: list[dict[str, Any]] = []
+        path, params = "/api/predictions/", {"task": task_id}
+        for _ in range(MAX_PAGES):
+            response = await self._request("GET", path, params=params)
+            if response.status_code in TRANSIENT_STATUS:
+                raise TransientError(f"Label Studio answered HTTP {response.status_code}",
+                                     retry_after(response.headers.get("retry-after")))
+            if response.status_code != 200:
+                raise PredictionRefused(f"Label Studio answered HTTP {response.status_code} listing the predictions "
+                                        f"of task {task_id} ({self.credentials.describe()})")
+            try:
+                page = response.json()
+            except ValueError:
+                raise PredictionRefused(
+                    f"Label Studio's list of task {task_id}'s predictions is not JSON "
+                    f"({response.headers.get('content-type', 'no content type')}: a login page of a proxy?)") from None
+            rows = page.get("results") if isinstance(page, dict) else page  # paginated or not
+            if not isinstance(rows, list):
+                raise PredictionRefused(f"Label Studio's list of task {task_id}'s predictions has no rows")
+            found += [row for row in rows if isinstance(row, dict) and row.get("task") == task_id
+                      and row.get("model_version") == model_version and isinstance(row.get("id"), int)]
+            following = page.get("next") if isinstance(page, dict) else None
+            if not isinstance(following, str) or not following.startswith(self.base_url):
+                return found
+            path, params = following[len(self.base_url):], None
+        raise PredictionRefused(f"task {task_id} has more than {MAX_PAGES} pages of predictions")
 
     async def _headers(self, force_refresh: bool = False) -> dict[str, str]:
         try:
@@ -107,3 +164,11 @@ class PredictionWriter:
                                                          timeout=self.timeout_s, **kwargs)
         except httpx.HTTPError as exc:  # connect, read, write, pool timeouts and dropped connections
             raise TransientError(f"{exc.__class__.__name__} from {self.base_url}") from None
+
+
+def _is_row(response: httpx.Response) -> bool:
+    try:
+        row = response.json()
+    except ValueError:
+        return False
+    return isinstance(row, dict) and "id" in row
