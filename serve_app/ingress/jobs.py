@@ -66,6 +66,7 @@ logger = get_logger(__name__)
 JOB_HISTORY = 20  # finished jobs kept for GET /jobs (and their task claims, against duplicates)
 WRITE_CONCURRENCY = 4  # predictions written to Label Studio at once
 MAX_TASK_ATTEMPTS = 3  # starts of one task; more cancellations from outside the job fail it
+CANCELLED_WRITE_CHECK_S = 10.0  # how long a cancelled write asks Label Studio whether it stored the row
 
 
 @dataclass(eq=False)
@@ -167,9 +168,7 @@ class JobBoard:
         """The answer to a batch /predict: what finished within PREDICT_DEADLINE_S; the rest goes on here."""
         job, outcomes, warnings = self._start(request, writer, instance)
         try:
-            await asyncio.wait_for(asyncio.shield(job.settled.wait()), timeout=self.settings.predict_deadline_s)
-        except asyncio.TimeoutError:
-            pass
+            await self._until_answer_due(job)
         except asyncio.CancelledError:  # Label Studio hung up: the job goes on, and stores what it finished
             self._hand_over(job, answered=False)
             raise
@@ -183,6 +182,13 @@ class JobBoard:
         if job.state == "running" and job.writer is not None:
             response["job"] = {"id": job.id, "pending": job.states.pending}
         return response
+
+    async def _until_answer_due(self, job: Job) -> None:
+        """Until every task of the job finished, or PREDICT_DEADLINE_S passed."""
+        try:
+            await asyncio.wait_for(asyncio.shield(job.settled.wait()), timeout=self.settings.predict_deadline_s)
+        except asyncio.TimeoutError:
+            pass
 
     def _start(self, request: LabellingRequest, writer: PredictionWriter | None, instance: str):
         s = self.settings
@@ -362,13 +368,10 @@ class JobBoard:
             async with self._writes:
                 await asyncio.wait_for(job.writer.create(task.task_id, prediction, job.model_version),
                                        timeout=self.settings.write_deadline_s)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # DELETE /jobs/{id}, or the replica shuts down
             job.writes.pop(task.index, None)
-            # DELETE /jobs/{id}: whether the row reached Label Studio is unknown, so the claim stays until the
-            # job leaves the history, and a quick second Retrieve cannot store a second copy
-            self._move(job, task, TaskState.CANCELLED)
-            self._maybe_finish(job)
-            raise
+            await self._write_cancelled(job, task)
+            return
         except asyncio.TimeoutError:
             error = f"storing the prediction took longer than {self.settings.write_deadline_s:g} s (WRITE_DEADLINE_S)"
         except Exception as exc:  # noqa: BLE001 - any answer the writer did not expect fails this task alone
@@ -387,6 +390,23 @@ class JobBoard:
                                 f"(JOB_WRITE_FAILURE_LIMIT); the last: {redact_urls(error)}")
         self._maybe_finish(job)
         self._pump()
+
+    async def _write_cancelled(self, job: Job, task: JobTask) -> None:
+        """A write cancelled part-way may have stored the row: ask Label Studio (briefly). Stored: it counts as
+        stored. Not stored: cancelled, and free for the next Retrieve. No answer: cancelled, and the claim stays until
+        the job leaves the history, so a quick second Retrieve cannot store a second copy."""
+        try:
+            stored = await asyncio.wait_for(job.writer.stored(task.task_id, job.model_version),
+                                            timeout=CANCELLED_WRITE_CHECK_S)
+        except (Exception, asyncio.CancelledError):  # noqa: BLE001 - unknown either way
+            stored = None
+        self._move(job, task, TaskState.STORED if stored else TaskState.CANCELLED)
+        if stored is False:
+            self._release(job, task)
+        elif stored is None:
+            logger.warning("job %s: task %s: a cancelled write may or may not have been stored; the task stays "
+                           "claimed until the job leaves GET /jobs", job.id, task.task_id)
+        self._maybe_finish(job)
 
     def _stop(self, job: Job, reason: str) -> None:
         """Label Studio keeps refusing or not answering: fail what has not started, instead of computing
