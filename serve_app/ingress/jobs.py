@@ -90,6 +90,8 @@ class Job:
     write_failures_in_a_row: int = 0
     stop_reason: str | None = None
     dropped: bool = False  # its unfinished tasks were dropped (DELETE /jobs/{id}, or no credential to store them)
+    uncertain: list[int] = field(default_factory=list)  # stored after a write whose first attempt's fate was unknown
+    sweep: asyncio.Task | None = None  # removes late second copies of those before the job finishes
     background_since: float | None = None
     finished_at: float | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # nothing queued or running
@@ -366,8 +368,10 @@ class JobBoard:
         error = None
         try:
             async with self._writes:
-                await asyncio.wait_for(job.writer.create(task.task_id, prediction, job.model_version),
-                                       timeout=self.settings.write_deadline_s)
+                uncertain = await asyncio.wait_for(job.writer.create(task.task_id, prediction, job.model_version),
+                                                   timeout=self.settings.write_deadline_s)
+            if uncertain:
+                job.uncertain.append(task.task_id)
         except asyncio.CancelledError:  # DELETE /jobs/{id}, or the replica shuts down
             job.writes.pop(task.index, None)
             await self._write_cancelled(job, task)
@@ -385,11 +389,27 @@ class JobBoard:
             logger.error("job %s: task %s: %s", job.id, task.task_id, redact_urls(error))
             self._fail(job, task, error)
             job.write_failures_in_a_row += 1
-            if job.write_failures_in_a_row >= self.settings.job_write_failure_limit and job.state == "running":
+            if (job.write_failures_in_a_row >= self.settings.job_write_failure_limit and job.state == "running"
+                    and job.stop_reason is None):
                 self._stop(job, f"{job.write_failures_in_a_row} predictions in a row could not be stored "
                                 f"(JOB_WRITE_FAILURE_LIMIT); the last: {redact_urls(error)}")
         self._maybe_finish(job)
         self._pump()
+
+    async def _sweep(self, job: Job) -> None:
+        """A first attempt that Label Studio committed after the writer's check said it had not leaves a second copy:
+        remove those, once every write of the job is done."""
+        for task_id in job.uncertain:
+            try:
+                removed = await asyncio.wait_for(job.writer.keep_one(task_id, job.model_version),
+                                                 timeout=self.settings.write_deadline_s)
+                if removed:
+                    logger.warning("job %s: task %s: removed %d late second copies", job.id, task_id, removed)
+            except Exception as exc:  # noqa: BLE001 - the job still finishes; the log says what could not be checked
+                logger.error("job %s: task %s: cannot check for a second copy: %s", job.id, task_id,
+                             redact_urls(str(exc)))
+        job.uncertain = []
+        self._maybe_finish(job)
 
     async def _write_cancelled(self, job: Job, task: JobTask) -> None:
         """A write cancelled part-way may have stored the row: ask Label Studio (briefly). Stored: it counts as
@@ -444,6 +464,10 @@ class JobBoard:
     def _maybe_finish(self, job: Job) -> None:
         """The job ends, once, when its request stopped waiting and every task is in a final state."""
         if job.waiting or job.states.pending or job.finished_at is not None:
+            return
+        if job.uncertain:  # checked for late second copies first; the sweep empties the list and comes back
+            if job.sweep is None:
+                job.sweep = asyncio.get_running_loop().create_task(self._sweep(job), context=contextvars.Context())
             return
         job.finished_at = time.monotonic()
         if job.state == "running":

@@ -7,7 +7,8 @@ Exactly once, when a write's fate is unknown: before a retry, the writer asks La
 attempt was stored after all (a read timeout or a 502 can hide a row that was written), and only rows of this task
 and this model version count. Label Studio can still commit the first attempt after that check said no (it was slow,
 not failed); so after a write that needed a retry, the writer lists the task's rows of this model version again and
-deletes every copy but the first, leaving exactly one.
+deletes every copy but the first, leaving exactly one; a background job does that once more for such tasks before it
+finishes, for a commit later still.
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ class PredictionWriter:
     def describe(self) -> str:
         return f"{self.base_url} with the {self.credentials.describe()}"
 
-    async def create(self, task_id: int, prediction: dict[str, Any], model_version: str) -> None:
-        """Store one prediction of `task_id`. Raises PredictionRefused, or TransientError once retries are spent."""
+    async def create(self, task_id: int, prediction: dict[str, Any], model_version: str) -> bool:
+        """Store one prediction of `task_id`; whether an attempt's fate was unknown on the way (then a late commit of
+        it may still add a copy: `keep_one` later removes it). Raises PredictionRefused, or TransientError once
+        retries are spent."""
         body = orjson.dumps({"task": task_id, "result": prediction["result"], "score": prediction.get("score", 0.0),
                              "model_version": model_version}, option=orjson.OPT_SERIALIZE_NUMPY)
         refreshed = False
@@ -95,6 +98,7 @@ class PredictionWriter:
         if uncertain:
             await with_retries(lambda: self.keep_one(task_id, model_version), self.retries,
                                f"checking task {task_id} for a second copy", self.max_delay_s)
+        return uncertain
 
     async def stored(self, task_id: int, model_version: str) -> bool:
         """Whether the task already holds a prediction of `model_version`."""
