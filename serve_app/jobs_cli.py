@@ -18,7 +18,9 @@ def progress_line(job: dict[str, Any]) -> str:
     bar = "#" * filled + "-" * (BAR_WIDTH - filled)
     rate = f"{job['rate_per_s']:.2f} tasks/s" if job.get("rate_per_s") else "- tasks/s"
     eta = f"{job['eta_s']:.0f} s left" if job.get("eta_s") else ""
-    return (f"{job['id']}  project {job['project'] or '-'}  [{bar}] {settled}/{tasks['total']}  "
+    where = f"{job['instance']} project {job['project'] or '-'}" if job.get("instance") else \
+        f"project {job['project'] or '-'}"
+    return (f"{job['id']}  {where}  [{bar}] {settled}/{tasks['total']}  "
             f"{tasks['done']} done ({tasks['answered']} answered, {tasks['stored']} stored), {tasks['failed']} failed, "
             f"{tasks['pending']} pending  {job['state']}  {rate}  {eta}".rstrip())
 
@@ -31,11 +33,15 @@ def render(listing: dict[str, Any], failures: int = 5) -> str:
     for job in jobs:
         lines.append(progress_line(job))
         lines.append(f"    model {job['model_version']}, started {job['started_at']}")
+        if job.get("stopped_because"):
+            lines.append(f"    stopped: {job['stopped_because']}")
         for failed in job.get("failed_tasks", [])[:failures]:
             lines.append(f"    task {failed['task']}: {failed['error']}")
         hidden = job["tasks"]["failed"] - min(failures, len(job.get("failed_tasks", [])))
         if hidden > 0:
-            lines.append(f"    ... and {hidden} more failed tasks (GET /jobs lists up to 100)")
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(job.get("failure_kinds", {}).items(),
+                                                                 key=lambda item: -item[1])[:3])
+            lines.append(f"    ... and {hidden} more failed tasks (GET /jobs lists up to 100){': ' + kinds if kinds else ''}")
     return "\n".join(lines)
 
 

@@ -87,6 +87,10 @@ class Settings:
     # Image sources
     label_studio_url: str = ""  # LABEL_STUDIO_URL (or LABEL_STUDIO_HOST): base for /data/... task URLs
     image_host_allowlist: str = ""  # IMAGE_HOST_ALLOWLIST: comma-separated hosts (or host:port) that may be private
+    # MAX_LABEL_STUDIO_PROJECTS: projects (of any Label Studio instance) whose /setup host and token are kept
+    max_label_studio_projects: int = 1_000
+    # LABEL_STUDIO_PROJECT_TTL_S: a project's /setup is forgotten this long after its last request (a week)
+    label_studio_project_ttl_s: float = 7 * 86_400.0
     local_files_document_root: str = ""  # LOCAL_FILES_DOCUMENT_ROOT: read /data/local-files/?d= from this disk
     # Detection defaults; a project can override them in its label config
     box_threshold: float = 0.30  # BOX_THRESHOLD
@@ -190,7 +194,7 @@ class Settings:
         if self.background_task_concurrency < 0:
             raise SettingsError("BACKGROUND_TASK_CONCURRENCY must be 0 (auto) or a positive integer")
         for name in ("max_tasks_per_request", "task_concurrency", "max_background_tasks", "max_queued_bytes",
-                     "max_pending_writes", "job_write_failure_limit",
+                     "max_pending_writes", "job_write_failure_limit", "max_label_studio_projects",
                      "ingress_cpu_threads", "max_detections",
                      "max_prompt_chars", "max_phrases", "max_context_items", "max_request_bytes", "max_image_pixels", "ingress_image_memory_bytes",
                      "max_download_bytes"):
@@ -208,6 +212,9 @@ class Settings:
             if not 0 < getattr(self, name) <= MAX_TIMEOUT_S:
                 raise SettingsError(f"{name.upper()} must be more than 0 and at most {MAX_TIMEOUT_S:g} s (a day), "
                                     f"got {getattr(self, name)}")
+        if not 0 < self.label_studio_project_ttl_s <= 365 * 86_400:
+            raise SettingsError(f"LABEL_STUDIO_PROJECT_TTL_S must be more than 0 and at most a year, "
+                                f"got {self.label_studio_project_ttl_s}")
         if self.segmenter_model and self.use_mobile_sam:
             raise SettingsError("USE_MOBILE_SAM=true and SEGMENTER_MODEL are both set: SEGMENTER_MODEL names the "
                                 "segmenter (MobileSAM too, as a .pth path or URL); unset one of them")

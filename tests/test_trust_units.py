@@ -30,8 +30,11 @@ MAX_PIXELS = 10_000_000
 
 def test_an_environment_key_goes_only_to_label_studio_url():
     env = {"LABEL_STUDIO_API_KEY": "operator-key"}
-    assert choose_credential(label_studio_url="http://ls:8080", setup_hostname="http://attacker", setup_token="",
+    assert choose_credential(label_studio_url="http://ls:8080", setup_hostname="", setup_token="",
                              env=env) == ("http://ls:8080", "operator-key", "LABEL_STUDIO_API_KEY")
+    # a /setup from another host is another Label Studio instance: never the operator's key (issue 29)
+    assert choose_credential(label_studio_url="http://ls:8080", setup_hostname="http://attacker", setup_token="",
+                             env=env) is None
     # without the URL the key goes nowhere (and the service refuses to start: tests/test_settings.py)
     assert choose_credential(label_studio_url="", setup_hostname="http://attacker", setup_token="", env=env) is None
 
@@ -39,8 +42,9 @@ def test_an_environment_key_goes_only_to_label_studio_url():
 def test_a_setup_token_goes_only_to_the_host_of_that_setup():
     chosen = choose_credential(label_studio_url="", setup_hostname="http://ls:8080", setup_token="t", env={})
     assert chosen[:2] == ("http://ls:8080", "t")
+    # another instance beside the operator's: its own token, to its own host only
     assert choose_credential(label_studio_url="https://ls", setup_hostname="http://other", setup_token="t",
-                             env={}) is None
+                             env={})[:2] == ("http://other", "t")
     assert choose_credential(label_studio_url="https://ls", setup_hostname="https://ls:443", setup_token="t",
                              env={})[:2] == ("https://ls:443", "t")
 

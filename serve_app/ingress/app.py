@@ -7,6 +7,7 @@ given `_detect` and `_segment` (handle calls with one retry on a lost replica) a
 # FastAPI must see real annotations (Request) on the ingress methods: no postponed evaluation.
 
 import asyncio
+import dataclasses
 import functools
 import json
 import os
@@ -29,6 +30,7 @@ from serve_app.ingress.auth import OPEN_PATHS, BasicAuth
 from serve_app.ingress.cpu_pool import PriorityPool
 from serve_app.ingress.errors import BadRequest, ServiceUnavailable
 from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
+from serve_app.ingress.instances import LabelStudioInstances, origin_text
 from serve_app.ingress.jobs import JobBoard
 from serve_app.ingress.label_config import parse_label_config
 from serve_app.ingress.label_studio_auth import LabelStudioCredentials, choose_credential
@@ -179,8 +181,6 @@ class Ingress:
         # One client for every download, kept for the replica's life: /setup swaps credentials, not clients.
         self.http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
         self.metrics_view = MetricsView(serve.get_replica_context().app_name, self.http)
-        self._setup_hostname = ""
-        self._setup_token = ""
         self.models_ready = {"detector": False, **({"segmenter": False} if separate_segmenter else {})}
         self.model_status: dict[str, dict[str, Any]] = {}
         self._status_lock = asyncio.Lock()  # serve.status() read for retries after a replica loss, shared
@@ -189,35 +189,42 @@ class Ingress:
         # Decoding and result building (RLE, polygons) hold the GIL much of the time. Many threads doing it at
         # once starve the event loop that feeds the model replicas, so this work gets few threads of its own.
         self._cpu_pool = PriorityPool(self.settings.ingress_cpu_threads)
+        # Each Label Studio instance's projects are fetched and written back through that instance (its /setup);
+        # requests of projects with no /setup seen go through the operator's LABEL_STUDIO_URL, if set.
+        self.instances = LabelStudioInstances(self._make_fetcher, capacity=self.settings.max_label_studio_projects,
+                                              ttl_s=self.settings.label_studio_project_ttl_s,
+                                              pinned_origin=origin_text(self.settings.label_studio_url))
         self.pipeline = LabellingPipeline(
             settings=self.settings, model_version=self.model_version, detect=self._detect,
-            segment=self._segment if segmenter is not None else None, fetcher=self._make_fetcher(),
+            segment=self._segment if segmenter is not None else None, fetcher=self._make_fetcher("", ""),
             run_blocking=self._run_blocking, observe_stage=self.metrics.observe_stage)
         # batch /predicts become jobs that outlive their request (serve_app.ingress.jobs)
         self.jobs = JobBoard(pipeline=self.pipeline, settings=self.settings, on_event=self._job_event)
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def _make_fetcher(self) -> ImageFetcher:
+    def _make_fetcher(self, setup_hostname: str, setup_token: str) -> ImageFetcher:
+        """The fetcher of one Label Studio instance: the operator's (LABEL_STUDIO_URL) when /setup named its origin or
+        no host, else the /setup host with its own token, which must be public or in IMAGE_HOST_ALLOWLIST."""
         s = self.settings
-        base_url = s.label_studio_url or self._setup_hostname
+        chosen = choose_credential(label_studio_url=s.label_studio_url, setup_hostname=setup_hostname,
+                                   setup_token=setup_token, env=os.environ)
+        operators = bool(s.label_studio_url) and (not setup_hostname or
+                                                  origin_text(setup_hostname) == origin_text(s.label_studio_url))
         policy = ImageSourcePolicy(
             max_bytes=s.max_download_bytes, timeout_s=s.download_timeout_s, max_pixels=s.max_image_pixels,
-            label_studio_url=base_url, trust_label_studio_host=bool(s.label_studio_url),
+            label_studio_url=s.label_studio_url if operators else setup_hostname, trust_label_studio_host=operators,
             document_root=s.local_files_document_root,
             host_allowlist=frozenset(h.strip().lower() for h in s.image_host_allowlist.split(",") if h.strip()),
         )
         # Secrets come from the replica's environment (or Label Studio's /setup), never from Serve config args,
         # and each goes only to the origin it was issued for.
-        chosen = choose_credential(label_studio_url=s.label_studio_url, setup_hostname=self._setup_hostname,
-                                   setup_token=self._setup_token, env=os.environ)
         credentials = LabelStudioCredentials(chosen[0], chosen[1], self.http, chosen[2]) if chosen else None
         return ImageFetcher(policy, self.http, credentials)
 
-    async def _writer(self) -> PredictionWriter | None:
-        """Where background jobs store predictions: the same Label Studio and credential as downloads, reached
-        under the same address rules (a /setup host must be public or in IMAGE_HOST_ALLOWLIST)."""
-        fetcher = self.pipeline.fetcher
+    async def _writer(self, fetcher: ImageFetcher) -> PredictionWriter | None:
+        """Where background jobs store predictions: the same Label Studio and credential as the request's downloads,
+        reached under the same address rules (a /setup host must be public or in IMAGE_HOST_ALLOWLIST)."""
         if fetcher.credentials is None:
             return None
         try:
@@ -379,14 +386,15 @@ class Ingress:
                 raise BadRequest("the /setup body must be a JSON object")
             if body.get("schema"):
                 await self._run_blocking(parse_label_config, body["schema"])  # unservable configs fail here
-            hostname, token = setup_fields(body, self._setup_hostname, self._setup_token)
+            project = body.get("project") if isinstance(body.get("project"), str) else ""
+            known = self.instances.known(project)
+            hostname, token = setup_fields(body, known.hostname if known else "", known.token if known else "")
+            if hostname or token:  # grounded-serve prelabel sends neither: nothing to remember
+                # downloads in flight keep the fetcher they started with; the HTTP client is shared, never closed
+                self.instances.setup(project, hostname, token)
         except BadRequest as exc:
             logger.warning("/setup refused: %s", exc)
             return json_error(exc.status_code, exc.message)
-        if (hostname, token) != (self._setup_hostname, self._setup_token):
-            # downloads in flight keep the fetcher they started with; the HTTP client is shared, never closed
-            self._setup_hostname, self._setup_token = hostname, token
-            self.pipeline.fetcher = self._make_fetcher()
         return SafeJSONResponse({"model_version": self.model_version})
 
     @api.post("/webhook")
@@ -412,10 +420,14 @@ class Ingress:
         self.metrics.count("predict_requests")
         try:
             parsed = await self.pipeline.parse_off_loop(await self._read_json(request))
+            instance = self.instances.lookup(parsed.project)
+            fetcher = instance.fetcher if instance else self.pipeline.fetcher
+            parsed = dataclasses.replace(parsed, fetcher=fetcher)
             if parsed.interactive:  # the editor shows this answer and stores nothing: no background job
                 response = await self.pipeline.answer(parsed)
             else:
-                response = await self.jobs.predict(parsed, await self._writer())
+                response = await self.jobs.predict(parsed, await self._writer(fetcher), instance=(
+                    instance.origin if instance else origin_text(self.settings.label_studio_url)))
                 self.metrics.observe_jobs(self.jobs.totals())
         except BadRequest as exc:
             self.metrics.count("predict_request_errors")

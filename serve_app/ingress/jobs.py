@@ -300,7 +300,10 @@ class JobBoard:
             candidates = [job for job in self.jobs.values() if job.queue and job.state == "running"]
             if self.states[TaskState.WRITING] >= s.max_pending_writes:
                 return  # a write that ends pumps again
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # the loop is gone (a replica shutting down): nothing more starts
+            return
         for job in candidates:
             while job.queue and self.running < capacity:
                 task = job.queue.popleft()

@@ -33,20 +33,18 @@ class LabelStudioAuthError(RuntimeError):
 
 def choose_credential(*, label_studio_url: str, setup_hostname: str, setup_token: str,
                       env: Mapping[str, str]) -> tuple[str, str, str] | None:
-    """(base URL, key, where it came from) for Label Studio downloads, or None.
+    """(base URL, key, where it came from) for one Label Studio instance, or None.
 
-    A key from the environment is only ever sent to LABEL_STUDIO_URL (the service refuses to start with the
-    key and no URL). A token that came with /setup is only ever sent to the host of that same /setup: with
-    LABEL_STUDIO_URL set, only when /setup named that same origin."""
+    A key from the environment is only ever sent to LABEL_STUDIO_URL (the service refuses to start with the key and no
+    URL), and only for that instance's requests: those whose /setup named its origin, or that came with no /setup
+    host. A token that came with /setup is only ever sent to the host of that same /setup."""
     key, variable = environment_key(env)
-    if key:
-        return (label_studio_url, key, variable) if label_studio_url else None
-    if not setup_token or not setup_hostname:
-        return None
-    if label_studio_url and origin(label_studio_url) != origin(setup_hostname):
-        return None
-    return setup_hostname, setup_token, "the access_token Label Studio sent to /setup"
-
+    operators = bool(label_studio_url) and (not setup_hostname or origin(setup_hostname) == origin(label_studio_url))
+    if key and operators:
+        return label_studio_url, key, variable
+    if setup_token and setup_hostname:
+        return setup_hostname, setup_token, "the access_token Label Studio sent to /setup"
+    return None
 
 
 def jwt_claims(token: str) -> dict | None:

@@ -55,6 +55,7 @@ class LabellingRequest:
     regions: DrawnRegions
     interactive: bool = False  # sent from the editor (a context): Label Studio shows the answer, stores nothing
     project: str = ""  # as Label Studio names it: "<project id>.<created timestamp>"
+    fetcher: Any = None  # the ImageFetcher of the Label Studio instance that sent it; None: the pipeline's own
 
 
 # The priority of the task this code runs for (an asyncio task copies it when created): the model requests
@@ -99,7 +100,7 @@ class LabellingPipeline:
         self.model_version = model_version
         self.detect = detect
         self.segment = segment
-        self.fetcher = fetcher  # replaced by the service when Label Studio sends new credentials to /setup
+        self.fetcher = fetcher  # for requests that carry none of their own (LabellingRequest.fetcher)
         self.run_blocking = run_blocking
         self.observe_stage = observe_stage
         self.memory = memory or ByteBudget(settings.ingress_image_memory_bytes)  # decoded images and masks
@@ -188,7 +189,7 @@ class LabellingPipeline:
     async def label_task(self, request: LabellingRequest, task: Any) -> dict[str, Any]:
         """One task's prediction: image -> detections -> masks -> Label Studio results."""
         config, s = request.config, self.settings
-        data = await self._fetch(config, task)
+        data = await self._fetch(config, task, request.fetcher)
         width, height = await self.run_blocking(image_size, data, s.max_image_pixels)
         masks_at_most = 1 if request.regions else (s.max_detections if self._masks_wanted(config) else 0)
         async with self.memory.hold(task_bytes(width, height, masks_at_most)):
@@ -234,14 +235,15 @@ class LabellingPipeline:
                 height=image.height, model_version=self.model_version,
                 polygon_tolerance_px=s.polygon_tolerance_px))
 
-    async def _fetch(self, config: ProjectConfig, task: Any) -> bytes:
+    async def _fetch(self, config: ProjectConfig, task: Any, fetcher: Any = None) -> bytes:
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise BadRequest("the task has no 'data' object")
         url = task["data"].get(config.image_key)
         if url is None:
             raise BadRequest(f"the task's data has no {config.image_key!r} key (from the Image tag's value)")
+        fetcher = fetcher or self.fetcher
         with self._stage("fetch"):
-            return await self.fetcher.fetch(self.fetcher.resolve(url, task.get("id")))
+            return await fetcher.fetch(fetcher.resolve(url, task.get("id")))
 
     async def _segment_clicks(self, config: ProjectConfig, image: LoadedImage, image_key: str,
                               clicks: Clicks) -> dict[str, Any]:
