@@ -60,10 +60,20 @@ class Attacker(Recorder):
     seen: list[tuple[str, str | None]] = []
 
 
+class SecondLabelStudio(Recorder):
+    seen: list[tuple[str, str | None]] = []
+
+
 @pytest.fixture(scope="module")
 def hosts():
     with loopback_http(LabelStudioStandIn) as label_studio, loopback_http(Attacker) as attacker:
         yield label_studio, attacker
+
+
+@pytest.fixture(scope="module")
+def second_label_studio():
+    with loopback_http(SecondLabelStudio) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +107,30 @@ def test_the_operators_key_never_follows_a_hostile_setup(service, hosts):
     assert ("/data/upload/1/a.png", f"Token {OPERATOR_KEY}") in LabelStudioStandIn.seen  # LABEL_STUDIO_URL still
     assert ("/c.png", f"Token {OPERATOR_KEY}") in LabelStudioStandIn.seen
     assert Attacker.seen == [("/b.png", None)]  # an image on the attacker's host: fetched without any key
+
+
+def test_two_instances_with_project_1_each_get_their_own_images_and_credentials(service, hosts,
+                                                                                  second_label_studio):
+    """Issue 29: the operator's Label Studio (LABEL_STUDIO_URL) and a second one, both with a project 1; each
+    project's relative URLs go to its own instance with its own credential, whichever /setup came last."""
+    label_studio, attacker = hosts
+    LabelStudioStandIn.seen.clear()
+    SecondLabelStudio.seen.clear()
+    setups = [httpx.post(f"{service.url}/setup", json=body, timeout=30) for body in (
+        {"project": "1.1700000001", "hostname": label_studio, "access_token": "legacy-of-a"},
+        {"project": "1.1700000002", "hostname": second_label_studio, "access_token": "token-of-b"})]
+    assert [r.status_code for r in setups] == [200, 200]
+    for project in ("1.1700000001", "1.1700000002", "1.1700000001"):  # interleaved, the last /setup was B's
+        body = body_for(["/data/upload/1/a.png"])
+        body["project"] = project
+        response = httpx.post(f"{service.url}/predict", json=body, timeout=60)
+        assert response.status_code == 200 and "task_errors" not in response.json(), response.text[:500]
+    assert LabelStudioStandIn.seen == [("/data/upload/1/a.png", f"Token {OPERATOR_KEY}")] * 2
+    assert SecondLabelStudio.seen == [("/data/upload/1/a.png", "Token token-of-b")]
+    # a /setup from elsewhere cannot take the operator's project away
+    moved = httpx.post(f"{service.url}/setup", json={"project": "1.1700000001", "hostname": attacker,
+                                                     "access_token": "x"}, timeout=30)
+    assert moved.status_code == 409 and "LABEL_STUDIO_URL" in moved.json()["error"]
 
 
 def test_a_key_without_label_studio_url_refuses_to_start(tiny_models, tmp_path):
