@@ -16,4 +16,6 @@ ENV HF_HOME=/home/ray/models/hf \
     RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0
 EXPOSE 9090 8265
 # Listen on all interfaces inside the container; everything else comes from configs/serve.yaml and env.
-CMD ["bash", "-c", "sed 's/host: 127.0.0.1 /host: 0.0.0.0 /' configs/serve.yaml > /tmp/serve.yaml && exec serve run /tmp/serve.yaml"]
+# `grounded-serve check` first: a refused setting stops the container with the reason, instead of `serve run`
+# running on with no application.
+CMD ["bash", "-c", "sed 's/host: 127.0.0.1 /host: 0.0.0.0 /' configs/serve.yaml > /tmp/serve.yaml && grounded-serve check /tmp/serve.yaml && exec serve run /tmp/serve.yaml"]

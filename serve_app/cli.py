@@ -73,7 +73,27 @@ examples:
                       help="the running service; default: $GROUNDED_SERVE_URL or http://127.0.0.1:9090")
     jobs.add_argument("--watch", action="store_true", help="refresh every 2 s until no job runs")
     jobs.add_argument("--cancel", metavar="ID", help="cancel this job (its unfinished tasks stay retryable)")
+    check = commands.add_parser(
+        "check", help="check the settings, the pipeline and the checkpoints; non-zero exit with the reason",
+        description="Reads the environment and the Serve config's args as `serve run` would, decides the pipeline and "
+                    "checks that every checkpoint can be found, without loading anything. The documented start "
+                    "commands run it before `serve run`, which otherwise keeps running with no application when a "
+                    "setting is refused.")
+    check.add_argument("config", nargs="?", default="configs/serve.yaml",
+                       help="the Serve config to read args and request_timeout_s from (default: configs/serve.yaml; "
+                            "'-' for none)")
     args = parser.parse_args(argv)
+
+    if args.command == "check":
+        from serve_app.startup_check import CheckFailed, run_check
+
+        try:
+            lines = run_check(None if args.config == "-" else args.config)
+        except CheckFailed as exc:
+            print(f"grounded-serve check: {exc}", file=sys.stderr)
+            return 2
+        print("\n".join(["grounded-serve check: ok", *lines]))
+        return 0
 
     if args.command == "jobs":
         from serve_app.jobs_cli import run_jobs

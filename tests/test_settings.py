@@ -140,3 +140,11 @@ def test_the_detector_family_is_read_from_a_local_directory(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "sam3_video"}')
     assert detector_model_type(str(tmp_path)) == "sam3_video"
     assert detector_model_type(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("name, value", [("PREDICT_DEADLINE_S", "inf"), ("TASK_TIMEOUT_S", "1e300"),
+                                         ("DETECTOR_CPUS", "inf"), ("DOWNLOAD_TIMEOUT_S", "1e999"),
+                                         ("SEGMENTER_GPUS", "nan"), ("WRITE_DEADLINE_S", "-1")])
+def test_infinities_and_absurd_timeouts_are_refused(name, value):
+    with pytest.raises(SettingsError, match=name):
+        Settings.load({}, env={name: value})

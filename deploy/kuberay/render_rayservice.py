@@ -39,6 +39,15 @@ def container(name: str, cpu: str, memory: str, gpus: int = 0) -> dict:
     }
 
 
+def startup_check() -> dict:
+    """`grounded-serve check` with the service's environment before Ray starts: a refused setting leaves the head pod
+    in Init:Error with the reason in `kubectl logs <head pod> -c check`, instead of a cluster serving no app."""
+    check = container("check", "1", "2Gi")
+    check["command"] = ["grounded-serve", "check", "-"]
+    check["resources"] = {"limits": {"cpu": "1", "memory": "2Gi"}, "requests": {"cpu": "100m", "memory": "256Mi"}}
+    return check
+
+
 def manifest() -> dict:
     models_volume = {"name": "models", "emptyDir": {}}  # swap for a PVC to keep downloads across pods
     head_container = container("ray-head", "4", "16Gi")
@@ -55,7 +64,8 @@ def manifest() -> dict:
                 "enableInTreeAutoscaling": True,
                 "headGroupSpec": {
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
-                    "template": {"spec": {"containers": [head_container], "volumes": [models_volume]}},
+                    "template": {"spec": {"initContainers": [startup_check()], "containers": [head_container],
+                                          "volumes": [models_volume]}},
                 },
                 "workerGroupSpecs": [{
                     "groupName": "gpu",
