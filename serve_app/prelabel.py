@@ -123,6 +123,7 @@ class Prelabeler:
             progress.update(len(chunk))
             return
         errors = {e["index"]: e["error"] for e in reply.get("task_errors", [])}
+        to_store = []
         for index, (task, prediction) in enumerate(zip(chunk, reply["results"])):
             if index in errors:  # not stored: the next run tries it again
                 self.summary.failed[task.id] = errors[index]
@@ -134,12 +135,20 @@ class Prelabeler:
                 else:
                     self.summary.failed[task.id] = "no prediction (the service answered [] for it)"
             else:
-                try:
-                    await writer.create(task.id, prediction, version)
-                    self.summary.done += 1
-                except (TransientError, PredictionRefused) as exc:
-                    self.summary.failed[task.id] = f"storing the prediction failed: {exc}"
+                to_store.append((task.id, prediction))
+                continue
             progress.update(1)
+        if to_store:  # one bulk import per chunk where Label Studio takes it (the background jobs' writer)
+            try:
+                results, _ = await writer.create_many(self.options.project, to_store, version)
+            except (TransientError, PredictionRefused) as exc:
+                results = {task_id: f"storing the prediction failed: {exc}" for task_id, _ in to_store}
+            for task_id, error in results.items():
+                if error is None:
+                    self.summary.done += 1
+                else:
+                    self.summary.failed[task_id] = error
+            progress.update(len(to_store))
 
     async def run(self) -> Summary:
         from tqdm import tqdm

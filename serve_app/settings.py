@@ -103,7 +103,9 @@ class Settings:
     max_background_tasks: int = 100_000  # MAX_BACKGROUND_TASKS: tasks queued for jobs at once (ids and image URLs)
     max_queued_bytes: int = 256 * 1024 * 1024  # MAX_QUEUED_BYTES: image values (URLs, data: URLs) queued tasks keep
     max_pending_writes: int = 64  # MAX_PENDING_WRITES: finished predictions waiting to be stored before jobs pause
-    write_deadline_s: float = 300.0  # WRITE_DEADLINE_S: storing one prediction, retries and their waits included
+    write_deadline_s: float = 300.0  # WRITE_DEADLINE_S: storing one batch of predictions, retries and waits included
+    write_batch_tasks: int = 50  # WRITE_BATCH_TASKS: predictions stored by one bulk import call (at most 500)
+    write_batch_bytes: int = 8 * 1024 * 1024  # WRITE_BATCH_BYTES: JSON of one bulk import call, roughly
     job_write_failure_limit: int = 20  # JOB_WRITE_FAILURE_LIMIT: failed writes in a row that stop a job
     ingress_cpu_threads: int = 2  # INGRESS_CPU_THREADS: threads per ingress replica for image decoding and RLE
     max_detections: int = 50  # MAX_DETECTIONS: boxes kept per task
@@ -194,7 +196,8 @@ class Settings:
         if self.background_task_concurrency < 0:
             raise SettingsError("BACKGROUND_TASK_CONCURRENCY must be 0 (auto) or a positive integer")
         for name in ("max_tasks_per_request", "task_concurrency", "max_background_tasks", "max_queued_bytes",
-                     "max_pending_writes", "job_write_failure_limit", "max_label_studio_projects",
+                     "max_pending_writes", "job_write_failure_limit", "max_label_studio_projects", "write_batch_tasks",
+                     "write_batch_bytes",
                      "ingress_cpu_threads", "max_detections",
                      "max_prompt_chars", "max_phrases", "max_context_items", "max_request_bytes", "max_image_pixels", "ingress_image_memory_bytes",
                      "max_download_bytes"):
@@ -212,6 +215,8 @@ class Settings:
             if not 0 < getattr(self, name) <= MAX_TIMEOUT_S:
                 raise SettingsError(f"{name.upper()} must be more than 0 and at most {MAX_TIMEOUT_S:g} s (a day), "
                                     f"got {getattr(self, name)}")
+        if self.write_batch_tasks > 500:  # Label Studio imports in batches of 500: beyond, not all or nothing
+            raise SettingsError(f"WRITE_BATCH_TASKS must be 1 to 500, got {self.write_batch_tasks}")
         if not 0 < self.label_studio_project_ttl_s <= 365 * 86_400:
             raise SettingsError(f"LABEL_STUDIO_PROJECT_TTL_S must be more than 0 and at most a year, "
                                 f"got {self.label_studio_project_ttl_s}")

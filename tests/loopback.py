@@ -71,6 +71,7 @@ class PredictionsStandIn:
         self.rows: list[dict] = []
         self.next_id = 0
         self.posts = 0
+        self.imports = 0  # bulk imports (POST /api/projects/{id}/import/predictions)
         self.fail_after_storing = fail_after_storing
         self.lock = threading.Lock()
         stand_in = self
@@ -98,6 +99,13 @@ class PredictionsStandIn:
                 body = json.loads(self.rfile.read(length))
                 if not self._authorized():
                     return
+                if self.path.startswith("/api/projects/") and self.path.endswith("/import/predictions"):
+                    with stand_in.lock:
+                        stand_in.imports += 1
+                        for item in body:
+                            stand_in.next_id += 1
+                            stand_in.rows.append({"id": stand_in.next_id, **item})
+                    return self._answer(201, {"created": len(body)})
                 if self.path.rstrip("/") != "/api/predictions":
                     return self._answer(404, {})
                 with stand_in.lock:

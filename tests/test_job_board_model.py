@@ -62,23 +62,30 @@ class FakeLabelStudio:
     async def stored(self, task_id, model_version) -> bool:
         return bool(self.rows.get(task_id))
 
-    async def create(self, task_id, prediction, model_version) -> None:
+    async def create_many(self, project_id, items, model_version):
+        """One batch: the machine says how it ends, for the whole batch or half of it."""
         answer = asyncio.get_running_loop().create_future()
-        self.writes.append((task_id, answer))
+        task_ids = [task_id for task_id, _ in items]
+        self.writes.append((task_ids, answer))
         try:
             kind = await answer
         finally:
             self.writes = [write for write in self.writes if write[1] is not answer]
         if kind in ("ok", "reply lost"):
-            self.rows[task_id] = self.rows.get(task_id, 0) + 1
+            for task_id in task_ids:
+                self.rows[task_id] = self.rows.get(task_id, 0) + 1
         if kind == "reply lost":
-            raise TransientError("Label Studio answered HTTP 502 (the row was stored)")
-        if kind == "refused":
-            raise PredictionRefused("Label Studio refused the prediction (HTTP 400)")
-        if kind == "transient":
-            raise TransientError("Label Studio answered HTTP 503")
+            raise TransientError("Label Studio answered HTTP 502 (the rows were stored)")
         if kind == "odd":
             raise ValueError("Expecting value: line 1 column 1 (char 0)")  # an HTML page where JSON was due
+        if kind == "half":
+            stored = task_ids[: len(task_ids) // 2]
+            for task_id in stored:
+                self.rows[task_id] = self.rows.get(task_id, 0) + 1
+            return {t: None if t in stored else "storing the prediction failed: HTTP 400" for t in task_ids}, set()
+        error = {"refused": "Label Studio refused the prediction (HTTP 400)",
+                 "transient": "Label Studio answered HTTP 503"}.get(kind)
+        return {task_id: error for task_id in task_ids}, set()
 
 
 class ControlledBoard(JobBoard):
@@ -181,7 +188,8 @@ class JobBoardMachine(RuleBasedStateMachine):
         self.settle()
 
     @precondition(lambda self: self.label_studio.writes)
-    @rule(data=st.data(), kind=st.sampled_from(["ok", "ok", "ok", "refused", "transient", "reply lost", "odd"]))
+    @rule(data=st.data(), kind=st.sampled_from(["ok", "ok", "ok", "refused", "transient", "reply lost", "odd",
+                                                "half"]))
     def label_studio_answers_a_write(self, data, kind):
         _, answer = data.draw(st.sampled_from(self.label_studio.writes))
         answer.set_result(kind)

@@ -35,9 +35,12 @@ class ScriptedLabelStudio:
     """`/api/predictions/` whose answers the test scripts: `on_post(n, row)` returns (status, headers, body or None to
     store the row and answer it); `list_all` ignores `?task=` (a proxy that drops the query)."""
 
-    def __init__(self, on_post: Callable | None = None, list_all: bool = False, on_get: Callable | None = None):
+    def __init__(self, on_post: Callable | None = None, list_all: bool = False, on_get: Callable | None = None,
+                 on_import: Callable | None = None):
         self.rows: list[dict] = []
         self.posts = 0
+        self.imports = 0
+        self.on_import = on_import  # (rows) -> (status, headers, body); None: 404, as an older Label Studio
         self.lock = threading.Lock()
         self.on_post = on_post
         self.on_get = on_get
@@ -59,6 +62,11 @@ class ScriptedLabelStudio:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                if self.path.endswith("/import/predictions"):
+                    with store.lock:
+                        store.imports += 1
+                    scripted = store.on_import(body) if store.on_import else (404, {}, {"detail": "Not found"})
+                    return self._answer(*scripted)
                 with store.lock:
                     store.posts += 1
                     n = store.posts
@@ -383,3 +391,65 @@ def test_task_errors_never_show_a_url_secret(image_server):
     for message in asyncio.run(messages()):
         assert "SECRET" not in message and "sig=" not in message and "token=" not in message, message
         assert "X-Amz-Signature" not in message
+
+
+def bulk_import(ls: ScriptedLabelStudio, fail_after_storing: bool = False, refuse_task: int | None = None):
+    """Label Studio 1.23's bulk import: all rows or none; `refuse_task` makes it a 400 (a task deleted meanwhile)."""
+    def on_import(rows):
+        if refuse_task is not None and any(row["task"] == refuse_task for row in rows):
+            return 400, {}, {"detail": f"task ID {refuse_task} not found in project"}
+        for row in rows:
+            ls.add(row)
+        return (502, {}, {"detail": "bad gateway"}) if fail_after_storing else (201, {}, {"created": len(rows)})
+    return on_import
+
+
+def run_job(ls: ScriptedLabelStudio, ids, s: Settings, **writer_options) -> JobBoard:
+    async def scenario():
+        async with httpx.AsyncClient() as http:
+            pipeline = GatedPipeline(s)
+            board = JobBoard(pipeline=pipeline, settings=s)
+            await pipeline.predict(board, ids, writer(ls.url, http, **writer_options))
+            await until_done(board)
+            return board
+
+    with loopback_http(ls.handler) as url:
+        ls.url = url
+        return asyncio.run(scenario())
+
+
+def test_background_predictions_are_stored_in_bulk():
+    ls = ScriptedLabelStudio()
+    ls.on_import = bulk_import(ls)
+    board = run_job(ls, range(1, 121), settings(write_batch_tasks=50))
+    [summary] = board.summaries()
+    assert summary["tasks"]["stored"] + summary["tasks"]["answered"] == 120
+    assert all(len(ls.for_task(i)) == 1 for i in range(1, 121))
+    assert ls.posts == 0 and 3 <= ls.imports <= 60  # batches of whatever finished meanwhile, 50 at most
+
+
+def test_an_older_label_studio_without_bulk_import_gets_one_call_per_prediction():
+    ls = ScriptedLabelStudio()  # the import endpoint answers 404
+    board = run_job(ls, range(1, 21), settings())
+    assert all(len(ls.for_task(i)) == 1 for i in range(1, 21))
+    assert ls.imports == 1 and ls.posts >= 19  # refused once, then never asked again by this writer
+    assert board.summaries()[0]["tasks"]["failed"] == 0
+
+
+def test_a_bulk_import_whose_reply_is_lost_stores_each_prediction_once():
+    ls = ScriptedLabelStudio()
+    ls.on_import = bulk_import(ls, fail_after_storing=True)
+    run_job(ls, range(1, 31), settings())
+    assert all(len(ls.for_task(i)) == 1 for i in range(1, 31))  # checked one by one before any second write
+    assert ls.posts == 0
+
+
+def test_a_task_deleted_during_the_job_fails_alone_and_the_rest_of_its_batch_is_stored():
+    ls = ScriptedLabelStudio()
+    ls.on_import = bulk_import(ls, refuse_task=7)
+    ls.on_post = lambda n, row: (400, {}, {"detail": "task not found"}) if row["task"] == 7 else None
+    board = run_job(ls, range(1, 21), settings())
+    [summary] = board.summaries()
+    assert [f["task"] for f in summary["failed_tasks"]] == [7] and "HTTP 400" in summary["failed_tasks"][0]["error"]
+    assert all(len(ls.for_task(i)) == 1 for i in range(1, 21) if i != 7) and ls.for_task(7) == []
+    assert not board.claims or all(key[2] != 7 for key in board.claims)  # free for the next Retrieve

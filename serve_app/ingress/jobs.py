@@ -44,6 +44,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import orjson
+
 from serve_app import get_logger
 from serve_app.ingress.errors import ServiceUnavailable
 from serve_app.ingress.job_state import FailureLog, JobTask, TaskState, TaskStates
@@ -83,7 +85,9 @@ class Job:
     started: float = field(default_factory=time.monotonic)
     queue: collections.deque[JobTask] = field(default_factory=collections.deque)
     runners: dict[int, asyncio.Task] = field(default_factory=dict)  # index -> its asyncio task, while RUNNING
-    writes: dict[int, asyncio.Task] = field(default_factory=dict)  # index -> its asyncio task, while WRITING
+    to_write: collections.deque = field(default_factory=collections.deque)  # (task, prediction, bytes) to store
+    writing_now: list[JobTask] = field(default_factory=list)  # the batch being stored
+    flusher: asyncio.Task | None = None  # stores `to_write`, a batch at a time
     waiting: bool = True  # the /predict that started the job is still waiting for it
     state: str = "running"  # running | finished | cancelled | stopped
     failures: FailureLog = field(default_factory=FailureLog)
@@ -363,41 +367,70 @@ class JobBoard:
                                   "prediction under")
             return
         self._move(job, task, TaskState.WRITING)
-        write = asyncio.get_running_loop().create_task(self._write(job, task, outcome.prediction),
-                                                       context=contextvars.Context())
-        job.writes[task.index] = write
+        size = len(orjson.dumps(outcome.prediction, option=orjson.OPT_SERIALIZE_NUMPY))
+        job.to_write.append((task, outcome.prediction, size))
+        if job.flusher is None or job.flusher.done():
+            job.flusher = asyncio.get_running_loop().create_task(self._flush(job), context=contextvars.Context())
 
-    async def _write(self, job: Job, task: JobTask, prediction: dict[str, Any]) -> None:
-        error = None
-        try:
-            async with self._writes:
-                uncertain = await asyncio.wait_for(job.writer.create(task.task_id, prediction, job.model_version),
-                                                   timeout=self.settings.write_deadline_s)
-            if uncertain:
-                job.uncertain.append(task.task_id)
-        except asyncio.CancelledError:  # DELETE /jobs/{id}, or the replica shuts down
-            job.writes.pop(task.index, None)
-            await self._write_cancelled(job, task)
-            return
-        except asyncio.TimeoutError:
-            error = f"storing the prediction took longer than {self.settings.write_deadline_s:g} s (WRITE_DEADLINE_S)"
-        except Exception as exc:  # noqa: BLE001 - any answer the writer did not expect fails this task alone
-            error = f"storing the prediction failed: {exc}"
-        job.writes.pop(task.index, None)
+    async def _flush(self, job: Job) -> None:
+        """Store what the job finished, a batch at a time (up to WRITE_BATCH_TASKS and WRITE_BATCH_BYTES): what
+        finishes while one batch is written goes in the next."""
+        s = self.settings
+        project_id = int(job.project) if job.project.isdigit() else None
+        while job.to_write:
+            batch, size = [], 0
+            while job.to_write and len(batch) < s.write_batch_tasks and (
+                    not batch or size + job.to_write[0][2] <= s.write_batch_bytes):
+                task, prediction, item_size = job.to_write.popleft()
+                batch.append((task, prediction))
+                size += item_size
+            job.writing_now = [task for task, _ in batch]
+            uncertain: set[int] = set()
+            try:
+                async with self._writes:
+                    results, uncertain = await asyncio.wait_for(
+                        job.writer.create_many(project_id, [(t.task_id, p) for t, p in batch], job.model_version),
+                        timeout=s.write_deadline_s)
+            except asyncio.CancelledError:  # DELETE /jobs/{id}, or the replica shuts down
+                await self._flush_cancelled(job)
+                return
+            except asyncio.TimeoutError:
+                results = {t.task_id: f"storing the prediction took longer than {s.write_deadline_s:g} s "
+                                      "(WRITE_DEADLINE_S)" for t, _ in batch}
+            except Exception as exc:  # noqa: BLE001 - any answer the writer did not expect fails this batch alone
+                results = {t.task_id: f"storing the prediction failed: {exc}" for t, _ in batch}
+            job.writing_now = []
+            job.uncertain += [t.task_id for t, _ in batch if t.task_id in uncertain]
+            for task, _ in batch:
+                self._written(job, task, results.get(task.task_id, "storing the prediction failed: no answer "
+                                                                   "for this task"))
+            self._maybe_finish(job)
+            self._pump()
+
+    def _written(self, job: Job, task: JobTask, error: str | None) -> None:
         if error is None:
             job.write_failures_in_a_row = 0
             self._move(job, task, TaskState.STORED)
             self._count("background_tasks_stored")
-        else:
-            logger.error("job %s: task %s: %s", job.id, task.task_id, redact_urls(error))
-            self._fail(job, task, error)
-            job.write_failures_in_a_row += 1
-            if (job.write_failures_in_a_row >= self.settings.job_write_failure_limit and job.state == "running"
-                    and job.stop_reason is None):
-                self._stop(job, f"{job.write_failures_in_a_row} predictions in a row could not be stored "
-                                f"(JOB_WRITE_FAILURE_LIMIT); the last: {redact_urls(error)}")
+            return
+        logger.error("job %s: task %s: %s", job.id, task.task_id, redact_urls(error))
+        self._fail(job, task, error)
+        job.write_failures_in_a_row += 1
+        if (job.write_failures_in_a_row >= self.settings.job_write_failure_limit and job.state == "running"
+                and job.stop_reason is None):
+            self._stop(job, f"{job.write_failures_in_a_row} predictions in a row could not be stored "
+                            f"(JOB_WRITE_FAILURE_LIMIT); the last: {redact_urls(error)}")
+
+    async def _flush_cancelled(self, job: Job) -> None:
+        """The batch in flight may be stored or not: ask. What waited for a batch was never sent: free again."""
+        in_flight, job.writing_now = job.writing_now, []
+        while job.to_write:
+            task, _, _ = job.to_write.popleft()
+            self._move(job, task, TaskState.CANCELLED)
+            self._release(job, task)
+        for task in in_flight:
+            await self._write_cancelled(job, task)
         self._maybe_finish(job)
-        self._pump()
 
     async def _sweep(self, job: Job) -> None:
         """A first attempt that Label Studio committed after the writer's check said it had not leaves a second copy:
@@ -516,9 +549,10 @@ class JobBoard:
             return False
         job.state = "cancelled"
         dropped = self._drop_unfinished(job)
-        for write in list(job.writes.values()):
-            write.cancel()  # unwinds to CANCELLED, keeping its claim
-        logger.warning("job %s cancelled: %d tasks dropped, %d writes cancelled", job.id, dropped, len(job.writes))
+        writes = job.states[TaskState.WRITING]
+        if job.flusher is not None and not job.flusher.done():
+            job.flusher.cancel()  # what was sent is checked, what waited is dropped (_flush_cancelled)
+        logger.warning("job %s cancelled: %d tasks dropped, %d writes cancelled", job.id, dropped, writes)
         self._settle_if_idle(job)
         self._trim_history()
         self._count("background_jobs_cancelled")

@@ -1,4 +1,5 @@
-"""Storing predictions in Label Studio through its API (`POST /api/predictions/`).
+"""Storing predictions in Label Studio through its API: in bulk (`POST /api/projects/{id}/import/predictions`), or
+one at a time (`POST /api/predictions/`) where Label Studio refuses the bulk call.
 
 Used by the background jobs that finish a "Retrieve predictions" after its answer (serve_app.ingress.jobs)
 and by `grounded-serve prelabel`: one writer, so both store the same rows the same way.
@@ -44,12 +45,13 @@ async def by_name(url: str) -> tuple[str, dict[str, str], dict[str, str]]:
 
 class PredictionWriter:
     def __init__(self, credentials: LabelStudioCredentials, *, route: Route = by_name, retries: int = 5,
-                 timeout_s: float = 30.0, max_delay_s: float = 30.0):
+                 timeout_s: float = 30.0, max_delay_s: float = 30.0, bulk: bool = True):
         self.credentials = credentials
         self.route = route
         self.retries = retries
         self.timeout_s = timeout_s
         self.max_delay_s = max_delay_s
+        self.bulk = bulk  # bulk imports; off for good once Label Studio refuses the endpoint
 
     @property
     def base_url(self) -> str:
@@ -58,15 +60,66 @@ class PredictionWriter:
     def describe(self) -> str:
         return f"{self.base_url} with the {self.credentials.describe()}"
 
-    async def create(self, task_id: int, prediction: dict[str, Any], model_version: str) -> bool:
+    async def create_many(self, project_id: int | None, items: list[tuple[int, dict[str, Any]]],
+                          model_version: str) -> tuple[dict[int, str | None], set[int]]:
+        """Store the predictions of several tasks of one project: ({task id: None when stored, else why not}, the
+        task ids whose write's fate was unknown on the way). One `POST /api/projects/{id}/import/predictions` when
+        Label Studio takes it (all or nothing for up to 500 rows); otherwise, or when that call's fate is unknown,
+        one `create` per task, each asking first whether its row is there already."""
+        results: dict[int, str | None] = {}
+        uncertain: set[int] = set()
+        check_first = False
+        if self.bulk and project_id is not None and len(items) > 1:
+            outcome = await self._import(project_id, items, model_version)
+            if outcome == "stored":
+                return {task_id: None for task_id, _ in items}, uncertain
+            check_first = outcome == "unknown"
+        for task_id, prediction in items:
+            try:
+                if await self.create(task_id, prediction, model_version, check_first=check_first):
+                    uncertain.add(task_id)
+                results[task_id] = None
+            except (PredictionRefused, TransientError) as exc:
+                results[task_id] = f"storing the prediction failed: {exc}"
+        return results, uncertain
+
+    async def _import(self, project_id: int, items: list[tuple[int, dict[str, Any]]], model_version: str) -> str:
+        """One bulk import: "stored", "refused" (nothing was stored: one task per call will say which and why) or
+        "unknown" (the rows may be there)."""
+        body = orjson.dumps([{"task": task_id, "result": prediction["result"], "score": prediction.get("score", 0.0),
+                              "model_version": model_version} for task_id, prediction in items],
+                            option=orjson.OPT_SERIALIZE_NUMPY)
+        try:
+            response = await self._request("POST", f"/api/projects/{project_id}/import/predictions", content=body,
+                                           headers={"Content-Type": "application/json"})
+        except (TransientError, PredictionRefused) as exc:
+            logger.warning("bulk import of %d predictions: %s; storing them one by one", len(items), exc)
+            return "unknown"
+        if response.status_code in (403, 404, 405):  # an older Label Studio, or a key that may not import
+            self.bulk = False
+            logger.warning("Label Studio answered HTTP %d to a bulk import of predictions (%s): storing one "
+                           "prediction per call from now on", response.status_code, self.credentials.describe())
+            return "refused"
+        if response.status_code in (400, 401, 422):  # validation (a deleted task), an expired access token
+            return "refused"
+        if response.status_code >= 300:
+            return "unknown"
+        try:
+            created = response.json().get("created")
+        except (ValueError, AttributeError):
+            created = None
+        return "stored" if created == len(items) else "unknown"
+
+    async def create(self, task_id: int, prediction: dict[str, Any], model_version: str,
+                     check_first: bool = False) -> bool:
         """Store one prediction of `task_id`; whether an attempt's fate was unknown on the way (then a late commit of
-        it may still add a copy: `keep_one` later removes it). Raises PredictionRefused, or TransientError once
-        retries are spent."""
+        it may still add a copy: `keep_one` later removes it). `check_first`: an earlier call may have stored it.
+        Raises PredictionRefused, or TransientError once retries are spent."""
         body = orjson.dumps({"task": task_id, "result": prediction["result"], "score": prediction.get("score", 0.0),
                              "model_version": model_version}, option=orjson.OPT_SERIALIZE_NUMPY)
         refreshed = False
-        tried = False
-        uncertain = False  # an attempt may have stored a row without the writer learning of it
+        tried = check_first
+        uncertain = check_first  # an attempt may have stored a row without the writer learning of it
 
         async def attempt() -> None:
             nonlocal refreshed, tried, uncertain
