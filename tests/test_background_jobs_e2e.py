@@ -168,3 +168,39 @@ def test_without_a_usable_credential_the_answer_keeps_what_finished_and_a_second
         assert {len(p) for p in stored.values()} == {1}
     finally:
         service.stop()
+
+
+def test_label_studio_hanging_up_with_tasks_running_loses_none_of_them(
+        label_studio, client, images, tiny_models, tmp_path_factory):
+    """Issue 28: Label Studio hangs up (ML_TIMEOUT_PREDICT=15) while TASK_CONCURRENCY tasks are running, before the
+    service's deadline (60 s). Serve cancels the request and the model calls made in its context; the job's tasks
+    run in a context of their own, so every task still ends with exactly one prediction, and GET /jobs adds up at
+    every poll."""
+    service = ServeProcess(service_env(tiny_models, PREDICT_DEADLINE_S="60", LABEL_STUDIO_URL=label_studio.url,
+                                       LABEL_STUDIO_API_KEY=LEGACY_TOKEN, IMAGE_HOST_ALLOWLIST="127.0.0.1"),
+                           tmp_path_factory.mktemp("serve")).start()
+    try:
+        project, task_ids = new_project(client, images, "hangup", 80)  # 20 s of slow images at 4 at a time
+        client.ml.create(project=project.id, url=service.url, is_interactive=True, title="hang-up")
+        version = httpx.get(f"{service.url}/health").json()["model_version"]
+        try:
+            retrieve(client, project)  # Label Studio gives up after 15 s and stores nothing from the answer
+        except Exception:  # noqa: BLE001 - the SDK may report Label Studio's own timeout as an error
+            pass
+        assert service.wait_for_log(r"POST /predict CANCELLED")
+        deadline = time.monotonic() + 180
+        while True:
+            listing = jobs(service)
+            for job in listing["jobs"]:
+                counts = job["tasks"]
+                assert counts["done"] + counts["failed"] + counts["cancelled"] + counts["pending"] == counts["total"]
+            if listing["jobs"] and not listing["running_jobs"]:
+                break
+            assert time.monotonic() < deadline, listing
+            time.sleep(1)
+        [job] = listing["jobs"]
+        assert job["tasks"]["total"] == 80 and job["tasks"]["stored"] == 80, job
+        assert job["tasks"]["answered"] == 0 and job["tasks"]["failed"] == 0 and job["state"] == "finished"
+        exactly_one_prediction_each(client, service, task_ids, version)
+    finally:
+        service.stop()

@@ -120,3 +120,33 @@ def test_claims_of_two_instances_with_the_same_project_and_task_ids_do_not_colli
     assert not any("being predicted" in w for w in b.get("warnings", [])) and b["job"]["pending"] == 2
     same = asyncio.run(scenario("http://127.0.0.1:8080"))  # the same instance clicking again: claimed
     assert any("2 of these tasks are being predicted" in w for w in same["warnings"])
+
+
+def test_get_jobs_can_be_narrowed_to_one_instance_and_project():
+    settings = Settings.load(env={}, args={"predict_deadline_s": 0.01})
+
+    class Pipeline:
+        model_version = "v"
+
+        async def label_task_outcome(self, request, task):
+            await asyncio.Event().wait()
+            return TaskOutcome({"result": [], "score": 0})
+
+    class Writer:
+        def describe(self):
+            return "a writer"
+
+    parser = LabellingPipeline(settings=settings, model_version="v", detect=None, segment=None, fetcher=None)
+
+    def body(project):
+        return {"tasks": [{"id": 1, "data": {"image": "/data/upload/1/1.png"}}], "project": project,
+                "label_config": SEED_CONFIG, "params": {"context": None}}
+
+    async def scenario():
+        board = JobBoard(pipeline=Pipeline(), settings=settings)
+        for instance, project in (("http://a:8080", "1.100"), ("http://b:8080", "1.200"), ("http://a:8080", "2.100")):
+            await board.predict(parser.parse(body(project)), Writer(), instance=instance)
+        return ([len(board.summaries()), len(board.summaries(instance="http://a:8080")),
+                 len(board.summaries(instance="http://a:8080", project="1.100")), len(board.summaries(project="1"))])
+
+    assert asyncio.run(scenario()) == [3, 2, 1, 2]

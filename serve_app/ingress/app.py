@@ -299,8 +299,10 @@ class Ingress:
     # -- background jobs -------------------------------------------------------------------------
 
     @api.get("/jobs")
-    async def list_jobs(self) -> JSONResponse:
-        return SafeJSONResponse({"jobs": self.jobs.summaries(), **self.jobs.totals()})
+    async def list_jobs(self, project: str = "", instance: str = "") -> JSONResponse:
+        """Every job, or those of one project (`?project=3`) and Label Studio instance (`?instance=http://ls:8080`)."""
+        return SafeJSONResponse({"jobs": self.jobs.summaries(project=project[:64], instance=instance[:256]),
+                                 **self.jobs.totals()})
 
     @api.delete("/jobs/{job_id}")
     async def cancel_job(self, job_id: str) -> JSONResponse:

@@ -532,8 +532,11 @@ class JobBoard:
 
     # -- GET /jobs, DELETE /jobs/{id} ------------------------------------------------------------
 
-    def summaries(self) -> list[dict[str, Any]]:
-        return [job.summary() for job in reversed(self.jobs.values())]
+    def summaries(self, project: str = "", instance: str = "") -> list[dict[str, Any]]:
+        """Newest first; only one project's (its id, or Label Studio's full name) and one instance's when given."""
+        project = project.split(".", 1)[0]
+        return [job.summary() for job in reversed(self.jobs.values())
+                if (not project or job.project == project) and (not instance or job.instance == instance.rstrip("/"))]
 
     def totals(self) -> dict[str, int]:
         s = self.states
