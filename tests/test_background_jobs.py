@@ -132,7 +132,14 @@ def test_a_job_can_be_cancelled_and_its_tasks_stay_retryable(service, label_stud
     assert cancelled.status_code == 200 and cancelled.json() == {"cancelled": job_id}
     again = httpx.delete(f"{service.url}/jobs/{job_id}", auth=AUTH, timeout=10)
     assert again.status_code == 404 and "GET /jobs" in again.json()["error"]
-    time.sleep(2)
+    deadline = time.monotonic() + 60  # the running tasks unwind (cancelled) and the job has nothing pending
+    while True:
+        [job] = [j for j in httpx.get(f"{service.url}/jobs", auth=AUTH, timeout=10).json()["jobs"] if j["id"] == job_id]
+        if not job["tasks"]["pending"]:
+            break
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert job["state"] == "cancelled" and job["tasks"]["cancelled"] >= 40 - 8 - job["tasks"]["answered"]
     stored = {row["task"] for row in label_studio.rows if 2000 <= row["task"] < 2040}
     assert len(stored) < 40 - 8  # the queue was dropped; at most what was running finished
     # the tasks it dropped are not claimed: a new Retrieve of them computes them

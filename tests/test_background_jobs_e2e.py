@@ -158,7 +158,10 @@ def test_without_a_usable_credential_the_answer_keeps_what_finished_and_a_second
         first = [t for t, p in predictions_per_task(client, task_ids).items() if p]
         assert 0 < len(first) < 30
         assert service.wait_for_log(r"no usable Label Studio credential to store them later")
-        time.sleep(3)  # nothing arrives later: the unfinished tasks were cancelled, not stored
+        deadline = time.monotonic() + 60  # nothing arrives later: the unfinished tasks were cancelled, not stored
+        while jobs(service)["running_jobs"] or jobs(service)["pending_tasks"]:
+            assert time.monotonic() < deadline, jobs(service)
+            time.sleep(0.5)
         assert len([t for t, p in predictions_per_task(client, task_ids).items() if p]) == len(first)
         for _ in range(3):  # each Retrieve sends only the tasks still lacking a prediction
             retrieve(client, project)

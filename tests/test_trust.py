@@ -143,11 +143,14 @@ def test_a_key_without_label_studio_url_refuses_to_start(tiny_models, tmp_path):
 def test_setup_during_downloads_loses_nothing_and_bad_hostnames_change_nothing(service, hosts):
     label_studio, _ = hosts
 
+    LabelStudioStandIn.seen.clear()
+
     async def scenario():
         async with httpx.AsyncClient(base_url=service.url, timeout=60) as client:
             predicting = asyncio.ensure_future(client.post("/predict", json=body_for(
                 [f"{label_studio}/slow/2/{i}.png" for i in range(4)])))
-            await asyncio.sleep(0.8)  # the downloads are in flight
+            while sum(path.startswith("/slow/2/") for path, _ in LabelStudioStandIn.seen) < 4:
+                await asyncio.sleep(0.05)  # until the downloads are in flight (each takes 2 s)
             setups = [await client.post("/setup", json=body) for body in (
                 {"hostname": "", "access_token": ""},  # what grounded-serve prelabel sends
                 {"hostname": label_studio, "access_token": "new-token"},

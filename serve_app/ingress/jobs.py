@@ -363,8 +363,10 @@ class JobBoard:
 
     def _store(self, job: Job, task: JobTask, outcome: TaskOutcome) -> None:
         if task.task_id is None or job.writer is None:
-            self._fail(job, task, "finished after the answer, but it has no Label Studio task id to store the "
-                                  "prediction under")
+            self._fail(job, task, "finished after the answer, but " + (
+                "it has no Label Studio task id to store the prediction under" if job.writer is not None else
+                "the service has no usable Label Studio credential to store it (LABEL_STUDIO_URL and "
+                "LABEL_STUDIO_API_KEY): run \"Retrieve predictions\" again"))
             return
         self._move(job, task, TaskState.WRITING)
         size = len(orjson.dumps(outcome.prediction, option=orjson.OPT_SERIALIZE_NUMPY))
