@@ -10,6 +10,7 @@ from ray.serve.config import RequestRouterConfig
 
 from serve_app import get_logger
 from serve_app.deployments.detector import Detector
+from serve_app.deployments.job_claims import JobClaims
 from serve_app.deployments.routing import ImageAffinityRouter
 from serve_app.deployments.segmenter import Segmenter
 from serve_app.ingress.app import Ingress
@@ -85,4 +86,5 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
                             setting=settings.segmenter_checkpoint_setting, sha256=settings.segmenter_checkpoint_sha256,
                             cache_dir=settings.checkpoint_cache_dir, cache_bytes=settings.sam_embedding_cache_bytes,
                             cpu_niceness=settings.model_cpu_niceness, cpu_share=models_sharing)
-    return Ingress.bind(settings.to_dict(), detector, segmenter)
+    # every ingress replica's background jobs claim their tasks in one place (serve_app.ingress.claims)
+    return Ingress.bind(settings.to_dict(), detector, segmenter, JobClaims.bind())

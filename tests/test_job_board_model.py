@@ -229,9 +229,9 @@ class JobBoardMachine(RuleBasedStateMachine):
             for task in job.tasks:
                 key = (job.instance, job.project, task.task_id)
                 if task.state not in FINAL:
-                    assert self.board.claims.get(key) is job, task
+                    assert self.board.claims.get(key) == job.id, task
                 elif task.state in (TaskState.FAILED, TaskState.ANSWERED):
-                    assert self.board.claims.get(key) is not job, task  # released: the next Retrieve runs it
+                    assert self.board.claims.get(key) != job.id, task  # released: the next Retrieve runs it
 
     @invariant()
     def nothing_is_stored_twice(self):

@@ -27,6 +27,8 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app import get_logger
 from serve_app.ingress.auth import OPEN_PATHS, BasicAuth
+from serve_app.deployments.job_claims import LEASE_S as JOB_CLAIMS_LEASE_S
+from serve_app.ingress.claims import SharedClaims
 from serve_app.ingress.cpu_pool import PriorityPool
 from serve_app.ingress.errors import BadRequest, ServiceUnavailable
 from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
@@ -167,7 +169,8 @@ def parse_json(body: bytes) -> Any:
 @serve.deployment(name="Ingress", max_ongoing_requests=64)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, settings: dict, detector: DeploymentHandle, segmenter: DeploymentHandle | None = None):
+    def __init__(self, settings: dict, detector: DeploymentHandle, segmenter: DeploymentHandle | None = None,
+                 claims: DeploymentHandle | None = None):
         self.settings = Settings(**settings)
         self.settings.check_key_destination(os.environ)  # the replica's environment may differ from the driver's
         api.state.basic_auth = BasicAuth.from_environment()
@@ -199,7 +202,9 @@ class Ingress:
             segment=self._segment if segmenter is not None else None, fetcher=self._make_fetcher("", ""),
             run_blocking=self._run_blocking, observe_stage=self.metrics.observe_stage)
         # batch /predicts become jobs that outlive their request (serve_app.ingress.jobs)
-        self.jobs = JobBoard(pipeline=self.pipeline, settings=self.settings, on_event=self._job_event)
+        shared = SharedClaims(claims, serve.get_replica_context().replica_tag, JOB_CLAIMS_LEASE_S) \
+            if claims is not None else None
+        self.jobs = JobBoard(pipeline=self.pipeline, settings=self.settings, on_event=self._job_event, claims=shared)
 
     # -- plumbing -------------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ from typing import Any, Callable
 import orjson
 
 from serve_app import get_logger
+from serve_app.ingress.claims import LocalClaims, SharedClaims
 from serve_app.ingress.errors import ServiceUnavailable
 from serve_app.ingress.job_state import FailureLog, JobTask, TaskState, TaskStates
 from serve_app.ingress.pipeline import (
@@ -150,12 +151,13 @@ def _input_bytes(task: Any) -> int:
 
 class JobBoard:
     def __init__(self, *, pipeline: LabellingPipeline, settings: Settings,
-                 on_event: Callable[[str, int], None] | None = None):
+                 on_event: Callable[[str, int], None] | None = None, claims: LocalClaims | SharedClaims | None = None):
         self.pipeline = pipeline
         self.settings = settings
         self.on_event = on_event  # for Prometheus: ("background_tasks_stored", 1) ..., after each change
         self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
-        self.claims: dict[tuple[str, str, int], Job] = {}  # (instance, project, task id) -> job
+        # (instance, project, task id) -> job id: this process's, or every ingress replica's (SharedClaims)
+        self.claims = claims if claims is not None else LocalClaims()
         self.states = TaskStates()  # every job's tasks together
         self._writes = asyncio.Semaphore(WRITE_CONCURRENCY)
 
@@ -172,7 +174,7 @@ class JobBoard:
     async def predict(self, request: LabellingRequest, writer: PredictionWriter | None,
                       instance: str = "") -> dict[str, Any]:
         """The answer to a batch /predict: what finished within PREDICT_DEADLINE_S; the rest goes on here."""
-        job, outcomes, warnings = self._start(request, writer, instance)
+        job, outcomes, warnings = await self._start(request, writer, instance)
         try:
             await self._until_answer_due(job)
         except asyncio.CancelledError:  # Label Studio hung up: the job goes on, and stores what it finished
@@ -196,7 +198,7 @@ class JobBoard:
         except asyncio.TimeoutError:
             pass
 
-    def _start(self, request: LabellingRequest, writer: PredictionWriter | None, instance: str):
+    async def _start(self, request: LabellingRequest, writer: PredictionWriter | None, instance: str):
         s = self.settings
         project = request.project.split(".", 1)[0]
         job = Job(id=uuid.uuid4().hex[:12], instance=instance, project=project,
@@ -205,19 +207,31 @@ class JobBoard:
         outcomes: list[TaskOutcome | None] = [None] * len(request.tasks)
         in_flight, over_count, over_bytes = collections.Counter(), 0, 0
         image_key = request.config.image_key
+        candidates = []
         for index, task in enumerate(request.tasks):
             task_id = echoable_id(task.get("id") if isinstance(task, dict) else None)
             task_id = task_id if isinstance(task_id, int) else None
-            claimed_by = self.claims.get((instance, project, task_id)) if task_id is not None else None
-            if claimed_by is not None:
-                in_flight[claimed_by.id] += 1
-                outcomes[index] = TaskOutcome(list(NO_PREDICTION))
-                continue
             kept = None  # not an object: the pipeline fails it alone, whatever it was; nothing big is kept
             if isinstance(task, dict):
                 data = task.get("data")
                 kept = {"id": task.get("id"),
                         "data": {image_key: data.get(image_key)} if isinstance(data, dict) else data}
+            candidates.append((index, task_id, kept))
+        keys = list(dict.fromkeys((instance, project, task_id) for _, task_id, _ in candidates if task_id is not None))
+        try:
+            refused = await self.claims.claim(job.id, keys)
+        except Exception as exc:  # noqa: BLE001 - without claims a task could run twice: retry later instead
+            logger.error("cannot claim the tasks of a Retrieve: %s", exc)
+            raise ServiceUnavailable(f"the job claims cannot be reached ({exc.__class__.__name__}); retry shortly"
+                                     ) from None
+        not_queued, seen = [], set()
+        for index, task_id, kept in candidates:
+            key = (instance, project, task_id)
+            if task_id is not None and (key in refused or key in seen):  # another job's, or twice in this one
+                in_flight[refused.get(key, job.id)] += 1
+                outcomes[index] = TaskOutcome(list(NO_PREDICTION))
+                continue
+            seen.add(key)
             size = _input_bytes(kept)
             if self.queued >= s.max_background_tasks:
                 over_count += 1
@@ -228,10 +242,11 @@ class JobBoard:
                 job.tasks.append(queued)
                 job.states.add(queued)
                 job.queue.append(queued)
-                if task_id is not None:
-                    self.claims[(instance, project, task_id)] = job
                 continue
             outcomes[index] = TaskOutcome(list(NO_PREDICTION))
+            if task_id is not None:
+                not_queued.append(key)
+        self.claims.release(job.id, not_queued)
         warnings = []
         for job_id, count in in_flight.items():
             warnings.append(f"{count} of these tasks are being predicted by background job {job_id}; their "
@@ -487,9 +502,8 @@ class JobBoard:
         job.states.move(task, state)
 
     def _release(self, job: Job, task: JobTask) -> None:
-        key = (job.instance, job.project, task.task_id)
-        if task.task_id is not None and self.claims.get(key) is job:
-            del self.claims[key]
+        if task.task_id is not None:
+            self.claims.release(job.id, [(job.instance, job.project, task.task_id)])
 
     def _settle_if_idle(self, job: Job) -> None:
         if not job.queue and not job.runners:
@@ -525,8 +539,8 @@ class JobBoard:
         done = [job for job in self.jobs.values() if job.state != "running" and not job.states.pending]
         for job in done[:max(0, len(done) - JOB_HISTORY)]:
             del self.jobs[job.id]
-            for key in [key for key, owner in self.claims.items() if owner is job]:
-                del self.claims[key]
+            self.claims.release(job.id, [(job.instance, job.project, task.task_id) for task in job.tasks
+                                         if task.task_id is not None])
 
     def _count(self, event: str, n: int = 1) -> None:
         if self.on_event is not None:
