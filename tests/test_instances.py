@@ -147,6 +147,6 @@ def test_get_jobs_can_be_narrowed_to_one_instance_and_project():
         for instance, project in (("http://a:8080", "1.100"), ("http://b:8080", "1.200"), ("http://a:8080", "2.100")):
             await board.predict(parser.parse(body(project)), Writer(), instance=instance)
         return ([len(board.summaries()), len(board.summaries(instance="http://a:8080")),
-                 len(board.summaries(instance="http://a:8080", project="1.100")), len(board.summaries(project="1"))])
+                 len(board.summaries(instance="http://a:8080/", project="1.100")), len(board.summaries(project="1"))])
 
     assert asyncio.run(scenario()) == [3, 2, 1, 2]

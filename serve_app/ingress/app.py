@@ -37,7 +37,7 @@ from serve_app.ingress.jobs import JobBoard
 from serve_app.ingress.label_config import parse_label_config
 from serve_app.ingress.label_studio_auth import LabelStudioCredentials, choose_credential
 from serve_app.ingress.metrics import MetricsView
-from serve_app.ingress.pipeline import LabellingPipeline, task_priority
+from serve_app.ingress.pipeline import LabellingPipeline, project_name, task_priority
 from serve_app.ingress.prediction_writer import PredictionWriter
 from serve_app.models.messages import DetectionRequest, Detections, Masks, PromptUnsupported, SegmentationRequest
 from serve_app.settings import Settings, url_problem
@@ -393,7 +393,7 @@ class Ingress:
                 raise BadRequest("the /setup body must be a JSON object")
             if body.get("schema"):
                 await self._run_blocking(parse_label_config, body["schema"])  # unservable configs fail here
-            project = body.get("project") if isinstance(body.get("project"), str) else ""
+            project = project_name(body.get("project"))
             known = self.instances.known(project)
             hostname, token = setup_fields(body, known.hostname if known else "", known.token if known else "")
             if hostname or token:  # grounded-serve prelabel sends neither: nothing to remember

@@ -49,6 +49,7 @@ import orjson
 from serve_app import get_logger
 from serve_app.ingress.claims import LocalClaims, SharedClaims
 from serve_app.ingress.errors import ServiceUnavailable
+from serve_app.ingress.instances import origin_text
 from serve_app.ingress.job_state import FailureLog, JobTask, TaskState, TaskStates
 from serve_app.ingress.pipeline import (
     NO_PREDICTION,
@@ -551,8 +552,12 @@ class JobBoard:
     def summaries(self, project: str = "", instance: str = "") -> list[dict[str, Any]]:
         """Newest first; only one project's (its id, or Label Studio's full name) and one instance's when given."""
         project = project.split(".", 1)[0]
+        try:
+            instance = origin_text(instance)  # http://ls and http://ls:80/ are one instance
+        except ValueError:
+            return []
         return [job.summary() for job in reversed(self.jobs.values())
-                if (not project or job.project == project) and (not instance or job.instance == instance.rstrip("/"))]
+                if (not project or job.project == project) and (not instance or job.instance == instance)]
 
     def totals(self) -> dict[str, int]:
         s = self.states

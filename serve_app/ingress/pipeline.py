@@ -133,7 +133,7 @@ class LabellingPipeline:
         return LabellingRequest(tasks=tasks, config=config, prompt=prompt,
                                 thresholds=Thresholds(thresholds["box_threshold"], thresholds["text_threshold"]),
                                 regions=context.regions, interactive=raw_context is not None,
-                                project=_project(body.get("project")))
+                                project=project_name(body.get("project")))
 
     async def predict(self, body: Any) -> dict[str, Any]:
         """The `/predict` answer: one prediction per task, in order. Raises BadRequest for the request as a
@@ -288,7 +288,8 @@ def response_for(request: LabellingRequest, outcomes: list[TaskOutcome], model_v
     return response
 
 
-def _project(value: Any) -> str:
+def project_name(value: Any) -> str:
+    """Label Studio's "<id>.<created-at>" as sent, or "" for anything else (long, unprintable, not a string)."""
     return value if isinstance(value, str) and len(value) <= 64 and value.isprintable() else ""
 
 
