@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.serve  # every step starts the real service
 
 
 def test_gpu_script_runs_every_benchmark_on_cpu(tmp_path):

@@ -195,6 +195,19 @@ class JobBoardMachine(RuleBasedStateMachine):
         answer.set_result(kind)
         self.settle()
 
+    @precondition(lambda self: self.pipeline.calls)
+    @rule(data=st.data(), hang_up=st.booleans())
+    def a_task_ends_and_the_job_is_deleted_or_answered_at_once(self, data, hang_up):
+        """In the same turn of the loop as a task's end (which starts the next task): a DELETE, or the request's
+        answer, comes before that next task took its first step."""
+        _, answer = data.draw(st.sampled_from(self.pipeline.calls))
+        answer.set_result(TaskOutcome(PREDICTION))
+        for job_id in list(self.board.jobs):
+            self.loop.call_soon(self.board.cancel, job_id)
+        if hang_up and self.requests:
+            self.loop.call_soon(data.draw(st.sampled_from(self.requests)).cancel)
+        self.settle()
+
     @precondition(lambda self: self.board.jobs)
     @rule(data=st.data())
     def delete_job(self, data):

@@ -39,6 +39,7 @@ import collections
 import contextvars
 import dataclasses
 import datetime
+import functools
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -330,7 +331,9 @@ class JobBoard:
                 self._move(job, task, TaskState.RUNNING)
                 task.attempts += 1
                 # A context of its own: never the request's, whose cancellation Serve passes on to its model calls.
-                job.runners[task.index] = loop.create_task(self._run(job, task), context=contextvars.Context())
+                runner = loop.create_task(self._run(job, task), context=contextvars.Context())
+                runner.add_done_callback(functools.partial(self._runner_done, job, task))
+                job.runners[task.index] = runner
             if self.running >= capacity:
                 return
 
@@ -352,6 +355,15 @@ class JobBoard:
             job.runners.pop(task.index, None)
             self._record(job, task, outcome)
         finally:
+            self._settle_if_idle(job)
+            self._pump()
+
+    def _runner_done(self, job: Job, task: JobTask, runner: asyncio.Task) -> None:
+        """A runner cancelled before its first step never entered `_run`, whose own handling does the bookkeeping
+        otherwise: a DELETE or an answer in the same turn of the loop that started it."""
+        if job.runners.get(task.index) is runner and task.state is TaskState.RUNNING:
+            del job.runners[task.index]
+            self._cancelled_while_running(job, task)
             self._settle_if_idle(job)
             self._pump()
 
@@ -389,6 +401,7 @@ class JobBoard:
         job.to_write.append((task, outcome.prediction, size))
         if job.flusher is None or job.flusher.done():
             job.flusher = asyncio.get_running_loop().create_task(self._flush(job), context=contextvars.Context())
+            job.flusher.add_done_callback(functools.partial(self._flusher_done, job))
 
     async def _flush(self, job: Job) -> None:
         """Store what the job finished, a batch at a time (up to WRITE_BATCH_TASKS and WRITE_BATCH_BYTES): what
@@ -439,6 +452,15 @@ class JobBoard:
             self._stop(job, f"{job.write_failures_in_a_row} predictions in a row could not be stored "
                             f"(JOB_WRITE_FAILURE_LIMIT); the last: {redact_urls(error)}")
 
+    def _flusher_done(self, job: Job, flusher: asyncio.Task) -> None:
+        """A flusher cancelled before its first step sent nothing: what it was to store is free again."""
+        if flusher.cancelled() and job.to_write and not job.writing_now:
+            while job.to_write:
+                task, _, _ = job.to_write.popleft()
+                self._move(job, task, TaskState.CANCELLED)
+                self._release(job, task)
+            self._maybe_finish(job)
+
     async def _flush_cancelled(self, job: Job) -> None:
         """The batch in flight may be stored or not: ask. What waited for a batch was never sent: free again."""
         in_flight, job.writing_now = job.writing_now, []
@@ -464,6 +486,11 @@ class JobBoard:
                              redact_urls(str(exc)))
         job.uncertain = []
         self._maybe_finish(job)
+
+    def _sweep_done(self, job: Job, sweep: asyncio.Task) -> None:
+        if job.uncertain:  # cancelled (the replica shuts down): the job ends without the check
+            job.uncertain = []
+            self._maybe_finish(job)
 
     async def _write_cancelled(self, job: Job, task: JobTask) -> None:
         """A write cancelled part-way may have stored the row: ask Label Studio (briefly). Stored: it counts as
@@ -521,6 +548,7 @@ class JobBoard:
         if job.uncertain:  # checked for late second copies first; the sweep empties the list and comes back
             if job.sweep is None:
                 job.sweep = asyncio.get_running_loop().create_task(self._sweep(job), context=contextvars.Context())
+                job.sweep.add_done_callback(functools.partial(self._sweep_done, job))
             return
         job.finished_at = time.monotonic()
         if job.state == "running":
