@@ -106,6 +106,7 @@ class Settings:
     write_deadline_s: float = 300.0  # WRITE_DEADLINE_S: storing one batch of predictions, retries and waits included
     write_batch_tasks: int = 50  # WRITE_BATCH_TASKS: predictions stored by one bulk import call (at most 500)
     write_batch_bytes: int = 8 * 1024 * 1024  # WRITE_BATCH_BYTES: JSON of one bulk import call, roughly
+    write_batch_wait_s: float = 2.0  # WRITE_BATCH_WAIT_S: how long a batch waits to fill while its job computes
     job_write_failure_limit: int = 20  # JOB_WRITE_FAILURE_LIMIT: failed writes in a row that stop a job
     ingress_cpu_threads: int = 2  # INGRESS_CPU_THREADS: threads per ingress replica for image decoding and RLE
     max_detections: int = 50  # MAX_DETECTIONS: boxes kept per task
@@ -211,7 +212,7 @@ class Settings:
         if self.sam_embedding_cache_bytes < 0 or self.polygon_tolerance_px < 0:
             raise SettingsError("SAM_EMBEDDING_CACHE_BYTES and POLYGON_TOLERANCE_PX must not be negative")
         for name in ("download_timeout_s", "task_timeout_s", "replica_retry_timeout_s", "predict_deadline_s",
-                     "write_deadline_s"):
+                     "write_deadline_s", "write_batch_wait_s"):
             if not 0 < getattr(self, name) <= MAX_TIMEOUT_S:
                 raise SettingsError(f"{name.upper()} must be more than 0 and at most {MAX_TIMEOUT_S:g} s (a day), "
                                     f"got {getattr(self, name)}")

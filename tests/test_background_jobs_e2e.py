@@ -20,7 +20,7 @@ from tests.label_studio import LEGACY_TOKEN
 from tests.loopback import image_handler, loopback_http
 from tests.serve_process import ServeProcess
 
-pytestmark = [pytest.mark.serve, pytest.mark.e2e]
+pytestmark = [pytest.mark.serve, pytest.mark.e2e, pytest.mark.timeout(600)]  # Label Studio starts too
 
 LABEL_STUDIO_ENV = {"ML_TIMEOUT_PREDICT": "15"}  # read by tests/conftest.py's label_studio fixture
 ML_TIMEOUT_PREDICT_S = 15

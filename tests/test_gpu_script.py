@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.serve  # every step starts the real service
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(900)]  # every step starts the real service
 
 
 def test_gpu_script_runs_every_benchmark_on_cpu(tmp_path):

@@ -24,7 +24,7 @@ from tests.imaging import data_url, jpeg_with_orientation, pattern, png_bytes
 from tests.label_studio import LEGACY_TOKEN
 from tests.serve_process import ServeProcess
 
-pytestmark = [pytest.mark.serve, pytest.mark.e2e]
+pytestmark = [pytest.mark.serve, pytest.mark.e2e, pytest.mark.timeout(600)]  # Label Studio starts too
 
 LABELS = {"cats", "house"}
 

@@ -20,7 +20,7 @@ from tests.conftest import load_ls_fixture
 from tests.imaging import data_url, pattern, png_bytes
 from tests.serve_process import ServeProcess, free_port, model_deployments
 
-pytestmark = pytest.mark.serve
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(400)]  # a two-node cluster, scaling both ways
 
 IMAGE = data_url(png_bytes(pattern(96, 128, seed=3)))
 

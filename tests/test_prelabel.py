@@ -21,7 +21,7 @@ from tests.label_studio import LEGACY_TOKEN
 from tests.loopback import loopback_http
 from tests.serve_process import ServeProcess
 
-pytestmark = [pytest.mark.serve, pytest.mark.e2e]
+pytestmark = [pytest.mark.serve, pytest.mark.e2e, pytest.mark.timeout(600)]  # Label Studio starts too
 
 IMAGE = png_bytes(pattern(96, 128, seed=11))
 CLI = Path(sys.executable).parent / "grounded-serve"

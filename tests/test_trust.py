@@ -133,6 +133,7 @@ def test_two_instances_with_project_1_each_get_their_own_images_and_credentials(
     assert moved.status_code == 409 and "LABEL_STUDIO_URL" in moved.json()["error"]
 
 
+@pytest.mark.timeout(300)  # serve run keeps running after the refusal: the start's own timeout ends it
 def test_a_key_without_label_studio_url_refuses_to_start(tiny_models, tmp_path):
     env = {"GROUNDING_DINO_MODEL": str(tiny_models["grounding_dino"]), "LABEL_STUDIO_API_KEY": OPERATOR_KEY,
            "LABEL_STUDIO_URL": ""}

@@ -22,7 +22,7 @@ from tests.loopback import image_handler, loopback_http
 from tests.serve_process import ServeProcess
 from tests.test_label_studio_e2e import upload_files
 
-pytestmark = [pytest.mark.serve, pytest.mark.e2e]
+pytestmark = [pytest.mark.serve, pytest.mark.e2e, pytest.mark.timeout(600)]  # Label Studio starts too
 
 TOKEN_B = "second-instance-token-9876543210"
 SIZES = {"A": (160, 120), "B": (96, 200)}  # (width, height) of each instance's uploads

@@ -91,6 +91,7 @@ class Job:
     to_write: collections.deque = field(default_factory=collections.deque)  # (task, prediction, bytes) to store
     writing_now: list[JobTask] = field(default_factory=list)  # the batch being stored
     flusher: asyncio.Task | None = None  # stores `to_write`, a batch at a time
+    batch_full: asyncio.Event = field(default_factory=asyncio.Event)  # a batch is ready, or no more will come
     waiting: bool = True  # the /predict that started the job is still waiting for it
     state: str = "running"  # running | finished | cancelled | stopped
     failures: FailureLog = field(default_factory=FailureLog)
@@ -399,16 +400,28 @@ class JobBoard:
         self._move(job, task, TaskState.WRITING)
         size = len(orjson.dumps(outcome.prediction, option=orjson.OPT_SERIALIZE_NUMPY))
         job.to_write.append((task, outcome.prediction, size))
+        if len(job.to_write) >= self.settings.write_batch_tasks:
+            job.batch_full.set()
         if job.flusher is None or job.flusher.done():
             job.flusher = asyncio.get_running_loop().create_task(self._flush(job), context=contextvars.Context())
             job.flusher.add_done_callback(functools.partial(self._flusher_done, job))
 
     async def _flush(self, job: Job) -> None:
-        """Store what the job finished, a batch at a time (up to WRITE_BATCH_TASKS and WRITE_BATCH_BYTES): what
-        finishes while one batch is written goes in the next."""
+        """Store what the job finished, a batch at a time (up to WRITE_BATCH_TASKS and WRITE_BATCH_BYTES): a batch
+        waits up to WRITE_BATCH_WAIT_S to fill while the job still computes (each bulk call costs Label Studio about
+        as much as several single rows), and what finishes while one batch is written goes in the next."""
         s = self.settings
         project_id = int(job.project) if job.project.isdigit() else None
         while job.to_write:
+            if len(job.to_write) < s.write_batch_tasks and job.runners:
+                job.batch_full.clear()
+                try:
+                    await asyncio.wait_for(job.batch_full.wait(), timeout=s.write_batch_wait_s)
+                except asyncio.TimeoutError:
+                    pass
+                except asyncio.CancelledError:
+                    await self._flush_cancelled(job)
+                    return
             batch, size = [], 0
             while job.to_write and len(batch) < s.write_batch_tasks and (
                     not batch or size + job.to_write[0][2] <= s.write_batch_bytes):
@@ -534,6 +547,8 @@ class JobBoard:
             self.claims.release(job.id, [(job.instance, job.project, task.task_id)])
 
     def _settle_if_idle(self, job: Job) -> None:
+        if not job.runners:
+            job.batch_full.set()  # nothing is being computed: the batch goes as it is
         if not job.queue and not job.runners:
             self._settle(job)
 
