@@ -127,10 +127,19 @@ def test_two_instances_with_project_1_each_get_their_own_images_and_credentials(
         assert response.status_code == 200 and "task_errors" not in response.json(), response.text[:500]
     assert LabelStudioStandIn.seen == [("/data/upload/1/a.png", f"Token {OPERATOR_KEY}")] * 2
     assert SecondLabelStudio.seen == [("/data/upload/1/a.png", "Token token-of-b")]
-    # a /setup from elsewhere cannot take the operator's project away
-    moved = httpx.post(f"{service.url}/setup", json={"project": "1.1700000001", "hostname": attacker,
-                                                     "access_token": "x"}, timeout=30)
-    assert moved.status_code == 409 and "LABEL_STUDIO_URL" in moved.json()["error"]
+    # a /setup from elsewhere naming the operator's project does not take its images or its key away
+    LabelStudioStandIn.seen.clear()
+    Attacker.seen.clear()
+    claimed = httpx.post(f"{service.url}/setup", json={"project": "1.1700000001", "hostname": attacker,
+                                                       "access_token": "attacker-token"}, timeout=30)
+    assert claimed.status_code == 200
+    body = body_for(["/data/upload/1/a.png"])
+    body["project"] = "1.1700000001"
+    response = httpx.post(f"{service.url}/predict", json=body, timeout=60)
+    assert response.status_code == 200 and "task_errors" not in response.json(), response.text[:500]
+    assert ("/data/upload/1/a.png", f"Token {OPERATOR_KEY}") in LabelStudioStandIn.seen
+    assert all(auth != f"Token {OPERATOR_KEY}" for _, auth in Attacker.seen)
+    assert not any(path.startswith("/data/") for path, _ in Attacker.seen)
 
 
 @pytest.mark.timeout(300)  # serve run keeps running after the refusal: the start's own timeout ends it

@@ -66,7 +66,13 @@ def test_two_instances_with_project_1_each_store_their_own_predictions(
                            tmp_path_factory.mktemp("serve")).start()
     try:
         instances = {"A": (label_studio, LEGACY_TOKEN), "B": (second_label_studio, TOKEN_B)}
-        made = {name: make_project(ls, token, *SIZES[name], slow_images) for name, (ls, token) in instances.items()}
+        # Both projects are created at once, just after a second begins, as two fresh instances set up together
+        # would be: their project names ("1.<created-at>") then usually collide, and each request is matched to its
+        # instance by the task it holds (serve_app.ingress.instances.owner_of).
+        time.sleep(1 - time.time() % 1)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            made = dict(zip(instances, pool.map(lambda item: make_project(item[1][0], item[1][1], *SIZES[item[0]],
+                                                                          slow_images), instances.items())))
         assert made["A"][1].id == made["B"][1].id == 1 and made["A"][2] == made["B"][2]  # same ids in both
         mls = {name: client.ml.create(project=project.id, url=service.url, is_interactive=True, title=name)
                for name, (client, project, _) in made.items()}

@@ -32,7 +32,7 @@ from serve_app.ingress.claims import SharedClaims
 from serve_app.ingress.cpu_pool import PriorityPool
 from serve_app.ingress.errors import BadRequest, ServiceUnavailable
 from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
-from serve_app.ingress.instances import LabelStudioInstances, origin_text
+from serve_app.ingress.instances import LabelStudioInstances, origin_text, owner_of
 from serve_app.ingress.jobs import JobBoard
 from serve_app.ingress.label_config import parse_label_config
 from serve_app.ingress.label_studio_auth import LabelStudioCredentials, choose_credential
@@ -394,8 +394,13 @@ class Ingress:
             if body.get("schema"):
                 await self._run_blocking(parse_label_config, body["schema"])  # unservable configs fail here
             project = project_name(body.get("project"))
-            known = self.instances.known(project)
-            hostname, token = setup_fields(body, known.hostname if known else "", known.token if known else "")
+            hostname, token = setup_fields(body, "", "")
+            if not hostname:  # empty fields keep what the project's last /setup said
+                latest = self.instances.known(project)
+                hostname = latest.hostname if latest else ""
+            if not token:  # a token only ever from the same instance's /setup
+                same = self.instances.known(project, hostname) if hostname else None
+                token = same.token if same else ""
             if hostname or token:  # grounded-serve prelabel sends neither: nothing to remember
                 # downloads in flight keep the fetcher they started with; the HTTP client is shared, never closed
                 self.instances.setup(project, hostname, token)
@@ -403,6 +408,21 @@ class Ingress:
             logger.warning("/setup refused: %s", exc)
             return json_error(exc.status_code, exc.message)
         return SafeJSONResponse({"model_version": self.model_version})
+
+    async def _instance_of(self, parsed):
+        """The Label Studio instance that sent this /predict: the one whose /setup named its project, or, when
+        several did (the same project name on two instances), the one that holds its first task."""
+        candidates = self.instances.lookup(parsed.project)
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        owner = await owner_of(candidates, parsed.tasks, parsed.config.image_key, parsed.project.split(".", 1)[0])
+        if owner is None:  # the operator's instance if it is one of them, else the most recent /setup's
+            fallback = candidates[0] if candidates[0].origin == self.instances.pinned_origin else \
+                self.instances.known(parsed.project)
+            logger.warning("project %s: none of %s holds this request's tasks as sent; using %s", parsed.project,
+                           ", ".join(c.origin for c in candidates), fallback.origin)
+            return fallback
+        return owner
 
     @api.post("/webhook")
     async def webhook(self, request: Request) -> JSONResponse:
@@ -427,7 +447,7 @@ class Ingress:
         self.metrics.count("predict_requests")
         try:
             parsed = await self.pipeline.parse_off_loop(await self._read_json(request))
-            instance = self.instances.lookup(parsed.project)
+            instance = await self._instance_of(parsed)
             fetcher = instance.fetcher if instance else self.pipeline.fetcher
             parsed = dataclasses.replace(parsed, fetcher=fetcher)
             if parsed.interactive:  # the editor shows this answer and stores nothing: no background job

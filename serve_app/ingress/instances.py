@@ -1,16 +1,21 @@
 """Several Label Studio instances on one service: each project's requests are fetched and written back through the
 instance that sent its /setup.
 
-Label Studio names a project `"<id>.<created-at timestamp>"` in every /setup and /predict, so two fresh instances
-that both have a project 1 still send different names (unless both were created in the same second). /setup also
-carries the instance's `hostname` and a token; the table below keeps, per project name, the fetcher built from
-them (its Label Studio base URL for relative `/data/...` URLs, its credential, its address rules), and /predict
-looks its project up. The operator's instance (LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY) is not in the table: it
-is the fallback, so no flood of /setup calls can evict it.
+Label Studio names a project `"<id>.<created-at timestamp>"` in every /setup and /predict, so two instances that
+both have a project 1 send different names, unless both projects were created in the same second (two fresh
+instances set up together). /setup also carries the instance's `hostname` and a token; the table below keeps, per
+project name and instance origin, the fetcher built from them (its base URL for relative `/data/...` URLs, its
+credential, its address rules), and /predict looks its project up.
 
-A /predict for a project whose /setup this replica has not seen (after a restart, before Label Studio's next /health
-and /setup; the editor's calls come without one) is served by the operator's instance, or with no credential when
-there is none: today's behaviour, logged once per project.
+When one name has several instances (a collision, or a /setup from somewhere else), the request says which one sent
+it only through its tasks: the ingress asks each instance, with that instance's own token, for the request's first
+task (`GET /api/tasks/{id}`), and the instance whose task holds the same image is the one (the operator's instance
+first, so another host learns nothing when it matches). No credential goes anywhere but its own instance.
+
+The operator's instance (LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY) is also the fallback for a project whose /setup
+this replica has not seen (after a restart, before Label Studio's next /health and /setup; the editor's calls come
+without one), or with no credential when there is none: today's behaviour, logged once per project. It is not in the
+table, so no flood of /setup calls can evict it.
 """
 
 from __future__ import annotations
@@ -18,15 +23,17 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass
-from typing import Callable, Generic, TypeVar
+from urllib.parse import urlsplit
+from typing import Any, Callable, Generic, TypeVar
 
 from serve_app import get_logger
-from serve_app.ingress.errors import BadRequest
 from serve_app.ingress.origins import origin
 
 logger = get_logger(__name__)
 
 Fetcher = TypeVar("Fetcher")
+CANDIDATES = 4  # instances kept for one project name (a collision is two)
+VERIFY_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -53,52 +60,57 @@ class LabelStudioInstances(Generic[Fetcher]):
     def __init__(self, make_fetcher: Callable[[str, str], Fetcher], *, capacity: int, ttl_s: float,
                  pinned_origin: str = "", clock: Callable[[], float] = time.monotonic):
         self._make_fetcher = make_fetcher  # (hostname, token) -> fetcher
-        self.pinned_origin = pinned_origin  # the operator's instance: its projects never move to another host
+        self.pinned_origin = pinned_origin  # the operator's instance: asked first when a name is shared
         self.capacity = capacity
         self.ttl_s = ttl_s
         self._clock = clock
-        self._projects: collections.OrderedDict[str, Instance[Fetcher]] = collections.OrderedDict()
+        # project name -> {origin: instance}, the most recent /setup last; names in least recently used order
+        self._projects: collections.OrderedDict[str, collections.OrderedDict[str, Instance[Fetcher]]] = \
+            collections.OrderedDict()
         self._unknown_logged: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def __len__(self) -> int:
         return len(self._projects)
 
-    def known(self, project: str) -> Instance[Fetcher] | None:
-        """What the last /setup for `project` said (without counting as use)."""
-        return self._projects.get(project)
+    def known(self, project: str, hostname: str = "") -> Instance[Fetcher] | None:
+        """What the last /setup for `project` (from `hostname`'s origin, if given) said, without counting as use."""
+        candidates = self._projects.get(project)
+        if not candidates:
+            return None
+        if hostname:
+            return candidates.get(origin_text(hostname))
+        return next(reversed(candidates.values()))
 
     def setup(self, project: str, hostname: str, token: str) -> Instance[Fetcher]:
-        """Remember what a /setup for `project` said; a changed host or token gets a new fetcher. BadRequest (409) for
-        a /setup that would move a project of the operator's instance (LABEL_STUDIO_URL) to another host: whoever
-        knows a project's name must not be able to take its images and predictions elsewhere."""
+        """Remember what a /setup for `project` said; a changed host or token gets a new fetcher."""
         now = self._clock()
-        known = self._projects.get(project)
-        if (known is not None and self.pinned_origin and known.origin == self.pinned_origin
-                and origin_text(hostname) not in ("", self.pinned_origin)):
-            raise BadRequest(f"project {project[:64]!r} belongs to the Label Studio at LABEL_STUDIO_URL "
-                             f"({self.pinned_origin}); a /setup from {origin_text(hostname)} cannot move it",
-                             status_code=409)
-        self._projects.pop(project, None)
+        where = origin_text(hostname)
+        candidates = self._projects.pop(project, collections.OrderedDict())
+        known = candidates.pop(where, None)
         if known is None or (known.hostname, known.token) != (hostname, token):
-            if known is not None and known.origin != origin_text(hostname):
-                logger.warning("project %s moved from %s to %s (a /setup from another Label Studio instance with "
-                               "the same project name?)", project or "-", known.origin or "-",
-                               origin_text(hostname) or "-")
             known = Instance(hostname, token, self._make_fetcher(hostname, token), now)
+            if candidates:
+                logger.warning("project %s is also a project of %s: its requests are matched to their Label Studio "
+                               "instance by asking each for the request's first task", project or "-",
+                               ", ".join(o or "-" for o in candidates))
         known.last_seen = now
-        self._projects[project] = known
+        candidates[where] = known
+        while len(candidates) > CANDIDATES:
+            candidates.popitem(last=False)
+        self._projects[project] = candidates
         self._expire(now)
         while len(self._projects) > self.capacity:
-            evicted, instance = self._projects.popitem(last=False)
-            logger.warning("forgetting project %s of %s: more than %d projects (MAX_LABEL_STUDIO_PROJECTS); its next "
-                           "/setup brings it back", evicted or "-", instance.origin or "-", self.capacity)
+            evicted, _ = self._projects.popitem(last=False)
+            logger.warning("forgetting project %s: more than %d projects (MAX_LABEL_STUDIO_PROJECTS); its next "
+                           "/setup brings it back", evicted or "-", self.capacity)
         return known
 
-    def lookup(self, project: str) -> Instance[Fetcher] | None:
+    def lookup(self, project: str) -> list[Instance[Fetcher]]:
+        """The instances that sent a /setup for `project`: the operator's first, then the most recent first."""
         now = self._clock()
         self._expire(now)
-        instance = self._projects.get(project)
-        if instance is None:
+        candidates = self._projects.get(project)
+        if not candidates:
             if project not in self._unknown_logged:
                 self._unknown_logged[project] = None
                 while len(self._unknown_logged) > self.capacity:
@@ -106,14 +118,65 @@ class LabelStudioInstances(Generic[Fetcher]):
                 logger.warning("project %s: no /setup seen for it since this replica started; its images are fetched "
                                "through LABEL_STUDIO_URL if set (else only public URLs), until Label Studio's next "
                                "/setup for it (opening the project or a Retrieve sends one)", project or "-")
-            return None
-        instance.last_seen = now
+            return []
+        for instance in candidates.values():
+            instance.last_seen = now
         self._projects.move_to_end(project)
-        return instance
+        ordered = list(reversed(candidates.values()))
+        return sorted(ordered, key=lambda instance: instance.origin != self.pinned_origin)  # stable: operator first
 
     def _expire(self, now: float) -> None:
         while self._projects:
-            project, oldest = next(iter(self._projects.items()))
-            if now - oldest.last_seen <= self.ttl_s:
+            project, candidates = next(iter(self._projects.items()))
+            if any(now - instance.last_seen <= self.ttl_s for instance in candidates.values()):
                 return
             del self._projects[project]
+
+
+SAMPLE = 20  # tasks of a request compared with each candidate instance: the first and the last ten
+
+
+async def owner_of(candidates: list[Instance], tasks: list[Any], image_key: str, project_id: str) -> Instance | None:
+    """Which of `candidates` sent `tasks`: the first whose own API, asked with its own credential, holds every
+    sampled task (by id, in that project) with the same image. None when none can say (no ids, no credential, no
+    match). Two instances that both hold the same ids with the same images cannot be told apart: the first wins.
+
+    Asked through the project's export (`GET /api/projects/{id}/export?ids[]=...`), which has no side effect:
+    `GET /api/tasks/{id}` would make Label Studio ask this service for a prediction of a task that has none."""
+    wanted: dict[int, str] = {}
+    for task in [*tasks[:SAMPLE // 2], *tasks[-(SAMPLE // 2):]]:
+        task_id = task.get("id") if isinstance(task, dict) else None
+        data = task.get("data") if isinstance(task, dict) else None
+        if isinstance(task_id, int) and not isinstance(task_id, bool) and isinstance(data, dict) \
+                and _path(data.get(image_key)):
+            wanted[task_id] = _path(data.get(image_key))
+    if not wanted or not project_id.isdigit():
+        return None
+    for instance in candidates:
+        fetcher = instance.fetcher
+        credentials = getattr(fetcher, "credentials", None)
+        if credentials is None:
+            continue
+        try:
+            url = f"{credentials.base_url}/api/projects/{project_id}/export"
+            target, headers, extensions = await fetcher.connect_target(url)
+            response = await credentials.client.get(
+                target, params=[("exportType", "JSON"), ("download_all_tasks", "true"),
+                                *(("ids[]", str(task_id)) for task_id in wanted)],
+                headers={**headers, **await credentials.headers()}, extensions=extensions, timeout=VERIFY_TIMEOUT_S)
+            rows = response.json() if response.status_code == 200 else []
+            held = {row.get("id"): _path(row["data"].get(image_key)) for row in rows
+                    if isinstance(row, dict) and isinstance(row.get("data"), dict)}
+            if all(held.get(task_id) == path for task_id, path in wanted.items()):
+                return instance
+        except Exception:  # noqa: BLE001 - an instance that cannot answer is not the one
+            logger.info("could not ask %s whether it sent tasks %s", instance.origin, list(wanted)[:3],
+                        exc_info=True)
+    return None
+
+
+def _path(value: Any) -> str:
+    """An image value as both sides write it: an export may make a relative upload URL absolute."""
+    if not isinstance(value, str):
+        return ""
+    return urlsplit(value).path if value.startswith(("http://", "https://", "/")) else value
