@@ -184,17 +184,7 @@ def test_a_login_page_where_json_was_due_fails_the_task_and_releases_it():
     ls = ScriptedLabelStudio(on_post=lambda n, row: (502, {}, {"detail": "bad gateway"}), on_get=lambda: login)
     s = settings()
 
-    async def scenario():
-        async with httpx.AsyncClient() as http:
-            pipeline = GatedPipeline(s)
-            board = JobBoard(pipeline=pipeline, settings=s)
-            await pipeline.predict(board, [1, 2, 3], writer(ls.url, http))
-            await until_done(board)
-            return board
-
-    with loopback_http(ls.handler) as url:
-        ls.url = url
-        board = asyncio.run(scenario())
+    board = run_job(ls, [1, 2, 3], s)
     [summary] = board.summaries()
     counts = summary["tasks"]
     assert counts["failed"] + counts["answered"] == 3 and counts["failed"] >= 1 and counts["pending"] == 0
@@ -296,17 +286,7 @@ def test_repeated_write_failures_stop_the_job_and_say_why():
     ls = ScriptedLabelStudio(on_post=lambda n, row: (503, {}, {"detail": "maintenance"}))
     s = settings(job_write_failure_limit=3, max_pending_writes=2)
 
-    async def scenario():
-        async with httpx.AsyncClient() as http:
-            pipeline = GatedPipeline(s)
-            board = JobBoard(pipeline=pipeline, settings=s)
-            await pipeline.predict(board, range(1, 31), writer(ls.url, http, retries=0))
-            await until_done(board)
-            return board
-
-    with loopback_http(ls.handler) as url:
-        ls.url = url
-        board = asyncio.run(scenario())
+    board = run_job(ls, range(1, 31), s, retries=0)
     [summary] = board.summaries()
     assert summary["state"] == "stopped" and "JOB_WRITE_FAILURE_LIMIT" in summary["stopped_because"]
     counts = summary["tasks"]
