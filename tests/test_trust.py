@@ -53,7 +53,25 @@ class Recorder(http.server.BaseHTTPRequestHandler):
 
 
 class LabelStudioStandIn(Recorder):
+    """Also answers project 9's export (the tasks it holds: /data/upload/9/<id>.png) for the operator's key."""
+
     seen: list[tuple[str, str | None]] = []
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        if not self.path.startswith("/api/projects/9/export"):
+            return super().do_GET()
+        import urllib.parse
+
+        type(self).seen.append((self.path, self.headers.get("Authorization")))
+        ids = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("ids[]", [])
+        ok = self.headers.get("Authorization") == f"Token {OPERATOR_KEY}"
+        body = json.dumps([{"id": int(i), "data": {"image": f"/data/upload/9/{i}.png"}} for i in ids] if ok else
+                          {"detail": "no"}).encode()
+        self.send_response(200 if ok else 401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
 
 class Attacker(Recorder):
@@ -125,7 +143,10 @@ def test_two_instances_with_project_1_each_get_their_own_images_and_credentials(
         body["project"] = project
         response = httpx.post(f"{service.url}/predict", json=body, timeout=60)
         assert response.status_code == 200 and "task_errors" not in response.json(), response.text[:500]
-    assert LabelStudioStandIn.seen == [("/data/upload/1/a.png", f"Token {OPERATOR_KEY}")] * 2
+    images = [(path, auth) for path, auth in LabelStudioStandIn.seen if not path.startswith("/api/")]
+    assert images == [("/data/upload/1/a.png", f"Token {OPERATOR_KEY}")] * 2
+    # B's project is asked about on the operator's Label Studio once (does it hold these tasks? no), with its key
+    assert {auth for _, auth in LabelStudioStandIn.seen} == {f"Token {OPERATOR_KEY}"}
     assert SecondLabelStudio.seen == [("/data/upload/1/a.png", "Token token-of-b")]
     # a /setup from elsewhere naming the operator's project does not take its images or its key away
     LabelStudioStandIn.seen.clear()
@@ -143,6 +164,22 @@ def test_two_instances_with_project_1_each_get_their_own_images_and_credentials(
 
 
 @pytest.mark.timeout(300)  # serve run keeps running after the refusal: the start's own timeout ends it
+def test_a_setup_from_elsewhere_naming_a_project_of_label_studio_url_does_not_take_it(service, hosts):
+    """The first /setup for project 9 comes from another host; the operator's Label Studio holds project 9's tasks,
+    so its requests are still served from LABEL_STUDIO_URL, and the other host sees none of them."""
+    label_studio, attacker = hosts
+    LabelStudioStandIn.seen.clear()
+    Attacker.seen.clear()
+    assert httpx.post(f"{service.url}/setup", json={"project": "9.1700000009", "hostname": attacker,
+                                                    "access_token": "attacker-token"}, timeout=30).status_code == 200
+    body = body_for(["/data/upload/9/1.png", "/data/upload/9/2.png"])
+    body["project"] = "9.1700000009"
+    response = httpx.post(f"{service.url}/predict", json=body, timeout=60)
+    assert response.status_code == 200 and "task_errors" not in response.json(), response.text[:500]
+    assert ("/data/upload/9/1.png", f"Token {OPERATOR_KEY}") in LabelStudioStandIn.seen
+    assert Attacker.seen == []
+
+
 def test_a_key_without_label_studio_url_refuses_to_start(tiny_models, tmp_path):
     env = {"GROUNDING_DINO_MODEL": str(tiny_models["grounding_dino"]), "LABEL_STUDIO_API_KEY": OPERATOR_KEY,
            "LABEL_STUDIO_URL": ""}

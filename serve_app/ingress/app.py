@@ -32,7 +32,7 @@ from serve_app.ingress.claims import SharedClaims
 from serve_app.ingress.cpu_pool import PriorityPool
 from serve_app.ingress.errors import BadRequest, ServiceUnavailable
 from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
-from serve_app.ingress.instances import LabelStudioInstances, origin_text, owner_of
+from serve_app.ingress.instances import Instance, LabelStudioInstances, origin_text, owner_of
 from serve_app.ingress.jobs import JobBoard
 from serve_app.ingress.label_config import parse_label_config
 from serve_app.ingress.label_studio_auth import LabelStudioCredentials, choose_credential
@@ -413,8 +413,21 @@ class Ingress:
         """The Label Studio instance that sent this /predict: the one whose /setup named its project, or, when
         several did (the same project name on two instances), the one that holds its first task."""
         candidates = self.instances.lookup(parsed.project)
-        if len(candidates) <= 1:
-            return candidates[0] if candidates else None
+        if not candidates:
+            return None
+        pinned = self.instances.pinned_origin
+        if len(candidates) == 1 and pinned and candidates[0].origin != pinned \
+                and self.pipeline.fetcher.credentials is not None:
+            # a project only another host's /setup named: unless the operator's own Label Studio holds these tasks
+            # (then that /setup claimed a project that is not its own), it is that host's
+            operator = Instance(self.settings.label_studio_url, "", self.pipeline.fetcher, 0.0)
+            if await owner_of([operator], parsed.tasks, parsed.config.image_key, parsed.project.split(".", 1)[0]):
+                logger.warning("project %s: a /setup from %s named it, but LABEL_STUDIO_URL holds its tasks: served "
+                               "from there", parsed.project, candidates[0].origin)
+                return None
+            return candidates[0]
+        if len(candidates) == 1:
+            return candidates[0]
         owner = await owner_of(candidates, parsed.tasks, parsed.config.image_key, parsed.project.split(".", 1)[0])
         if owner is None:  # the operator's instance if it is one of them, else the most recent /setup's
             fallback = candidates[0] if candidates[0].origin == self.instances.pinned_origin else \
