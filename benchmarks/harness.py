@@ -207,13 +207,22 @@ def histogram_delta(before: dict, after: dict) -> dict[str, dict[str, int]]:
     return delta
 
 
-def service_processes(service: ServeProcess):
-    """(command line, RSS in MB) of `serve run` and every process in its session, Ray's included."""
-    for proc in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+def session_processes(service: ServeProcess, attrs: tuple[str, ...] = ("pid",)):
+    """`serve run` and every process in its session, Ray's included (psutil processes with `attrs` in .info)."""
+    for proc in psutil.process_iter(["pid", *attrs]):
         try:
             if os.getsid(proc.pid) == service.process.pid:
-                yield proc.info["cmdline"] or ["?"], proc.info["memory_info"].rss / 1e6
-        except (psutil.NoSuchProcess, psutil.AccessDenied, OSError, TypeError):
+                yield proc
+        except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
+            continue
+
+
+def service_processes(service: ServeProcess):
+    """(command line, RSS in MB) of `serve run` and every process in its session, Ray's included."""
+    for proc in session_processes(service, ("cmdline", "memory_info")):
+        try:
+            yield proc.info["cmdline"] or ["?"], proc.info["memory_info"].rss / 1e6
+        except (AttributeError, TypeError):  # the process went away while listed
             continue
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -29,7 +28,7 @@ import httpx
 import psutil
 from label_studio_sdk import LabelStudio as LabelStudioClient
 
-from benchmarks.harness import ImageServer, distinct_images, machine, start_service
+from benchmarks.harness import ImageServer, distinct_images, machine, session_processes, start_service
 from tests.configs import SEED_CONFIG
 from tests.label_studio import LEGACY_TOKEN, LabelStudio
 
@@ -57,13 +56,9 @@ def cpu_seconds(pids: list[int]) -> float:
 def service_cpu(service) -> float:
     """CPU seconds of `serve run` and every process of its session (Ray's, the replicas)."""
     total = 0.0
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getsid(proc.pid) == service.process.pid:
-                times = proc.cpu_times()
-                total += times.user + times.system
-        except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
-            continue
+    for proc in session_processes(service, ("cpu_times",)):
+        times = proc.info["cpu_times"]
+        total += (times.user + times.system) if times else 0.0
     return total
 
 

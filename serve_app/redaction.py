@@ -8,29 +8,30 @@ userinfo, the query and the fragment (marked `?…` so a reader knows something 
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 SHOWN_CHARS = 200
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.\-]{0,15}://[^\s'\"<>]+")
 
 
+def without_secrets(url: str) -> str:
+    """scheme://host:port/path of `url`: no user:password, query or fragment. ValueError for a malformed URL."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 def shown_url(url: str, limit: int = SHOWN_CHARS) -> str:
-    """`url` without userinfo, query and fragment, cut to `limit` characters."""
+    """`url` without userinfo, query and fragment (marked `?…` when there was one), cut to `limit` characters."""
     if url.startswith("data:"):
         return url[:min(limit, 40)] + ("…" if len(url) > min(limit, 40) else "")
+    cut = re.split(r"[?#]", url, maxsplit=1)
+    marker = "?…" if len(cut) > 1 else ""
     try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
+        text = (without_secrets(url) if urlsplit(url).scheme else cut[0]) + marker
     except ValueError:
-        host, port = "", ""
-        parts = None
-    if parts is None or not parts.scheme:
-        cut = re.split(r"[?#]", url, maxsplit=1)
-        text = cut[0] + ("?…" if len(cut) > 1 else "")
-    else:
-        netloc = f"[{host}]" if ":" in host else host
-        text = f"{parts.scheme}://{netloc}{port}{parts.path}" + ("?…" if parts.query or parts.fragment else "")
+        text = cut[0] + marker
     return text if len(text) <= limit else text[:limit] + "…"
 
 

@@ -143,13 +143,28 @@ class PredictionsStandIn:
             return [row for row in self.rows if row.get("task") == task_id]
 
 
-def image_handler(image: bytes, delay_s: float = 0.0, slow_prefix: str = ""):
+@contextlib.contextmanager
+def predictions_api(token: str = "stand-in-token"):
+    """A PredictionsStandIn served on 127.0.0.1; yields it, with its `url` set."""
+    store = PredictionsStandIn(token=token)
+    with loopback_http(store.handler) as url:
+        store.url = url
+        yield store
+
+
+def image_handler(image: bytes, delay_s: float = 0.0, slow_prefix: str = "", fetched=None):
     """A handler that answers every GET with `image` (PNG), after `delay_s` for paths under `slow_prefix`
-    (every path when it is empty): slow storage, without slowing the models."""
+    (every path when it is empty): slow storage, without slowing the models. `fetched` (a Counter) counts the
+    downloads of each path."""
     import time
+
+    lock = threading.Lock()
 
     class ImageHandler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's naming
+            if fetched is not None:
+                with lock:
+                    fetched[self.path] += 1
             if delay_s and self.path.startswith(slow_prefix):
                 time.sleep(delay_s)
             try:

@@ -21,8 +21,9 @@ import pytest
 from tests.configs import CLICK_CONFIG, SEED_CONFIG
 from tests.conftest import load_ls_fixture
 from tests.imaging import pattern, png_bytes
-from tests.loopback import PredictionsStandIn, image_handler, loopback_http
+from tests.loopback import image_handler, loopback_http, predictions_api
 from tests.serve_process import ServeProcess
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.serve
 
@@ -34,9 +35,7 @@ KEY = "stand-in-token"
 
 @pytest.fixture(scope="module")
 def label_studio():
-    store = PredictionsStandIn(token=KEY)
-    with loopback_http(store.handler) as url:
-        store.url = url
+    with predictions_api(KEY) as store:
         yield store
 
 
@@ -132,13 +131,11 @@ def test_a_job_can_be_cancelled_and_its_tasks_stay_retryable(service, label_stud
     assert cancelled.status_code == 200 and cancelled.json() == {"cancelled": job_id}
     again = httpx.delete(f"{service.url}/jobs/{job_id}", auth=AUTH, timeout=10)
     assert again.status_code == 404 and "GET /jobs" in again.json()["error"]
-    deadline = time.monotonic() + 60  # the running tasks unwind (cancelled) and the job has nothing pending
-    while True:
+    def settled_job():  # the running tasks unwound (cancelled): the job has nothing pending
         [job] = [j for j in httpx.get(f"{service.url}/jobs", auth=AUTH, timeout=10).json()["jobs"] if j["id"] == job_id]
-        if not job["tasks"]["pending"]:
-            break
-        assert time.monotonic() < deadline, job
-        time.sleep(0.2)
+        return job if not job["tasks"]["pending"] else None
+
+    job = wait_until(settled_job, 60, "the cancelled job's running tasks unwinding")
     assert job["state"] == "cancelled" and job["tasks"]["cancelled"] >= 40 - 8 - job["tasks"]["answered"]
     stored = {row["task"] for row in label_studio.rows if 2000 <= row["task"] < 2040}
     assert len(stored) < 40 - 8  # the queue was dropped; at most what was running finished

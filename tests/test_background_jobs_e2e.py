@@ -19,6 +19,7 @@ from tests.imaging import pattern, png_bytes
 from tests.label_studio import LEGACY_TOKEN
 from tests.loopback import image_handler, loopback_http
 from tests.serve_process import ServeProcess
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.serve, pytest.mark.e2e, pytest.mark.timeout(600)]  # Label Studio starts too
 
@@ -158,10 +159,9 @@ def test_without_a_usable_credential_the_answer_keeps_what_finished_and_a_second
         first = [t for t, p in predictions_per_task(client, task_ids).items() if p]
         assert 0 < len(first) < 30
         assert service.wait_for_log(r"no usable Label Studio credential to store them later")
-        deadline = time.monotonic() + 60  # nothing arrives later: the unfinished tasks were cancelled, not stored
-        while jobs(service)["running_jobs"] or jobs(service)["pending_tasks"]:
-            assert time.monotonic() < deadline, jobs(service)
-            time.sleep(0.5)
+        # nothing arrives later: the unfinished tasks were cancelled, not stored
+        wait_until(lambda: not (listing := jobs(service))["running_jobs"] and not listing["pending_tasks"], 60,
+                   "the cancelled tasks unwinding")
         assert len([t for t, p in predictions_per_task(client, task_ids).items() if p]) == len(first)
         for _ in range(3):  # each Retrieve sends only the tasks still lacking a prediction
             retrieve(client, project)
@@ -191,16 +191,14 @@ def test_label_studio_hanging_up_with_tasks_running_loses_none_of_them(
         except Exception:  # noqa: BLE001 - the SDK may report Label Studio's own timeout as an error
             pass
         assert service.wait_for_log(r"POST /predict CANCELLED")
-        deadline = time.monotonic() + 180
-        while True:
+        def finished_and_adding_up():  # checked at every poll, not only at the end
             listing = jobs(service)
             for job in listing["jobs"]:
                 counts = job["tasks"]
                 assert counts["done"] + counts["failed"] + counts["cancelled"] + counts["pending"] == counts["total"]
-            if listing["jobs"] and not listing["running_jobs"]:
-                break
-            assert time.monotonic() < deadline, listing
-            time.sleep(1)
+            return listing if listing["jobs"] and not listing["running_jobs"] else None
+
+        listing = wait_until(finished_and_adding_up, 180, "the job finishing", every_s=0.5)
         [job] = listing["jobs"]
         assert job["tasks"]["total"] == 80 and job["tasks"]["stored"] == 80, job
         assert job["tasks"]["answered"] == 0 and job["tasks"]["failed"] == 0 and job["state"] == "finished"

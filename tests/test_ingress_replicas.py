@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import collections
 import copy
-import http.server
 import re
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -18,8 +15,9 @@ import pytest
 from tests.configs import SEED_CONFIG
 from tests.conftest import load_ls_fixture
 from tests.imaging import pattern, png_bytes
-from tests.loopback import PredictionsStandIn, loopback_http
+from tests.loopback import image_handler, loopback_http, predictions_api
 from tests.serve_process import ServeProcess
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.serve
 
@@ -29,39 +27,18 @@ TASKS = 10
 RETRIEVES = 6
 
 
-class CountingImages(http.server.BaseHTTPRequestHandler):
-    """Every path is IMAGE after 0.3 s (slow storage); counts downloads per path."""
-
-    fetched: collections.Counter[str] = collections.Counter()
-    lock = threading.Lock()
-
-    def do_GET(self):  # noqa: N802 - http.server's naming
-        with self.lock:
-            type(self).fetched[self.path] += 1
-        time.sleep(0.3)
-        try:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(IMAGE)))
-            self.end_headers()
-            self.wfile.write(IMAGE)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def log_message(self, *args):
-        pass
+FETCHED: collections.Counter[str] = collections.Counter()  # downloads per image path
 
 
 @pytest.fixture(scope="module")
 def label_studio():
-    store = PredictionsStandIn(token=KEY)
-    with loopback_http(store.handler) as url:
-        store.url = url
+    with predictions_api(KEY) as store:
         yield store
 
 
 @pytest.fixture(scope="module")
 def images():
-    with loopback_http(CountingImages) as url:
+    with loopback_http(image_handler(IMAGE, delay_s=0.3, fetched=FETCHED)) as url:  # slow storage
         yield url
 
 
@@ -93,38 +70,40 @@ def ingress_pids_that_answered(service: ServeProcess) -> set[str]:
     return set(re.findall(r"\(ServeReplica:grounded-serve:Ingress pid=(\d+)[^)]*\).*POST /predict 200", log))
 
 
+def background_jobs_all_finished(service: ServeProcess, answered: int) -> bool:
+    """Every /predict sent so far is in the access log, and every job it left in the background logged its end. A
+    replica writes a job's hand-over before its answer's access line, so once `answered` lines are there, every
+    background job that will ever run has logged its start."""
+    log = service.log_path.read_text(errors="replace")
+    if len(re.findall(r"POST /predict 200", log)) < answered:
+        return False
+    started = set(re.findall(r"job (\w{12}): \d+ of \d+ tasks finish in the background", log))
+    ended = set(re.findall(r"job (\w{12}) (?:finished|stopped|cancelled):", log))
+    return started <= ended
+
+
 def test_the_same_retrieve_on_two_ingress_replicas_computes_and_stores_each_task_once(service, label_studio,
                                                                                         images):
-    deadline = time.monotonic() + 120
-    while len(service.replica_pids("Ingress")) < 2:
-        assert time.monotonic() < deadline, "the second ingress replica never started"
-        time.sleep(0.5)
+    wait_until(lambda: len(service.replica_pids("Ingress")) >= 2, 120, "the second ingress replica starting")
+    sent = 0
     for round_ in range(4):  # the proxy may send every request of a round to one replica: then again
         first_id = 1000 * (round_ + 1)
         with ThreadPoolExecutor(RETRIEVES) as pool:  # a client per request: each its own connection
             answers = list(pool.map(lambda _: httpx.post(f"{service.url}/predict", json=retrieve_body(
                 images, first_id), timeout=60), range(RETRIEVES)))
+        sent += RETRIEVES
         assert all(answer.status_code == 200 for answer in answers), [a.text[:300] for a in answers]
         ids = range(first_id, first_id + TASKS)
         answered = collections.Counter(i for answer in answers for i, result in zip(ids, answer.json()["results"])
                                        if result)
-        deadline = time.monotonic() + 120
-        while not all(answered[i] or label_studio.for_task(i) for i in ids):  # the jobs store the rest
-            assert time.monotonic() < deadline, {i: len(label_studio.for_task(i)) for i in ids}
-            time.sleep(0.2)
-        if service.wait_for_log(r"Ingress pid=\d+.*POST /predict 200", timeout_s=10) and \
-                len(ingress_pids_that_answered(service)) == 2:
+        wait_until(lambda: all(answered[i] or label_studio.for_task(i) for i in ids), 120,
+                   "the jobs storing what the answers did not hold")
+        wait_until(lambda: background_jobs_all_finished(service, sent), 60, "every background job's end in the log")
+        if len(ingress_pids_that_answered(service)) == 2:
             break
     else:
         pytest.fail("every Retrieve went to the same ingress replica")
-    # Each replica reports no job running (the proxy picks one per request; a few polls reach both).
-    quiet = 0
-    deadline = time.monotonic() + 120
-    while quiet < 10:
-        assert time.monotonic() < deadline
-        quiet = quiet + 1 if not httpx.get(f"{service.url}/jobs", timeout=10).json()["running_jobs"] else 0
-        time.sleep(0.1)
     for task_id in ids:  # one prediction per task: in one answer, or stored by one job, never both
         assert answered[task_id] + len(label_studio.for_task(task_id)) == 1, task_id
-    downloads = [CountingImages.fetched[f"/r{first_id}/{i}.png"] for i in range(TASKS)]
+    downloads = [FETCHED[f"/r{first_id}/{i}.png"] for i in range(TASKS)]
     assert downloads == [1] * TASKS  # no task was computed twice, on either replica

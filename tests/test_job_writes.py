@@ -8,7 +8,6 @@ import asyncio
 import http.server
 import json
 import threading
-import time
 import urllib.parse
 from typing import Callable
 
@@ -26,6 +25,7 @@ from serve_app.retries import retry_after
 from serve_app.settings import Settings
 from tests.configs import SEED_CONFIG
 from tests.loopback import loopback_http
+from tests.waiting import until
 
 TOKEN = "stand-in-token"
 PREDICTION = {"result": [{"type": "rectanglelabels", "value": {"x": 1}}], "score": 0.5}
@@ -142,15 +142,8 @@ def body(ids, image=lambda i: f"https://images.example/{i}.png") -> dict:
             "label_config": SEED_CONFIG, "params": {"context": None}}
 
 
-async def wait_for(condition, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        await asyncio.sleep(0.01)
-
-
 async def until_done(board: JobBoard) -> None:
-    await wait_for(lambda: not any(job.state == "running" for job in board.jobs.values()))
+    await until(lambda: not any(job.state == "running" for job in board.jobs.values()), 30, "every job finishing")
 
 
 def writer(url: str, http: httpx.AsyncClient, **options) -> PredictionWriter:
@@ -200,12 +193,9 @@ def test_a_row_committed_after_the_clients_timeout_leaves_one_copy():
     ls = ScriptedLabelStudio()
 
     def on_post(n, row):
-        if n == 1:  # task 1's first attempt: the reply never comes in time, and the row lands later
-            def commit_later():
-                late_commit.wait(30)
-                ls.add(row)
-            threading.Thread(target=commit_later, daemon=True).start()
-            time.sleep(0.5)
+        if n == 1:  # task 1's first attempt: no reply within the writer's timeout; the row lands when the test says
+            late_commit.wait(30)
+            ls.add(row)
             return 504, {}, {"detail": "gateway timeout"}
         return None
 
@@ -218,9 +208,9 @@ def test_a_row_committed_after_the_clients_timeout_leaves_one_copy():
             board = JobBoard(pipeline=pipeline, settings=s)
             await pipeline.predict(board, [1, 2], writer(ls.url, http, timeout_s=0.2))
             [job] = board.jobs.values()
-            await wait_for(lambda: job.uncertain == [1])  # stored by the retry, the first attempt's fate unknown
+            await until(lambda: job.uncertain == [1], 30)  # stored by the retry, the first attempt's fate unknown
             late_commit.set()
-            await wait_for(lambda: len(ls.for_task(1)) == 2)  # the late commit: two copies now
+            await until(lambda: len(ls.for_task(1)) == 2, 30)  # the late commit: two copies now
             pipeline.later_gate.set()  # the job's last task ends; the sweep runs before the job finishes
             await until_done(board)
             return board
@@ -268,7 +258,7 @@ def test_a_label_studio_that_never_answers_pauses_the_job_instead_of_filling_mem
             board = JobBoard(pipeline=pipeline, settings=s)
             await pipeline.predict(board, range(1, 41), writer(ls.url, http, timeout_s=60))
             [job] = board.jobs.values()
-            await wait_for(lambda: job.states[TaskState.WRITING] >= 4 and not job.states[TaskState.RUNNING])
+            await until(lambda: job.states[TaskState.WRITING] >= 4 and not job.states[TaskState.RUNNING], 30)
             paused = job.counts()
             release.set()
             await until_done(board)
@@ -306,9 +296,9 @@ def test_delete_cancels_a_write_waiting_on_retry_after_and_frees_its_slot():
             board = JobBoard(pipeline=pipeline, settings=s)
             response = await pipeline.predict(board, [1, 2], writer(ls.url, http, max_delay_s=3600))
             [job] = board.jobs.values()
-            await wait_for(lambda: ls.posts >= 1 and job.states[TaskState.WRITING] >= 1)
+            await until(lambda: ls.posts >= 1 and job.states[TaskState.WRITING] >= 1, 30)
             assert board.cancel(response["job"]["id"])
-            await wait_for(lambda: not job.states.pending)
+            await until(lambda: not job.states.pending, 30)
             return board, job
 
     with loopback_http(ls.handler) as url:

@@ -24,6 +24,7 @@ from serve_app.models.messages import Priority
 from serve_app.settings import Settings
 from tests.configs import SEED_CONFIG
 from tests.loopback import PredictionsStandIn, loopback_http
+from tests.waiting import until
 
 MODEL_VERSION = "v-jobs"
 
@@ -100,10 +101,7 @@ class Harness:
 
     @staticmethod
     async def wait_for(condition, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not condition():
-            assert time.monotonic() < deadline, "the condition never held"
-            await asyncio.sleep(0.01)
+        await until(condition, timeout_s)
 
     async def until_finished(self, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s

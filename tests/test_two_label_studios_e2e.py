@@ -21,6 +21,7 @@ from tests.label_studio import LEGACY_TOKEN, LabelStudio
 from tests.loopback import image_handler, loopback_http
 from tests.serve_process import ServeProcess
 from tests.test_label_studio_e2e import upload_files
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.serve, pytest.mark.e2e, pytest.mark.timeout(600)]  # Label Studio starts too
 
@@ -100,14 +101,13 @@ def test_two_instances_with_project_1_each_store_their_own_predictions(
             assert answer["data"]["result"] and all(
                 (r["original_width"], r["original_height"]) == (width, height) for r in answer["data"]["result"])
 
-        deadline = time.monotonic() + 240
+        def every_task_stored(client, uploaded):
+            stored = {t: client.predictions.list(task=t) for t in uploaded}
+            return stored if all(stored.values()) else None
+
         for name, (client, project, uploaded) in made.items():
             width, height = SIZES[name]
-            while True:
-                stored = {t: client.predictions.list(task=t) for t in uploaded}
-                if all(stored.values()) or time.monotonic() > deadline:
-                    break
-                time.sleep(2)
+            stored = wait_until(lambda: every_task_stored(client, uploaded), 240, f"{name}'s predictions", every_s=1)
             assert {t: len(p) for t, p in stored.items()} == {t: 1 for t in uploaded}, name
             for predictions in stored.values():
                 assert predictions[0].model_version == version

@@ -32,7 +32,7 @@ from serve_app.ingress.claims import SharedClaims
 from serve_app.ingress.cpu_pool import PriorityPool
 from serve_app.ingress.errors import BadRequest, ServiceUnavailable
 from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
-from serve_app.ingress.instances import Instance, LabelStudioInstances, origin_text, owner_of
+from serve_app.ingress.instances import LabelStudioInstances, origin_text
 from serve_app.ingress.jobs import JobBoard
 from serve_app.ingress.label_config import parse_label_config
 from serve_app.ingress.label_studio_auth import LabelStudioCredentials, choose_credential
@@ -409,34 +409,6 @@ class Ingress:
             return json_error(exc.status_code, exc.message)
         return SafeJSONResponse({"model_version": self.model_version})
 
-    async def _instance_of(self, parsed):
-        """The Label Studio instance that sent this /predict: the one whose /setup named its project, or, when
-        several did (the same project name on two instances), the one that holds its first task."""
-        candidates = self.instances.lookup(parsed.project)
-        if not candidates:
-            return None
-        pinned = self.instances.pinned_origin
-        if len(candidates) == 1 and pinned and candidates[0].origin != pinned \
-                and self.pipeline.fetcher.credentials is not None:
-            # a project only another host's /setup named: unless the operator's own Label Studio holds these tasks
-            # (then that /setup claimed a project that is not its own), it is that host's
-            operator = Instance(self.settings.label_studio_url, "", self.pipeline.fetcher, 0.0)
-            if await owner_of([operator], parsed.tasks, parsed.config.image_key, parsed.project.split(".", 1)[0]):
-                logger.warning("project %s: a /setup from %s named it, but LABEL_STUDIO_URL holds its tasks: served "
-                               "from there", parsed.project, candidates[0].origin)
-                return None
-            return candidates[0]
-        if len(candidates) == 1:
-            return candidates[0]
-        owner = await owner_of(candidates, parsed.tasks, parsed.config.image_key, parsed.project.split(".", 1)[0])
-        if owner is None:  # the operator's instance if it is one of them, else the most recent /setup's
-            fallback = candidates[0] if candidates[0].origin == self.instances.pinned_origin else \
-                self.instances.known(parsed.project)
-            logger.warning("project %s: none of %s holds this request's tasks as sent; using %s", parsed.project,
-                           ", ".join(c.origin for c in candidates), fallback.origin)
-            return fallback
-        return owner
-
     @api.post("/webhook")
     async def webhook(self, request: Request) -> JSONResponse:
         try:
@@ -460,7 +432,8 @@ class Ingress:
         self.metrics.count("predict_requests")
         try:
             parsed = await self.pipeline.parse_off_loop(await self._read_json(request))
-            instance = await self._instance_of(parsed)
+            instance = await self.instances.sender(parsed, operator=self.pipeline.fetcher,
+                                                   operator_url=self.settings.label_studio_url)
             fetcher = instance.fetcher if instance else self.pipeline.fetcher
             parsed = dataclasses.replace(parsed, fetcher=fetcher)
             if parsed.interactive:  # the editor shows this answer and stores nothing: no background job

@@ -125,6 +125,34 @@ class LabelStudioInstances(Generic[Fetcher]):
         ordered = list(reversed(candidates.values()))
         return sorted(ordered, key=lambda instance: instance.origin != self.pinned_origin)  # stable: operator first
 
+    async def sender(self, request: Any, *, operator: Fetcher, operator_url: str) -> Instance[Fetcher] | None:
+        """The instance that sent a /predict (a LabellingRequest): the one whose /setup named its project, or, when
+        several did (the same name on two instances), the one that holds its tasks. None: the operator's fetcher
+        (`operator`, LABEL_STUDIO_URL's), for a project no /setup named, or one only another host's /setup named
+        whose tasks the operator's own Label Studio holds (that /setup claimed a project not its own)."""
+        candidates = self.lookup(request.project)
+        if not candidates:
+            return None
+        project_id = request.project.split(".", 1)[0]
+        image_key = request.config.image_key
+        pinned = self.pinned_origin
+        if len(candidates) == 1 and pinned and candidates[0].origin != pinned \
+                and getattr(operator, "credentials", None) is not None:
+            if await owner_of([Instance(operator_url, "", operator, 0.0)], request.tasks, image_key, project_id):
+                logger.warning("project %s: a /setup from %s named it, but LABEL_STUDIO_URL holds its tasks: served "
+                               "from there", request.project, candidates[0].origin)
+                return None
+            return candidates[0]
+        if len(candidates) == 1:
+            return candidates[0]
+        owner = await owner_of(candidates, request.tasks, image_key, project_id)
+        if owner is None:  # the operator's instance if it is one of them, else the most recent /setup's
+            fallback = candidates[0] if candidates[0].origin == pinned else self.known(request.project)
+            logger.warning("project %s: none of %s holds this request's tasks as sent; using %s", request.project,
+                           ", ".join(c.origin for c in candidates), fallback.origin)
+            return fallback
+        return owner
+
     def _expire(self, now: float) -> None:
         while self._projects:
             project, candidates = next(iter(self._projects.items()))

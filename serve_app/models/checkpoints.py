@@ -14,9 +14,10 @@ import os
 import re
 import time
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from serve_app import get_logger
+from serve_app.redaction import without_secrets
 from serve_app.models.errors import CheckpointError
 
 logger = get_logger(__name__)
@@ -41,11 +42,7 @@ def is_checkpoint_file(source: str) -> bool:
 def redacted(url: str) -> str:
     """A URL fit for logs and /health: no query string or fragment (presigned URLs carry their signature
     there) and no user:password."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return without_secrets(url)
 
 
 def cached_path(url: str, cache_dir: Path) -> Path:
