@@ -51,7 +51,8 @@ def two_ingress_replicas(config: dict) -> None:
 def service(tiny_models, label_studio, tmp_path_factory):
     env = {"GROUNDING_DINO_MODEL": str(tiny_models["grounding_dino"]), "IMAGE_HOST_ALLOWLIST": "127.0.0.1",
            "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": KEY, "PREDICT_DEADLINE_S": "1",
-           "TASK_CONCURRENCY": "2", "BACKGROUND_TASK_CONCURRENCY": "2"}
+           "TASK_CONCURRENCY": "2", "BACKGROUND_TASK_CONCURRENCY": "2",
+           "RAY_DEDUP_LOGS": "0"}  # every access line counts: Ray would fold similar lines of the two replicas
     process = ServeProcess(env, tmp_path_factory.mktemp("serve"), config_overrides=two_ingress_replicas).start()
     yield process
     process.stop()
