@@ -96,9 +96,9 @@ OUTER_TUNABLES = "BENCH_OUTER_GLIBC_TUNABLES"
 
 def allocate_like_the_replicas(module: str, env: dict[str, str]) -> None:
     """Re-run this benchmark (`python -m module`) under the malloc tunables the service's model replicas start with
-    (MODEL_MALLOC_REUSE, serve_app.models.host_memory), so an in-process reference runs the same allocator as the
+    (MODEL_MALLOC_REUSE, serve_app.deployments.replica_memory), so an in-process reference runs the same allocator as the
     replicas it is compared with. glibc reads its tunables only when a process starts."""
-    from serve_app.models.host_memory import replica_env
+    from serve_app.deployments.replica_memory import replica_env
     from serve_app.settings import Settings
 
     outer = os.environ.get(OUTER_TUNABLES, os.environ.get("GLIBC_TUNABLES", ""))

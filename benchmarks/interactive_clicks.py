@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from serve_app.models.tiny import make_tiny_grounding_dino
+from serve_app.tiny_models.grounding_dino_sam import make_tiny_grounding_dino
 from tests.configs import CLICK_CONFIG
 from tests.imaging import data_url, pattern, png_bytes
 from tests.mobile_sam_weights import save_mobile_sam_checkpoint

@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--hang-up", action="store_true", help="ML_TIMEOUT_PREDICT=5, PREDICT_DEADLINE_S=30")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    from serve_app.models.tiny import make_tiny_models
+    from serve_app.tiny_models.grounding_dino_sam import make_tiny_models
 
     work = Path(tempfile.mkdtemp(prefix="gs-bench-writes-"))
     tiny = make_tiny_models(work / "models")

@@ -83,12 +83,12 @@ def build(name: str):
         import tempfile
 
         from serve_app.models.grounding_dino import GroundingDinoDetector
-        from serve_app.models.tiny import make_tiny_grounding_dino
+        from serve_app.tiny_models.grounding_dino_sam import make_tiny_grounding_dino
 
         family = "mm-grounding-dino" if name.startswith("mm") else "grounding-dino"
         path = make_tiny_grounding_dino(tempfile.mkdtemp(), full_size=True, family=family)
         return GroundingDinoDetector.load(str(path), device=ARGS.device, precision=ARGS.precision), "detector"
-    from serve_app.models.tiny_clip import EOS, make_tiny_clip_tokenizer
+    from serve_app.tiny_models.owlv2_omdet import EOS, make_tiny_clip_tokenizer
 
     if name == "owlv2-base-patch16":
         processor = tf.Owlv2Processor(image_processor=tf.Owlv2ImageProcessor(),  # 960 px, as google/owlv2-base-*

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from serve_app.models.tiny import make_tiny_grounding_dino, make_tiny_models
+from serve_app.tiny_models.grounding_dino_sam import make_tiny_grounding_dino, make_tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench-models"

@@ -21,7 +21,7 @@ import httpx
 import psutil
 
 from benchmarks.harness import service_processes
-from serve_app.models.tiny import make_tiny_models
+from serve_app.tiny_models.grounding_dino_sam import make_tiny_models
 from tests.imaging import data_url, pattern, png_bytes
 from tests.serve_process import ServeProcess
 

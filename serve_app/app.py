@@ -14,7 +14,7 @@ from serve_app.deployments.job_claims import JobClaims
 from serve_app.deployments.routing import ImageAffinityRouter
 from serve_app.deployments.segmenter import Segmenter
 from serve_app.ingress.app import Ingress
-from serve_app.models.host_memory import replica_env
+from serve_app.deployments.replica_memory import replica_env
 from serve_app.pipeline_choice import choose_pipeline
 from serve_app.settings import Settings
 
@@ -36,7 +36,7 @@ def use_gpus(settings: Settings) -> bool:
 
 
 def replicas_per_node(settings: Settings, *, gpus: bool) -> dict[str, Any]:
-    """On CPU one model replica already uses every core of its node (serve_app.models.core_sharing), so a second
+    """On CPU one model replica already uses every core of its node (serve_app.deployments.replica_cores), so a second
     one there only adds its loading and a third way to split the cores: measured on 2 cores, autoscaling's second
     Detector cut the service from 0.99 to 0.78-0.82 of the bare models' throughput (docs/performance.md). Capped
     per node, not in total, so replicas still scale out onto other nodes; GPU replicas share a GPU by fractions."""

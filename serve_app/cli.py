@@ -109,7 +109,7 @@ examples:
         return _download(args.all_sam)
 
     if args.command == "make-tiny-models":
-        from serve_app.models.tiny import make_tiny_models
+        from serve_app.tiny_models.grounding_dino_sam import make_tiny_models
 
         paths = make_tiny_models(args.dir, seed=args.seed)
         print(f"export DETECTOR_MODEL={paths['grounding_dino'].resolve()}")

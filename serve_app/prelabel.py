@@ -23,9 +23,9 @@ from typing import Any
 import httpx
 
 from serve_app import get_logger
-from serve_app.ingress.label_studio_auth import LabelStudioCredentials
-from serve_app.ingress.prediction_writer import PredictionRefused, PredictionWriter
-from serve_app.retries import TRANSIENT_STATUS, TransientError, retry_after, with_retries
+from serve_app.label_studio.credentials import LabelStudioCredentials
+from serve_app.label_studio.prediction_writer import PredictionRefused, PredictionWriter
+from serve_app.label_studio.retries import TRANSIENT_STATUS, TransientError, retry_after, with_retries
 
 logger = get_logger(__name__)
 

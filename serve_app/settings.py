@@ -81,7 +81,7 @@ class Settings:
     segmenter_gpus: float = 0.5  # SEGMENTER_GPUS
     model_cpu_niceness: int = 5  # MODEL_CPU_NICENESS: nice value added to model replicas that run on CPU (0 = off)
     # MODEL_MALLOC_REUSE: model replicas keep the memory a forward pass freed for the next one (glibc tunables,
-    # serve_app.models.host_memory) instead of faulting it in afresh each pass; trimmed once the replica is idle
+    # serve_app.deployments.replica_memory) instead of faulting it in afresh each pass; trimmed once the replica is idle
     model_malloc_reuse: bool = True
     cpu_replicas_per_node: int = 1  # CPU_REPLICAS_PER_NODE: replicas of one model per node when on CPU (0 = no limit)
     # Image sources

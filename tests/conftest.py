@@ -28,7 +28,7 @@ def load_ls_fixture(name: str) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    from serve_app.models.tiny import make_tiny_models
+    from serve_app.tiny_models.grounding_dino_sam import make_tiny_models
 
     return make_tiny_models(tmp_path_factory.mktemp("models"))
 

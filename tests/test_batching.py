@@ -292,7 +292,7 @@ class Overlap:
 def test_cpu_lanes_run_one_item_batches_side_by_side(tmp_path, concurrent, seconds, lanes, most, largest):
     import torch
 
-    from serve_app.models.core_sharing import CoreShare
+    from serve_app.deployments.replica_cores import CoreShare
 
     model = Overlap(seconds)
 
@@ -315,7 +315,7 @@ def test_cpu_lanes_run_one_item_batches_side_by_side(tmp_path, concurrent, secon
 def test_an_item_arriving_while_one_lane_runs_starts_the_next_lane_at_once(tmp_path):
     import torch
 
-    from serve_app.models.core_sharing import CoreShare
+    from serve_app.deployments.replica_cores import CoreShare
 
     first_started, release = threading.Event(), threading.Event()
     seen = []
@@ -380,7 +380,7 @@ def test_cpu_replicas_use_every_usable_core_unless_told(monkeypatch):
     deployment = Deployment("cpu")
     deployment.reconfigure({})
     assert deployment.batcher.on_cpu is True
-    assert deployment.batcher.core_share is not None  # threads then chosen per batch (test_core_sharing.py)
+    assert deployment.batcher.core_share is not None  # threads then chosen per batch (test_replica_cores.py)
     deployment.reconfigure({"torch_threads": 3})
     assert deployment.batcher.core_share is None  # the config's number holds
     gpu = Deployment("cuda")
@@ -391,7 +391,7 @@ def test_cpu_replicas_use_every_usable_core_unless_told(monkeypatch):
 def test_a_batch_runs_marked_busy_with_its_share_of_the_cores(tmp_path):
     import torch
 
-    from serve_app.models.core_sharing import CoreShare
+    from serve_app.deployments.replica_cores import CoreShare
 
     threads = torch.get_num_threads()
     seen = []

@@ -9,7 +9,7 @@ import copy
 import httpx
 import pytest
 
-from serve_app.models.tiny_sam3 import make_tiny_sam3, make_tiny_sam3_video
+from serve_app.tiny_models.sam3 import make_tiny_sam3, make_tiny_sam3_video
 from tests.configs import CLICK_CONFIG
 from tests.conftest import load_ls_fixture
 from tests.imaging import pattern, png_bytes

@@ -11,7 +11,7 @@ import torch
 from serve_app.models.errors import ModelLoadError
 from serve_app.models.grounding_dino import GroundingDinoDetector, build_caption
 from serve_app.models.messages import DetectionRequest
-from serve_app.models.tiny import make_tiny_grounding_dino
+from serve_app.tiny_models.grounding_dino_sam import make_tiny_grounding_dino
 from tests.imaging import pattern
 
 

@@ -181,7 +181,7 @@ class PresignStandIn(http.server.BaseHTTPRequestHandler):
 
 
 def test_presigned_download_sends_the_key_to_label_studio_only(tmp_path):
-    from serve_app.ingress.label_studio_auth import LabelStudioCredentials
+    from serve_app.label_studio.credentials import LabelStudioCredentials
 
     async def fetch(base):
         async with httpx.AsyncClient() as client:

@@ -9,7 +9,7 @@ import pytest
 
 from serve_app.ingress.instances import LabelStudioInstances, origin_text
 from serve_app.ingress.jobs import JobBoard
-from serve_app.ingress.label_studio_auth import choose_credential
+from serve_app.label_studio.credentials import choose_credential
 from serve_app.ingress.pipeline import LabellingPipeline, TaskOutcome
 from serve_app.settings import Settings
 from tests.configs import SEED_CONFIG
@@ -88,7 +88,7 @@ def test_a_request_goes_to_the_instance_that_holds_its_task():
 
     from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
     from serve_app.ingress.instances import owner_of
-    from serve_app.ingress.label_studio_auth import LabelStudioCredentials
+    from serve_app.label_studio.credentials import LabelStudioCredentials
     from tests.loopback import loopback_http
 
     seen = []

@@ -18,8 +18,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from serve_app.ingress.job_state import FINAL, TaskState
 from serve_app.ingress.jobs import JobBoard
 from serve_app.ingress.pipeline import NO_PREDICTION, LabellingPipeline, TaskOutcome
-from serve_app.ingress.prediction_writer import PredictionRefused
-from serve_app.retries import TransientError
+from serve_app.label_studio.prediction_writer import PredictionRefused
+from serve_app.label_studio.retries import TransientError
 from serve_app.settings import Settings
 from tests.configs import SEED_CONFIG
 

@@ -18,10 +18,10 @@ from serve_app.ingress.errors import ImageError
 from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
 from serve_app.ingress.job_state import FAILURES_SHOWN, FailureLog, TaskState
 from serve_app.ingress.jobs import JobBoard
-from serve_app.ingress.label_studio_auth import LabelStudioCredentials
+from serve_app.label_studio.credentials import LabelStudioCredentials
 from serve_app.ingress.pipeline import LabellingPipeline, TaskOutcome
-from serve_app.ingress.prediction_writer import PredictionWriter
-from serve_app.retries import retry_after
+from serve_app.label_studio.prediction_writer import PredictionWriter
+from serve_app.label_studio.retries import retry_after
 from serve_app.settings import Settings
 from tests.configs import SEED_CONFIG
 from tests.loopback import loopback_http

@@ -17,9 +17,9 @@ from benchmarks.pipeline import load_models
 from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
 from serve_app.ingress.job_state import TaskState
 from serve_app.ingress.jobs import JobBoard
-from serve_app.ingress.label_studio_auth import LabelStudioCredentials
+from serve_app.label_studio.credentials import LabelStudioCredentials
 from serve_app.ingress.pipeline import LabellingPipeline, in_thread
-from serve_app.ingress.prediction_writer import PredictionWriter
+from serve_app.label_studio.prediction_writer import PredictionWriter
 from serve_app.models.messages import Priority
 from serve_app.settings import Settings
 from tests.configs import SEED_CONFIG

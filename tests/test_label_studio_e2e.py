@@ -17,8 +17,8 @@ from label_studio_sdk import LabelStudio as LabelStudioClient
 from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 
-from serve_app.ingress.label_studio_auth import LabelStudioCredentials
-from serve_app.models.tiny_sam3 import make_tiny_sam3_video
+from serve_app.label_studio.credentials import LabelStudioCredentials
+from serve_app.tiny_models.sam3 import make_tiny_sam3_video
 from tests.configs import SEED_CONFIG
 from tests.imaging import data_url, jpeg_with_orientation, pattern, png_bytes
 from tests.label_studio import LEGACY_TOKEN

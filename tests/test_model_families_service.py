@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from serve_app.models.tiny import make_tiny_sam_family
-from serve_app.models.tiny_clip import make_tiny_owlv2
+from serve_app.tiny_models.grounding_dino_sam import make_tiny_sam_family
+from serve_app.tiny_models.owlv2_omdet import make_tiny_owlv2
 from tests.imaging import pattern, png_bytes
 from tests.serve_process import ServeProcess
 from tests.service_checks import click_after_text_is_a_cache_hit, retrieve_is_valid

@@ -4,7 +4,7 @@ import pytest
 
 from serve_app.cli import main
 from serve_app.prelabel import PrelabelOptions, prompt_context, versioned
-from serve_app.retries import TransientError, with_retries
+from serve_app.label_studio.retries import TransientError, with_retries
 
 
 def test_the_prompt_is_part_of_the_version():

@@ -14,7 +14,7 @@ from serve_app.models.errors import ModelLoadError
 from serve_app.models.grounding_dino import GroundingDinoDetector
 from serve_app.models.messages import DetectionRequest
 from serve_app.models.query_detectors import OMDET_NMS_THRESHOLD, QueryDetector
-from serve_app.models.tiny_clip import make_tiny_clip_tokenizer, make_tiny_omdet_turbo, make_tiny_owlv2
+from serve_app.tiny_models.owlv2_omdet import make_tiny_clip_tokenizer, make_tiny_omdet_turbo, make_tiny_owlv2
 from tests.imaging import pattern
 
 BUILDERS = {"owlv2": make_tiny_owlv2, "omdet-turbo": make_tiny_omdet_turbo}

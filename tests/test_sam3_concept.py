@@ -22,7 +22,7 @@ PROMPTS = [["cat"], ["a red dog", "tree", "cat"], ["person", "car"]]
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from serve_app.models.tiny_sam3 import make_tiny_sam3, make_tiny_sam3_video
+    from serve_app.tiny_models.sam3 import make_tiny_sam3, make_tiny_sam3_video
 
     root = tmp_path_factory.mktemp("sam3")
     return {"sam3": make_tiny_sam3(root / "sam3"), "sam3_video": make_tiny_sam3_video(root / "sam3_video")}

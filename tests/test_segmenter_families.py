@@ -11,7 +11,7 @@ import torch
 from serve_app.models.errors import ModelLoadError
 from serve_app.models.hf_segmenter import HfSamSegmenter
 from serve_app.models.messages import SegmentationRequest
-from serve_app.models.tiny import SAM_FAMILY_TYPES, make_tiny_grounding_dino, make_tiny_sam_family
+from serve_app.tiny_models.grounding_dino_sam import SAM_FAMILY_TYPES, make_tiny_grounding_dino, make_tiny_sam_family
 from tests.imaging import pattern
 
 LOGIT_TOLERANCE = 1e-5  # masks must agree except where the reference logit is this close to the threshold

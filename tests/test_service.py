@@ -267,7 +267,7 @@ def test_model_replicas_start_with_the_malloc_tunables_and_the_ingress_without(s
     Ray starts the model replicas with (their runtime_env), beside the application's own variables."""
     import psutil
 
-    from serve_app.models.host_memory import MALLOC_TUNABLES
+    from serve_app.deployments.replica_memory import MALLOC_TUNABLES
 
     def start_environment(deployment: str) -> dict[str, str]:
         [pid] = service.replica_pids(deployment)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from serve_app.ingress.errors import BadRequest, ImageError
 from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy, _is_public, decode_image, pinned
-from serve_app.ingress.label_studio_auth import LabelStudioCredentials, choose_credential
+from serve_app.label_studio.credentials import LabelStudioCredentials, choose_credential
 from serve_app.ingress.memory import ByteBudget, task_bytes
 from serve_app.ingress.pipeline import echoable_id
 from tests.imaging import pattern, png_bytes

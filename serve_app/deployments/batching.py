@@ -18,16 +18,16 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from serve_app import get_logger
-from serve_app.models.core_sharing import CoreShare
+from serve_app.deployments.replica_cores import CoreShare
 from serve_app.models.device import set_cpu_threads, usable_cores
-from serve_app.models.host_memory import release_free_memory
+from serve_app.deployments.replica_memory import release_free_memory
 from serve_app.models.messages import Priority
 
 logger = get_logger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 8
 # `when_idle` runs once the queue has stayed empty this long: a replica that answers clicks one after another
-# keeps its memory warm, one left idle gives back what its last batch freed (serve_app.models.host_memory).
+# keeps its memory warm, one left idle gives back what its last batch freed (serve_app.deployments.replica_memory).
 IDLE_AFTER_S = 2.0
 
 
@@ -36,7 +36,7 @@ class BatchConfig:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     batch_wait_timeout_s: float = 0.0  # wait this long for more items only when the model is idle
     # 0 = on CPU the usable cores divided by the model replicas busy at that moment, followed while a batch runs
-    # (serve_app.models.core_sharing): a stage working alone gets every core, and running more threads than cores
+    # (serve_app.deployments.replica_cores): a stage working alone gets every core, and running more threads than cores
     # (slower by a quarter) is avoided; on GPU Ray's default.
     torch_threads: int = 0
     # On CPU a batch holds only as many items as the model runs in about this long: batching a big model there

@@ -14,8 +14,8 @@ from ray import serve
 from serve_app.deployments.batching import BatchedModelDeployment, ModelBatcher
 from serve_app.masks.encode import encode_masks
 from serve_app.models.detector_choice import load_detector
-from serve_app.models.device import lower_cpu_priority
-from serve_app.models.host_memory import release_free_memory
+from serve_app.deployments.replica_cores import lower_cpu_priority
+from serve_app.deployments.replica_memory import release_free_memory
 from serve_app.models.messages import DetectionRequest, Detections, Masks, SegmentationRequest
 from serve_app.telemetry import CacheReporter, ModelMetrics
 

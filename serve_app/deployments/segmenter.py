@@ -17,8 +17,8 @@ from serve_app.deployments.batching import BatchedModelDeployment, ModelBatcher
 from serve_app.deployments.routing import ImageAffinityRouter
 from serve_app.masks.encode import encode_masks
 from serve_app.models.checkpoints import is_checkpoint_file
-from serve_app.models.device import lower_cpu_priority
-from serve_app.models.host_memory import release_free_memory
+from serve_app.deployments.replica_cores import lower_cpu_priority
+from serve_app.deployments.replica_memory import release_free_memory
 from serve_app.models.hf_segmenter import HfSamSegmenter
 from serve_app.models.messages import Masks, SegmentationRequest
 from serve_app.models.segmenter import SamSegmenter

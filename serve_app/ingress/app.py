@@ -35,10 +35,10 @@ from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
 from serve_app.ingress.instances import LabelStudioInstances, origin_text
 from serve_app.ingress.jobs import JobBoard
 from serve_app.ingress.label_config import parse_label_config
-from serve_app.ingress.label_studio_auth import LabelStudioCredentials, choose_credential
+from serve_app.label_studio.credentials import LabelStudioCredentials, choose_credential
 from serve_app.ingress.metrics import MetricsView
 from serve_app.ingress.pipeline import LabellingPipeline, project_name, task_priority
-from serve_app.ingress.prediction_writer import PredictionWriter
+from serve_app.label_studio.prediction_writer import PredictionWriter
 from serve_app.models.messages import DetectionRequest, Detections, Masks, PromptUnsupported, SegmentationRequest
 from serve_app.settings import Settings, url_problem
 from serve_app.telemetry import IngressMetrics

@@ -28,7 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serve_app import get_logger
 from serve_app.ingress.errors import ImageError
-from serve_app.ingress.label_studio_auth import LabelStudioAuthError, LabelStudioCredentials
+from serve_app.label_studio.credentials import LabelStudioAuthError, LabelStudioCredentials
 from serve_app.ingress.origins import origin as url_origin
 from serve_app.redaction import redact_urls, shown_url
 

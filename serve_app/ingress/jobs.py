@@ -61,7 +61,7 @@ from serve_app.ingress.pipeline import (
     echoable_id,
     response_for,
 )
-from serve_app.ingress.prediction_writer import PredictionWriter
+from serve_app.label_studio.prediction_writer import PredictionWriter
 from serve_app.models.messages import Priority
 from serve_app.redaction import redact_urls
 from serve_app.settings import Settings

@@ -21,8 +21,8 @@ import orjson
 
 from serve_app import get_logger
 from serve_app.ingress.errors import BadRequest
-from serve_app.ingress.label_studio_auth import LabelStudioAuthError, LabelStudioCredentials
-from serve_app.retries import TRANSIENT_STATUS, TransientError, retry_after, with_retries
+from serve_app.label_studio.credentials import LabelStudioAuthError, LabelStudioCredentials
+from serve_app.label_studio.retries import TRANSIENT_STATUS, TransientError, retry_after, with_retries
 
 
 logger = get_logger(__name__)

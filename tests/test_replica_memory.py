@@ -1,4 +1,4 @@
-"""A model replica's host memory (serve_app.models.host_memory), where glibc is the allocator: with the replica's
+"""A model replica's host memory (serve_app.deployments.replica_memory), where glibc is the allocator: with the replica's
 malloc tunables a forward pass reuses the memory the previous one freed instead of faulting it in afresh, and
 release_free_memory gives freed heap pages back to the OS (malloc_trim) once the replica is idle."""
 
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from serve_app.models.host_memory import MALLOC_TUNABLES, replica_env
+from serve_app.deployments.replica_memory import MALLOC_TUNABLES, replica_env
 
 GLIBC = platform.system() == "Linux" and "musl" not in (ctypes.util.find_library("c") or "")
 
@@ -19,7 +19,7 @@ GLIBC = platform.system() == "Linux" and "musl" not in (ctypes.util.find_library
 # glibc's 32 MiB mmap ceiling) allocated, filled and freed, pass after pass.
 PASSES = r"""
 import json, resource, threading, psutil, torch
-from serve_app.models.host_memory import release_free_memory
+from serve_app.deployments.replica_memory import release_free_memory
 faults = []
 def forward_passes():
     for _ in range(24):
@@ -68,7 +68,7 @@ def test_with_the_tunables_later_passes_reuse_memory_instead_of_faulting_it_in()
 
 PROBE = r"""
 import ctypes, psutil
-from serve_app.models.host_memory import release_free_memory
+from serve_app.deployments.replica_memory import release_free_memory
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]

@@ -139,3 +139,27 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process: alive
         return True
     return True
+
+
+def lower_cpu_priority(niceness: int) -> int:
+    """Raise this process's nice value by `niceness` for every thread it has (Linux keeps one per thread; threads
+    started later inherit it from the thread that starts them). Returns how many threads were changed.
+
+    On a CPU box the model replicas share cores with Serve's proxy and the ingress, which answer /health
+    (Label Studio gives it 1 s) and the editor's clicks. A niced model replica still gets every idle cycle, but
+    yields to them under load."""
+    if niceness <= 0 or not hasattr(os, "setpriority"):
+        return 0
+    changed = 0
+    try:
+        thread_ids = [int(name) for name in os.listdir("/proc/self/task")]
+    except OSError:
+        thread_ids = [0]  # not Linux: the calling thread (the process on most Unixes)
+    for thread_id in thread_ids:
+        try:
+            current = os.getpriority(os.PRIO_PROCESS, thread_id)
+            os.setpriority(os.PRIO_PROCESS, thread_id, min(19, current + niceness))
+            changed += 1
+        except OSError:  # the thread ended meanwhile
+            continue
+    return changed

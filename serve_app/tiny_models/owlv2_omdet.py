@@ -1,6 +1,6 @@
 """Tiny random-weight detectors that read text with a CLIP tokenizer (OWLv2, OmDet-Turbo), built offline.
 
-Like serve_app.models.tiny: saved with save_pretrained in the formats of the real checkpoints and loaded through
+Like serve_app.tiny_models.grounding_dino_sam: saved with save_pretrained in the formats of the real checkpoints and loaded through
 the production code; their outputs are noise. Each builder is deterministic for a seed, writes a few hundred KB
 and runs a forward pass in milliseconds on a CPU.
 

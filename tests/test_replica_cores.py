@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from serve_app.models.core_sharing import STALE_AFTER_S, CoreShare
+from serve_app.deployments.replica_cores import STALE_AFTER_S, CoreShare
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_three_busy_replicas_on_two_cores_get_one_thread_each(tmp_path, restore_
 
 def test_a_running_batch_follows_the_other_replicas_at_its_next_module_call(tmp_path, restore_threads,
                                                                             other_replica):
-    from serve_app.models.core_sharing import RECHECK_S
+    from serve_app.deployments.replica_cores import RECHECK_S
 
     layer = torch.nn.Linear(4, 4)
     share = CoreShare(4, tmp_path)

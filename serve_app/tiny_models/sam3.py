@@ -6,7 +6,7 @@ Sam3Processor with a CLIP tokenizer); `make_tiny_sam3_video` saves what the hub'
 and the tracker's own neck (`tracker_neck.*`) on the detector's shared ViT trunk. Their outputs are noise;
 the geometry mirrors the real model's (a 14 px patch, windowed and global attention, a 4x/2x/1x/0.5x pyramid).
 
-The CLIP tokenizer is serve_app.models.tiny_clip's, padded to SAM 3's 32 tokens.
+The CLIP tokenizer is serve_app.tiny_models.owlv2_omdet's, padded to SAM 3's 32 tokens.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from serve_app.models.tiny_clip import make_tiny_clip_tokenizer
+from serve_app.tiny_models.owlv2_omdet import make_tiny_clip_tokenizer
 
 IMAGE_SIZE = 112  # the processor resizes every image to this square (the real model: 1008)
 PATCH = 14  # an 8 x 8 token grid (real: 72 x 72)

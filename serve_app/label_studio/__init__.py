@@ -1,0 +1,1 @@
+"""Label Studio's API as this service and its `prelabel` CLI use it: credentials, prediction writes, retries."""
