@@ -1,4 +1,4 @@
-"""The tables of docs/performance.md from a benchmarks/gpu.sh run's JSON files.
+"""The tables of docs/performance-history.md from a benchmarks/gpu.sh run's JSON files.
 
     python -m benchmarks.gpu_summary benchmarks/results/gpu
 """

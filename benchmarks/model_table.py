@@ -59,18 +59,19 @@ def build(name: str):
     import torch
     import transformers as tf
 
-    from serve_app.models.hf_segmenter import FAMILIES, HfSamSegmenter
+    from serve_app.models.catalog import family
+    from serve_app.models.hf_segmenter import HfSamSegmenter
 
     device = torch.device(ARGS.device)
     if name in SAM2_SIZES:
         model = tf.Sam2Model(tf.Sam2Config(**SAM2_SIZES[name]))
         processor = tf.Sam2Processor(image_processor=tf.Sam2ImageProcessor())
-        return HfSamSegmenter(model, processor, FAMILIES["sam2"], device, precision=ARGS.precision), "segmenter"
+        return HfSamSegmenter(model, processor, family("sam2"), device, precision=ARGS.precision), "segmenter"
     if name.startswith("sam-hq-"):
         vit = SAM_VIT[name.removeprefix("sam-hq-")]
         config = tf.SamHQConfig(vision_config=vit, mask_decoder_config={"vit_dim": vit["hidden_size"]})
         processor = tf.SamHQProcessor(image_processor=tf.SamImageProcessor())
-        return HfSamSegmenter(tf.SamHQModel(config), processor, FAMILIES["sam_hq"], device,
+        return HfSamSegmenter(tf.SamHQModel(config), processor, family("sam_hq"), device,
                               precision=ARGS.precision), "segmenter"
     if name == "edgetam":
         # EdgeTamConfig()'s own default misspells the backbone's `architecture` (transformers 5.24): name RepViT-M1
@@ -78,7 +79,7 @@ def build(name: str):
                                       model_args={"in_chans": 3, "features_only": True, "out_indices": [0, 1, 2, 3]})
         processor = tf.Sam2Processor(image_processor=tf.Sam2ImageProcessor())
         return HfSamSegmenter(tf.EdgeTamModel(tf.EdgeTamConfig(vision_config={"backbone_config": repvit})), processor,
-                              FAMILIES["edgetam"], device, precision=ARGS.precision), "segmenter"
+                              family("edgetam"), device, precision=ARGS.precision), "segmenter"
     if name in ("grounding-dino-tiny", "mm-grounding-dino-tiny"):
         import tempfile
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from ray import serve
@@ -15,7 +14,7 @@ from serve_app.deployments.routing import ImageAffinityRouter
 from serve_app.deployments.segmenter import Segmenter
 from serve_app.ingress.app import Ingress
 from serve_app.deployments.replica_memory import replica_env
-from serve_app.pipeline_choice import choose_pipeline
+from serve_app.graph_plan import plan_graph
 from serve_app.settings import Settings
 
 logger = get_logger(__name__)
@@ -62,29 +61,23 @@ def model_actor_options(settings: Settings) -> dict[str, Any]:
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     settings = Settings.load(args)
     gpus = use_gpus(settings)
-    settings = replace(settings.with_defaults_for(gpus=gpus), pipeline=choose_pipeline(settings))
-    logger.info("building grounded-serve: %s GPUs, settings %s", "with" if gpus else "without", settings.to_dict())
-
-    models_sharing = 2 if settings.sam_enabled else 1  # model roles whose replicas share a CPU node's cores
-    concept = settings.pipeline == "concept"
+    settings = settings.with_defaults_for(gpus=gpus)
+    plan = plan_graph(settings)
+    logger.info("building grounded-serve: %s GPUs, %s pipeline, settings %s", "with" if gpus else "without",
+                plan.pipeline, settings.to_dict())
     # SAM 3 answers the clicks too, from the image features it cached for the text prompt: route an image's
     # requests to the replica holding them, as the Segmenter's are
-    routing = {"request_router_config": RequestRouterConfig(request_router_class=ImageAffinityRouter)} if concept else {}
+    routing = {"request_router_config": RequestRouterConfig(request_router_class=ImageAffinityRouter)} \
+        if plan.concept else {}
     per_node = replicas_per_node(settings, gpus=gpus)
     model_env = model_actor_options(settings)
     detector = Detector.options(ray_actor_options={
         "num_cpus": settings.detector_cpus, "num_gpus": settings.detector_gpus if gpus else 0, **model_env,
-    }, **routing, **per_node).bind(settings.detector_model, device=settings.device, precision=settings.precision,
-                       cpu_niceness=settings.model_cpu_niceness, cpu_share=models_sharing,
-                       cache_bytes=settings.sam_embedding_cache_bytes if concept else 0)
+    }, **routing, **per_node).bind(plan.detector, plan.process)
     segmenter = None
-    if settings.sam_enabled:
+    if plan.segmenter is not None:
         segmenter = Segmenter.options(ray_actor_options={
             "num_cpus": settings.segmenter_cpus, "num_gpus": settings.segmenter_gpus if gpus else 0, **model_env,
-        }, **per_node).bind(settings.segmenter_checkpoint, model_type=settings.segmenter_model_type,
-                            device=settings.device, precision=settings.precision,
-                            setting=settings.segmenter_checkpoint_setting, sha256=settings.segmenter_checkpoint_sha256,
-                            cache_dir=settings.checkpoint_cache_dir, cache_bytes=settings.sam_embedding_cache_bytes,
-                            cpu_niceness=settings.model_cpu_niceness, cpu_share=models_sharing)
+        }, **per_node).bind(plan.segmenter, plan.process)
     # every ingress replica's background jobs claim their tasks in one place (serve_app.ingress.claims)
-    return Ingress.bind(settings.to_dict(), detector, segmenter, JobClaims.bind())
+    return Ingress.bind(settings, plan, detector, segmenter, JobClaims.bind())

@@ -157,7 +157,7 @@ def _download(all_sam: bool) -> int:
     import os
 
     from serve_app.models.checkpoints import is_checkpoint_file, resolve_checkpoint
-    from serve_app.models.messages import OFFICIAL_CHECKPOINTS
+    from serve_app.models.catalog import OFFICIAL_CHECKPOINTS
     from serve_app.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from serve_app.models.messages import DEFAULT_GROUNDING_DINO, OFFICIAL_CHECKPOINTS
+from serve_app.models.catalog import DEFAULT_DETECTOR, OFFICIAL_CHECKPOINTS
 from serve_app.unit_interval import unit_interval
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -52,7 +52,7 @@ def environment_key(env: Mapping[str, str]) -> tuple[str, str]:
 class Settings:
     # Models
     # DETECTOR_MODEL (alias GROUNDING_DINO_MODEL): hub id or local directory of a Grounding DINO family checkpoint
-    detector_model: str = DEFAULT_GROUNDING_DINO
+    detector_model: str = DEFAULT_DETECTOR
     # SEGMENTER_MODEL: masks from this model: a hub id or directory of a transformers SAM 2 / 2.1, SAM-HQ, EdgeTAM
     # or SAM checkpoint, or a segment-anything .pth path or URL. Empty: USE_SAM / USE_MOBILE_SAM decide
     segmenter_model: str = ""

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 from serve_app.models.checkpoints import is_checkpoint_file
-from serve_app.pipeline_choice import choose_pipeline
+from serve_app.graph_plan import choose_pipeline
 from serve_app.settings import Settings, SettingsError
 
 APP_IMPORT_PATH = "serve_app.app:build_app"

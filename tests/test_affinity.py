@@ -6,8 +6,9 @@ Ray 2.60's default request matching left hanging."""
 from __future__ import annotations
 
 import copy
-import time
+import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,6 +17,7 @@ from tests.configs import CLICK_CONFIG
 from tests.conftest import load_ls_fixture
 from tests.imaging import data_url, pattern, png_bytes
 from tests.serve_process import ServeProcess, model_deployments
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.serve
 
@@ -39,9 +41,20 @@ def service(tiny_models, tmp_path_factory):
     # move when the second joins (a legitimate miss, but not what this test counts).
     process.start(ready=lambda health: all(health["models_ready"].values())
                   and health["models"].get("segmenter", {}).get("running_replicas") == 2)
-    time.sleep(2)  # the ingress's router learns of new replicas by long poll, a moment after the controller
-    yield process
-    process.stop()
+    try:  # the ingress's router learns of new replicas by long poll, a moment after the controller
+        wait_until(lambda: segmenters_known_to_the_ingress(process) == 2, 60,
+                   "the ingress's router learning of both segmenter replicas")
+        yield process
+    finally:
+        process.stop()
+
+
+def segmenters_known_to_the_ingress(process: ServeProcess) -> int:
+    """Segmenter replicas in the ingress's router: Serve logs each change of its set (to the replica's log file only)."""
+    logs = Path(process.ray_tmp, "ray", "session_latest", "logs", "serve").glob("replica_grounded-serve_Ingress_*.log")
+    counts = re.findall(r"Got updated replicas for Deployment\(name='Segmenter', app='grounded-serve'\): (\d+) total",
+                        "".join(log.read_text(errors="replace") for log in logs))
+    return int(counts[-1]) if counts else 0
 
 
 def click(image: str, x: float) -> dict:

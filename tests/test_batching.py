@@ -7,6 +7,7 @@ import time
 import pytest
 
 from serve_app.deployments.batching import BatchConfig, ModelBatcher
+from tests.waiting import until
 
 
 def batcher_of(model, max_batch_size=8, batch_wait_timeout_s=0.0, sizes=None):
@@ -28,9 +29,9 @@ def test_requests_that_arrive_during_a_run_share_the_next_batch():
     async def scenario():
         batcher = batcher_of(model, max_batch_size=4, sizes=sizes)
         first = asyncio.ensure_future(batcher.submit(1))
-        await asyncio.sleep(0.05)
+        await until(lambda: batches, 5, "the first batch starting")
         rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(2, 8)]  # 6 callers while busy
-        await asyncio.sleep(0.05)
+        await until(lambda: len(batcher._pending) == 6, 5, "the six callers queueing")
         release.set()
         return await first, [await r for r in rest]
 
@@ -62,7 +63,7 @@ def test_a_batch_wait_collects_items_that_arrive_soon_after():
     async def scenario():
         batcher = batcher_of(model, max_batch_size=3, batch_wait_timeout_s=2.0)
         first = asyncio.ensure_future(batcher.submit("a"))
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher._pending, 5, "the first item queueing")  # the idle model now waits for more
         others = [asyncio.ensure_future(batcher.submit(x)) for x in "bc"]  # fills the batch: no 2 s wait
         started = time.perf_counter()
         results = [await first] + [await o for o in others]
@@ -88,9 +89,9 @@ def test_a_failing_item_fails_only_its_own_caller_even_inside_a_batch():
     async def scenario():
         batcher = batcher_of(model, max_batch_size=8)
         first = asyncio.ensure_future(batcher.submit("first"))
-        await asyncio.sleep(0.05)
+        await until(lambda: calls, 5, "the first batch starting")
         queued = [asyncio.ensure_future(batcher.submit(x)) for x in ("a", "bad", "b")]  # one batch of three
-        await asyncio.sleep(0.05)
+        await until(lambda: len(batcher._pending) == 3, 5, "the three items queueing")
         release.set()
         outcomes = await asyncio.gather(first, *queued, return_exceptions=True)
         return outcomes
@@ -123,10 +124,10 @@ def test_cancelled_callers_are_skipped():
     async def scenario():
         batcher = batcher_of(model)
         a = asyncio.ensure_future(batcher.submit("a"))
-        await asyncio.sleep(0.05)
+        await until(lambda: seen, 5, "the first batch starting")
         b = asyncio.ensure_future(batcher.submit("b"))
         c = asyncio.ensure_future(batcher.submit("c"))
-        await asyncio.sleep(0.01)
+        await until(lambda: len(batcher._pending) == 2, 5, "b and c queueing")  # b is cancelled once queued
         b.cancel()
         release.set()
         return await a, await c
@@ -167,11 +168,11 @@ def test_a_click_queued_behind_background_items_is_in_the_very_next_batch():
     async def scenario():
         batcher = batcher_of(model, max_batch_size=3)
         running = asyncio.ensure_future(batcher.submit(Item("b0", Priority.BACKGROUND)))
-        await asyncio.sleep(0.05)
+        await until(lambda: batches, 5, "the first batch starting")
         queued = [asyncio.ensure_future(batcher.submit(Item(f"b{i}", Priority.BACKGROUND))) for i in range(1, 5)]
         queued.append(asyncio.ensure_future(batcher.submit(Item("r1", Priority.BATCH))))
         queued.append(asyncio.ensure_future(batcher.submit(Item("click", Priority.INTERACTIVE))))
-        await asyncio.sleep(0.05)
+        await until(lambda: len(batcher._pending) == 6, 5, "the six items queueing")
         release.set()
         await asyncio.gather(running, *queued)
 
@@ -185,11 +186,12 @@ def test_the_ingress_cpu_pool_takes_the_editors_work_before_background_work():
     from serve_app.models.messages import Priority
 
     order = []
-    busy = threading.Event()
+    busy, first_started = threading.Event(), threading.Event()
 
     def work(name):
         def run():
             if name == "first":
+                first_started.set()
                 busy.wait(5)
             order.append(name)
             return name
@@ -198,11 +200,11 @@ def test_the_ingress_cpu_pool_takes_the_editors_work_before_background_work():
     async def scenario():
         pool = PriorityPool(1)
         first = asyncio.ensure_future(pool.run(Priority.BACKGROUND, work("first")))
-        await asyncio.sleep(0.05)
+        await until(first_started.is_set, 5, "the first work starting")
         later = [asyncio.ensure_future(pool.run(Priority.BACKGROUND, work(f"background{i}"))) for i in range(3)]
         cancelled = asyncio.ensure_future(pool.run(Priority.INTERACTIVE, work("abandoned")))
         click = asyncio.ensure_future(pool.run(Priority.INTERACTIVE, work("click")))
-        await asyncio.sleep(0.05)
+        await until(lambda: pool._queue.qsize() == 5, 5, "the five works queueing")
         cancelled.cancel()
         busy.set()
         results = await asyncio.gather(first, click, *later)
@@ -415,28 +417,33 @@ def test_the_idle_hook_runs_once_the_queue_stays_empty_and_not_while_work_keeps_
 
     async def scenario():
         batcher = ModelBatcher(lambda items: items, when_idle=lambda: idle_calls.append(time.monotonic()),
-                               idle_after_s=0.2)
-        for n in range(6):  # a request every 0.05 s: never idle for 0.2 s
+                               idle_after_s=0.5)
+        for n in range(6):  # a request every 0.05 s (the arrivals' pacing): never idle for 0.5 s
             assert await batcher.submit(n) == n
+            last = time.monotonic()  # the last batch has just ended
             await asyncio.sleep(0.05)
         busy_calls = len(idle_calls)
-        last = time.monotonic()
-        await asyncio.sleep(0.5)
+        await until(lambda: idle_calls, 10, "the idle hook")
+        # Deliberately a fixed, bounded wait: the hook must not run a second time without new work.
+        await asyncio.sleep(0.6)
         return busy_calls, last
 
     busy_calls, last = asyncio.run(scenario())
     assert busy_calls == 0
-    assert len(idle_calls) == 1 and idle_calls[0] - last >= 0.1  # once, after the quiet spell
+    assert len(idle_calls) == 1 and idle_calls[0] - last >= 0.25  # once, after the quiet spell (0.5 s)
 
 
 def test_a_failing_idle_hook_does_not_stop_the_batcher():
     async def scenario():
+        hook_ran = []
+
         def hook():
+            hook_ran.append(True)
             raise RuntimeError("no allocator here")
 
         batcher = ModelBatcher(lambda items: [i * 2 for i in items], when_idle=hook, idle_after_s=0.01)
         first = await batcher.submit(1)
-        await asyncio.sleep(0.1)
+        await until(lambda: hook_ran, 5, "the idle hook")
         return first, await batcher.submit(2)
 
     assert asyncio.run(scenario()) == (2, 4)

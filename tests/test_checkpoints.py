@@ -114,7 +114,7 @@ def test_offline_start_without_the_model_names_model_and_variables(tmp_path, mon
 
 
 def test_a_directory_that_is_not_a_model(tmp_path):
-    with pytest.raises(ModelLoadError, match="is not a transformers Grounding DINO model"):
+    with pytest.raises(ModelLoadError, match="is not a transformers detector model"):
         GroundingDinoDetector.load(str(tmp_path), device="cpu")
 
 

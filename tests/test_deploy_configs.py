@@ -109,7 +109,7 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def test_every_example_pipeline_is_valid_documented_and_what_it_says():
-    from serve_app.pipeline_choice import choose_pipeline
+    from serve_app.graph_plan import choose_pipeline
     from serve_app.settings import Settings
 
     files = sorted((ROOT / "configs" / "pipelines").glob("*.env"))

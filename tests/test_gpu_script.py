@@ -35,4 +35,4 @@ def test_gpu_script_runs_every_benchmark_on_cpu(tmp_path):
     assert all(mean == 1.0 for mean in sweep["rows"][-1]["mean_batch"].values())
     timings = json.loads((out / "suite-timings.json").read_text())
     assert timings["failed"] == {} and timings["phases_s"]["fp32 service"] > 0
-    assert "| fp32 |" in run.stdout  # the summary table for docs/performance.md
+    assert "| fp32 |" in run.stdout  # the summary table for docs/performance-history.md

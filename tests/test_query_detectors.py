@@ -1,4 +1,4 @@
-"""OWLv2 and OmDet-Turbo, built tiny with random weights, loaded through load_detector as DETECTOR_MODEL is, and
+"""OWLv2 and OmDet-Turbo, built tiny with random weights, loaded through serve_app.models.loading.load as DETECTOR_MODEL is, and
 checked against each family's own reference path (its processor -> model -> post_process_grounded_object_detection,
 one image at a time, as its model card shows)."""
 
@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from serve_app.models.detector_choice import load_detector
+from serve_app.models.catalog import DETECTOR
+from serve_app.models.loading import load
+from serve_app.models.spec import ModelSpec
 from serve_app.models.errors import ModelLoadError
 from serve_app.models.grounding_dino import GroundingDinoDetector
 from serve_app.models.messages import DetectionRequest
@@ -40,7 +42,7 @@ def family(request, tmp_path_factory):
     path = BUILDERS[request.param](tmp_path_factory.mktemp(request.param), seed=3)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
-        detector = load_detector(str(path), device="cpu")
+        detector = load(ModelSpec(DETECTOR, str(path), device="cpu"))
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForZeroShotObjectDetection.from_pretrained(path).eval()
     return request.param, path, detector, processor, model
@@ -170,7 +172,7 @@ def test_a_checkpoint_with_missing_weights_is_refused(tmp_path, monkeypatch):
               metadata={"format": "pt"})
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match=r"DETECTOR_MODEL=.*no weights for 1 of the OWLv2 model's parameters"):
-        load_detector(str(path), device="cpu")
+        load(ModelSpec(DETECTOR, str(path), device="cpu"))
 
 
 def test_families_nobody_serves_and_the_wrong_class_are_refused_by_name(tmp_path, monkeypatch):
@@ -178,9 +180,9 @@ def test_families_nobody_serves_and_the_wrong_class_are_refused_by_name(tmp_path
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "yolos"}))
     with pytest.raises(ModelLoadError, match=r"DETECTOR_MODEL=.*'yolos' checkpoint.*serves Grounding DINO "
                                              r"\(grounding-dino\).*OWLv2 \(owlv2\), OmDet-Turbo \(omdet-turbo\)"):
-        load_detector(str(tmp_path), device="cpu")
+        load(ModelSpec(DETECTOR, str(tmp_path), device="cpu"))
     with pytest.raises(ModelLoadError, match=r"DETECTOR_MODEL=.*does not exist"):
-        load_detector(str(tmp_path / "nowhere"), device="cpu")
+        load(ModelSpec(DETECTOR, str(tmp_path / "nowhere"), device="cpu"))
     owlv2 = make_tiny_owlv2(tmp_path / "owlv2")
-    with pytest.raises(ModelLoadError, match=r"OWLv2 \(owlv2\) checkpoint.*load_detector"):
+    with pytest.raises(ModelLoadError, match=r"OWLv2 \(owlv2\) checkpoint.*serve_app.models.loading.load"):
         GroundingDinoDetector.load(str(owlv2), device="cpu")

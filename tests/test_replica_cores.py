@@ -70,6 +70,8 @@ def test_a_running_batch_follows_the_other_replicas_at_its_next_module_call(tmp_
         layer(torch.zeros(1, 4))
         seen.append(torch.get_num_threads())
         (tmp_path / str(other_replica)).touch()  # another stage starts a batch while this one runs
+        # Not a wait for an event: the marks are re-read at most every RECHECK_S of the clock, so letting that much
+        # time pass is itself the condition (a sleep never returns early), whatever the machine's speed.
         time.sleep(RECHECK_S * 2)
         layer(torch.zeros(1, 4))
         seen.append(torch.get_num_threads())

@@ -27,11 +27,11 @@ def reference(family_model):
     """The model card's path: the family's processor and model classes, loaded from the same directory."""
     import transformers as tf
 
-    from serve_app.models.hf_segmenter import FAMILIES
+    from serve_app.models.catalog import family as catalog_family
 
-    family = FAMILIES[json.loads((family_model[1] / "config.json").read_text())["model_type"]]
-    processor = getattr(tf, family.processor_class).from_pretrained(family_model[1])
-    model = getattr(tf, family.model_class).from_pretrained(family_model[1]).eval()
+    details = catalog_family(json.loads((family_model[1] / "config.json").read_text())["model_type"]).details
+    processor = getattr(tf, details["processor_class"]).from_pretrained(family_model[1])
+    model = getattr(tf, details["model_class"]).from_pretrained(family_model[1]).eval()
 
     def run(image, **prompts):
         inputs = processor(images=image, return_tensors="pt", **prompts)

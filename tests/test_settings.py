@@ -50,7 +50,7 @@ def test_segmenter_sources_are_told_apart(source, is_file):
 
 
 def test_model_version_names_the_segmenter_model():
-    from serve_app.ingress.app import model_version_for
+    from serve_app.graph_plan import model_version_for
 
     settings = Settings.load({}, env={"SEGMENTER_MODEL": "facebook/sam2.1-hiera-large", "DETECTOR_MODEL": "/m/dino/"})
     assert model_version_for(settings) == "grounded-serve:dino+sam2.1-hiera-large"
@@ -114,7 +114,7 @@ def test_detector_model_and_its_seed_alias():
     ({"PIPELINE": "detect+segment", "USE_MOBILE_SAM": "1"}, "mm-grounding-dino", "detect+segment"),
 ])
 def test_the_pipeline_follows_the_detector_and_the_segmenter(env, model_type, chosen):
-    from serve_app.pipeline_choice import choose_pipeline
+    from serve_app.graph_plan import choose_pipeline
 
     assert choose_pipeline(Settings.load({}, env=env), model_type_of=lambda model: model_type) == chosen
 
@@ -128,18 +128,18 @@ def test_the_pipeline_follows_the_detector_and_the_segmenter(env, model_type, ch
     ({"PIPELINE": "segment"}, "grounding-dino", "PIPELINE must be one of"),
 ])
 def test_a_pipeline_that_cannot_work_fails_with_one_message_naming_the_settings(env, model_type, message):
-    from serve_app.pipeline_choice import choose_pipeline
+    from serve_app.graph_plan import choose_pipeline
 
     with pytest.raises(SettingsError, match=message):
         choose_pipeline(Settings.load({}, env=env), model_type_of=lambda model: model_type)
 
 
 def test_the_detector_family_is_read_from_a_local_directory(tmp_path):
-    from serve_app.pipeline_choice import detector_model_type
+    from serve_app.models.loading import model_type_or_none
 
     (tmp_path / "config.json").write_text('{"model_type": "sam3_video"}')
-    assert detector_model_type(str(tmp_path)) == "sam3_video"
-    assert detector_model_type(str(tmp_path / "missing")) is None
+    assert model_type_or_none(str(tmp_path)) == "sam3_video"
+    assert model_type_or_none(str(tmp_path / "missing")) is None
 
 
 @pytest.mark.parametrize("name, value", [("PREDICT_DEADLINE_S", "inf"), ("TASK_TIMEOUT_S", "1e300"),

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from serve_app.ingress.errors import BadRequest, ImageError
-from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy, _is_public, decode_image, pinned
+from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy, decode_image
+from serve_app.ingress.outbound import _is_public, pinned
 from serve_app.label_studio.credentials import LabelStudioCredentials, choose_credential
 from serve_app.ingress.memory import ByteBudget, task_bytes
 from serve_app.ingress.pipeline import echoable_id
@@ -116,15 +117,15 @@ def test_the_checked_address_is_the_one_connected_to():
                 lookups.append(host)
                 return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port_))]
 
-            fetcher._resolve = resolve
-            import serve_app.ingress.images as images
+            fetcher.outbound._resolve = resolve
+            import serve_app.ingress.outbound as outbound
 
-            real = images._is_public
-            images._is_public = lambda address: True  # stands in for a public answer, on loopback only
+            real = outbound._is_public
+            outbound._is_public = lambda address: True  # stands in for a public answer, on loopback only
             try:
                 return await fetcher.fetch(f"http://rebind.invalid:{port}/img.png")
             finally:
-                images._is_public = real
+                outbound._is_public = real
 
     with loopback_http(RecordingHandler) as base:
         port = int(base.rsplit(":", 1)[1])
@@ -194,7 +195,7 @@ def test_only_label_studio_like_ids_are_echoed():
 
 
 def test_the_answer_renders_whatever_the_request_echoed():
-    from serve_app.ingress.app import render_json
+    from serve_app.ingress.json_codec import render_json
 
     nested: list = []
     for _ in range(300):
@@ -231,7 +232,7 @@ def test_the_byte_budget_makes_tasks_wait_not_fail():
 
 
 def test_setup_fields_are_checked_before_anything_changes():
-    from serve_app.ingress.app import setup_fields
+    from serve_app.ingress.instances import setup_fields
 
     assert setup_fields({"hostname": "", "access_token": ""}, "http://ls:8080", "t") == ("http://ls:8080", "t")
     assert setup_fields({}, "http://ls:8080", "t") == ("http://ls:8080", "t")
@@ -247,7 +248,7 @@ def test_request_json_keeps_the_json_modules_meaning_where_orjson_differs():
     module makes of it (so it fails only its own task): big integers stay integers, lone surrogates stay."""
     import json
 
-    from serve_app.ingress.app import parse_json
+    from serve_app.ingress.json_codec import parse_json
 
     for body in (b'{"id": 123456789012345678901234567890, "x": [1, 2.5]}', b'{"a": "\\ud800"}',
                  b'{"tasks": [{"id": 18446744073709551616}]}', b'{"a": {"b": [true, null, -0.0, 1e-7]}}',

@@ -1,8 +1,9 @@
 """The detector deployment: text prompts to boxes, batched across requests.
 
-DETECTOR_MODEL's family picks the class (serve_app.models.detector_choice). In the `concept` pipeline it is SAM 3,
-which returns masks with its boxes and also answers the clicks (`segment`), from the image features it cached for
-the prompt; build_app then routes by image, as for the Segmenter.
+DETECTOR_MODEL's family picks the class (serve_app.models.catalog, through serve_app.models.loading). In the
+`concept` pipeline it is SAM 3, which returns masks with its boxes and also answers the clicks (`segment`), from the
+image features it cached for the prompt; build_app then routes by image, as for the Segmenter. Masks are encoded
+here, as the Segmenter encodes its own, not in the ingress.
 """
 
 from __future__ import annotations
@@ -12,22 +13,23 @@ import asyncio
 from ray import serve
 
 from serve_app.deployments.batching import BatchedModelDeployment, ModelBatcher
-from serve_app.masks.encode import encode_masks
-from serve_app.models.detector_choice import load_detector
 from serve_app.deployments.replica_cores import lower_cpu_priority
 from serve_app.deployments.replica_memory import release_free_memory
+from serve_app.graph_plan import ReplicaProcess
+from serve_app.masks.encode import encode_masks
+from serve_app.models.loading import load
 from serve_app.models.messages import DetectionRequest, Detections, Masks, SegmentationRequest
+from serve_app.models.spec import ModelSpec
 from serve_app.telemetry import CacheReporter, ModelMetrics
 
 
 @serve.deployment(name="Detector", max_ongoing_requests=64, graceful_shutdown_timeout_s=300)  # serve.yaml: why
 class Detector(BatchedModelDeployment):
-    def __init__(self, model: str, *, device: str = "auto", precision: str = "fp32", cpu_niceness: int = 0,
-                 cpu_share: int = 1, cache_bytes: int = 0):
-        self.model = load_detector(model, device=device, precision=precision, cache_bytes=cache_bytes)
-        self.cpu_share = cpu_share
+    def __init__(self, spec: ModelSpec, process: ReplicaProcess = ReplicaProcess()):
+        self.model = load(spec)
+        self.cpu_share = process.cpu_share
         if self.model.device.type == "cpu":
-            lower_cpu_priority(cpu_niceness)  # the proxy and the ingress answer first (MODEL_CPU_NICENESS)
+            lower_cpu_priority(process.cpu_niceness)  # the proxy and the ingress answer first (MODEL_CPU_NICENESS)
         self.model_metrics = ModelMetrics()
         self.report_cache = CacheReporter(self.model) if hasattr(self.model, "cache") else None
         # one queue for prompts and clicks: one model, one worker thread, priorities kept across both
@@ -37,7 +39,13 @@ class Detector(BatchedModelDeployment):
         self.loaded()
 
     async def detect(self, request: DetectionRequest) -> Detections:
-        return await self.batcher.submit(request)
+        detections = await self.batcher.submit(request)
+        if request.encodings and detections.masks is not None:  # beside the next batch, as segment() does
+            detections.encoded = await asyncio.to_thread(
+                encode_masks, Masks(masks=detections.masks, scores=detections.scores), request.encodings,
+                request.polygon_tolerance_px)
+            detections.masks = None
+        return detections
 
     async def segment(self, request: SegmentationRequest) -> Masks:
         """Clicks and drawn boxes (the concept pipeline: SAM 3's tracker on the cached image features)."""

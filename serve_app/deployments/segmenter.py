@@ -1,5 +1,5 @@
-"""The segmenter deployment: boxes and clicks to masks, batched across requests (serve_app.models.segmenter for
-segment-anything checkpoints, serve_app.models.hf_segmenter for the transformers SAM families).
+"""The segmenter deployment: boxes and clicks to masks, batched across requests (the catalog's segmenter families:
+serve_app.models.segmenter for segment-anything checkpoints, serve_app.models.hf_segmenter for transformers').
 
 Requests for one image reach the replica caching its embedding through serve_app.deployments.routing.
 Its defaults are set here, not in configs/serve.yaml: the app has no Segmenter when SAM is off, and Serve
@@ -15,13 +15,13 @@ from ray.serve.config import RequestRouterConfig
 
 from serve_app.deployments.batching import BatchedModelDeployment, ModelBatcher
 from serve_app.deployments.routing import ImageAffinityRouter
-from serve_app.masks.encode import encode_masks
-from serve_app.models.checkpoints import is_checkpoint_file
 from serve_app.deployments.replica_cores import lower_cpu_priority
 from serve_app.deployments.replica_memory import release_free_memory
-from serve_app.models.hf_segmenter import HfSamSegmenter
+from serve_app.graph_plan import ReplicaProcess
+from serve_app.masks.encode import encode_masks
+from serve_app.models.loading import load
 from serve_app.models.messages import Masks, SegmentationRequest
-from serve_app.models.segmenter import SamSegmenter
+from serve_app.models.spec import ModelSpec
 from serve_app.telemetry import CacheReporter, ModelMetrics
 
 
@@ -37,18 +37,11 @@ from serve_app.telemetry import CacheReporter, ModelMetrics
                  "background_batch_s": 0.25},
 )
 class Segmenter(BatchedModelDeployment):
-    def __init__(self, checkpoint: str, *, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
-                 setting: str = "SAM_CHECKPOINT", sha256: str = "", cache_dir: str = "", cache_bytes: int = 0,
-                 cpu_niceness: int = 0, cpu_share: int = 1):
-        if is_checkpoint_file(checkpoint):  # a segment-anything .pth (SAM, MobileSAM)
-            self.model = SamSegmenter.load(checkpoint, model_type=model_type, device=device, precision=precision,
-                                           setting=setting, sha256=sha256, cache_dir=cache_dir,
-                                           cache_bytes=cache_bytes)
-        else:  # a transformers SAM family: SAM 2 / 2.1, SAM-HQ, EdgeTAM, SAM
-            self.model = HfSamSegmenter.load(checkpoint, device=device, precision=precision, cache_bytes=cache_bytes)
-        self.cpu_share = cpu_share
+    def __init__(self, spec: ModelSpec, process: ReplicaProcess = ReplicaProcess()):
+        self.model = load(spec)  # a segment-anything .pth (SAM, MobileSAM) or a transformers SAM family
+        self.cpu_share = process.cpu_share
         if self.model.device.type == "cpu":
-            lower_cpu_priority(cpu_niceness)  # the proxy and the ingress answer first (MODEL_CPU_NICENESS)
+            lower_cpu_priority(process.cpu_niceness)  # the proxy and the ingress answer first (MODEL_CPU_NICENESS)
         self.model_metrics = ModelMetrics()
         self.report_cache = CacheReporter(self.model)
         self.batcher = ModelBatcher(self.model.segment, on_batch=self._after_batch,

@@ -15,12 +15,10 @@ import base64
 import binascii
 import contextlib
 import io
-import ipaddress
-import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, unquote_to_bytes, urljoin, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote_to_bytes, urljoin, urlsplit
 
 import httpx
 import numpy as np
@@ -29,7 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from serve_app import get_logger
 from serve_app.ingress.errors import ImageError
 from serve_app.label_studio.credentials import LabelStudioAuthError, LabelStudioCredentials
-from serve_app.ingress.origins import origin as url_origin
+from serve_app.ingress.outbound import OutboundPolicy, origin
 from serve_app.redaction import redact_urls, shown_url
 
 logger = get_logger(__name__)
@@ -66,45 +64,15 @@ class LoadedImage:
     height: int
 
 
-def origin(url: str) -> tuple[str, str, int]:
-    """serve_app.ingress.origins.origin, with a malformed URL (bad port, broken IPv6 literal) as an ImageError."""
-    try:
-        return url_origin(url)
-    except ValueError as exc:
-        raise ImageError(f"malformed URL {shown_url(url)!r}: {exc}") from None
-
-
-# IPv6 ranges that carry or reach IPv4 addresses (NAT64 maps 64:ff9b::a9fe:a9fe to 169.254.169.254) or are
-# deprecated local scopes; Python's is_global does not refuse all of them.
-_TRANSLATING_V6 = tuple(ipaddress.ip_network(n) for n in (
-    "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16", "::/96", "::ffff:0:0/96", "2001::/32", "fec0::/10"))
-
-
-def _is_public(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        elif any(ip in network for network in _TRANSLATING_V6):
-            return False
-    return ip.is_global and not ip.is_multicast
-
-
-def pinned(url: str, address: str) -> tuple[str, str, str]:
-    """(URL with the host replaced by `address`, the Host header, the TLS server name) for one request."""
-    parts = urlsplit(url)
-    literal = f"[{address}]" if ":" in address else address
-    netloc = literal + (f":{parts.port}" if parts.port else "")
-    host_header = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), host_header, parts.hostname or ""
-
-
 class ImageFetcher:
     def __init__(self, policy: ImageSourcePolicy, client: httpx.AsyncClient | None = None,
                  credentials: LabelStudioCredentials | None = None):
         self.policy = policy
         self._client = client or httpx.AsyncClient(follow_redirects=False, trust_env=False)
         self._ls_origin = origin(policy.label_studio_url) if policy.label_studio_url else None
+        # which hosts may be connected to, at which address: shared with the Label Studio writes of this instance
+        self.outbound = OutboundPolicy(policy.label_studio_url if policy.trust_label_studio_host else "",
+                                       policy.host_allowlist)
         # sent only to the origin the credential was issued for (its base_url), never to another host or scheme
         self.credentials = credentials
         self._credential_origin = origin(credentials.base_url) if credentials else None
@@ -112,45 +80,9 @@ class ImageFetcher:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    def _allowed_without_ip_check(self, url: str) -> bool:
-        _, host, port = origin(url)
-        allow = self.policy.host_allowlist
-        trusted_ls = self.policy.trust_label_studio_host and origin(url) == self._ls_origin
-        return trusted_ls or host in allow or f"{host}:{port}" in allow
-
     async def connect_target(self, url: str) -> tuple[str, dict[str, str], dict[str, str]]:
-        """(URL to request, headers, httpx extensions) that reach `url`'s host at its checked address, keeping
-        the Host header and TLS server name. Every outgoing request of the ingress goes this way: image
-        downloads, and predictions written to a Label Studio named by /setup."""
-        address = await self._checked_address(url)
-        if address is None:
-            return url, {}, {}
-        target, host_header, server_name = pinned(url, address)
-        return target, {"Host": host_header}, {"sni_hostname": server_name}
-
-    async def _checked_address(self, url: str) -> str | None:
-        """The address to connect to, resolved once and checked: every address the name resolves to must be
-        public. None for trusted hosts (the Label Studio URL, IMAGE_HOST_ALLOWLIST), reached by name."""
-        if self._allowed_without_ip_check(url):
-            return None
-        _, host, port = origin(url)
-        if not host:
-            raise ImageError(f"image URL has no host: {shown_url(url)!r}")
-        try:
-            infos = await self._resolve(host, port)
-        except (socket.gaierror, UnicodeError) as exc:
-            raise ImageError(f"cannot resolve image host {host!r}: {exc}") from None
-        addresses = list(dict.fromkeys(info[4][0] for info in infos))
-        blocked = [address for address in addresses if not _is_public(address)]
-        if blocked or not addresses:
-            raise ImageError(
-                f"image host {host!r} resolves to a non-public address ({', '.join(blocked)}); "
-                "add it to IMAGE_HOST_ALLOWLIST to allow it", status_code=403)
-        return addresses[0]
-
-    @staticmethod
-    async def _resolve(host: str, port: int):
-        return await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        """serve_app.ingress.outbound's checked, pinned target for an image URL."""
+        return await self.outbound.connect_target(url, what="image host", error=ImageError)
 
     def resolve(self, url: str, task_id: object = None) -> str:
         if not isinstance(url, str) or not url.strip():

@@ -27,7 +27,9 @@ from urllib.parse import urlsplit
 from typing import Any, Callable, Generic, TypeVar
 
 from serve_app import get_logger
+from serve_app.ingress.errors import BadRequest
 from serve_app.ingress.origins import origin
+from serve_app.settings import url_problem
 
 logger = get_logger(__name__)
 
@@ -56,6 +58,24 @@ def origin_text(url: str) -> str:
     return f"{scheme}://{host}:{port}"
 
 
+def setup_fields(body: dict, hostname: str, token: str) -> tuple[str, str]:
+    """The Label Studio host and token a /setup body leaves in force. Empty or missing fields keep the current
+    ones (grounded-serve prelabel sends both empty); anything else is checked before any state changes."""
+    new_hostname, new_token = body.get("hostname"), body.get("access_token")
+    if new_hostname not in (None, ""):
+        if not isinstance(new_hostname, str):
+            raise BadRequest("'hostname' must be a string")
+        problem = url_problem(new_hostname.strip())
+        if problem:
+            raise BadRequest(f"'hostname' {new_hostname[:200]!r} {problem}")
+        hostname = new_hostname.strip().rstrip("/")
+    if new_token not in (None, ""):
+        if not isinstance(new_token, str):
+            raise BadRequest("'access_token' must be a string")
+        token = new_token
+    return hostname, token
+
+
 class LabelStudioInstances(Generic[Fetcher]):
     def __init__(self, make_fetcher: Callable[[str, str], Fetcher], *, capacity: int, ttl_s: float,
                  pinned_origin: str = "", clock: Callable[[], float] = time.monotonic):
@@ -80,6 +100,19 @@ class LabelStudioInstances(Generic[Fetcher]):
         if hostname:
             return candidates.get(origin_text(hostname))
         return next(reversed(candidates.values()))
+
+    def apply_setup(self, project: str, body: dict) -> None:
+        """A /setup body: empty fields keep what the project's last /setup said, and a token is only ever taken
+        from the same instance's /setup. grounded-serve prelabel sends neither: nothing to remember."""
+        hostname, token = setup_fields(body, "", "")
+        if not hostname:
+            latest = self.known(project)
+            hostname = latest.hostname if latest else ""
+        if not token:
+            same = self.known(project, hostname) if hostname else None
+            token = same.token if same else ""
+        if hostname or token:  # downloads in flight keep the fetcher they started with
+            self.setup(project, hostname, token)
 
     def setup(self, project: str, hostname: str, token: str) -> Instance[Fetcher]:
         """Remember what a /setup for `project` said; a changed host or token gets a new fetcher."""

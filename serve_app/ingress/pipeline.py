@@ -215,11 +215,14 @@ class LabellingPipeline:
                     image=image.pixels, phrases=[p.text for p in prompt.phrases],
                     box_threshold=request.thresholds.box, text_threshold=request.thresholds.text,
                     max_detections=1 if clicks else s.max_detections, priority=task_priority(),
-                    image_key=image_key))
+                    image_key=image_key, encodings=mask_encodings(config) if self._masks_wanted(config) else (),
+                    polygon_tolerance_px=s.polygon_tolerance_px))
         masks = None
-        if detections.masks is not None and not clicks:  # a concept model (SAM 3) found them with the boxes
+        found_masks = detections.encoded is not None or detections.masks is not None
+        if found_masks and not clicks:  # a concept model (SAM 3) found them with the boxes (encoded in its replica)
             if self._masks_wanted(config):
-                masks = Masks(masks=detections.masks, scores=detections.scores)
+                masks = detections.encoded if detections.encoded is not None else \
+                    Masks(masks=detections.masks, scores=detections.scores)
         elif self._masks_wanted(config) and len(detections):
             with self._stage("segment"):
                 # with clicks, the best box and the clicks together refine one mask

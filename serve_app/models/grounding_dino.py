@@ -20,36 +20,12 @@ from PIL import Image
 
 from serve_app import get_logger
 from serve_app.models.device import autocast_for, effective_precision, pick_device
+from serve_app.models.catalog import DEFAULT_DETECTOR, DETECTOR, Family
 from serve_app.models.errors import ModelLoadError, describe_load_failure
-from serve_app.models.messages import DEFAULT_GROUNDING_DINO, DetectionRequest, Detections
+from serve_app.models.messages import DetectionRequest, Detections
+from serve_app.models.spec import ModelSpec
 
 logger = get_logger(__name__)
-
-# model_type in config.json -> what the docs call it: the families this module's class runs
-FAMILIES = {"grounding-dino": "Grounding DINO", "mm-grounding-dino": "MM Grounding DINO / LLMDet"}
-# every detector family the service serves (serve_app.models.detector_choice picks the class for each)
-SERVED_FAMILIES = {**FAMILIES, "owlv2": "OWLv2", "omdet-turbo": "OmDet-Turbo", "sam3": "SAM 3",
-                   "sam3_video": "SAM 3 with its tracker"}
-
-
-def unserved_family(model: str, model_type: str) -> ModelLoadError:
-    """The error for a checkpoint of a family no detector class runs: it names the setting and every family served."""
-    served = ", ".join(f"{name} ({kind})" for kind, name in SERVED_FAMILIES.items())
-    return ModelLoadError(f"DETECTOR_MODEL={model!r} is a {model_type!r} checkpoint, which this service does not "
-                          f"serve yet; it serves {served}")
-
-
-def check_family(model: str, model_type: str, families: dict[str, str] = FAMILIES) -> str:
-    """The family's name when `families` has it, else a ModelLoadError that names the setting and the families
-    served (and, for a family another class runs, which loader to use)."""
-    if model_type in families:
-        return families[model_type]
-    if model_type in SERVED_FAMILIES:
-        raise ModelLoadError(f"DETECTOR_MODEL={model!r} is a {SERVED_FAMILIES[model_type]} ({model_type}) checkpoint, "
-                             "which another detector class runs: load it with "
-                             "serve_app.models.detector_choice.load_detector")
-    raise unserved_family(model, model_type)
-
 
 def build_caption(phrases: list[str]) -> tuple[str, list[tuple[int, int]]]:
     """Join phrases the way Grounding DINO was trained ("a cat. a dog.") and return char spans."""
@@ -102,21 +78,27 @@ class GroundingDinoDetector:
         self.preprocess_on = device if takes_tensors(self.image_processor) and device.type == "cuda" else None
 
     @classmethod
-    def load(cls, model_id_or_path: str = DEFAULT_GROUNDING_DINO, *, device: str = "auto",
+    def load(cls, model_id_or_path: str = DEFAULT_DETECTOR, *, device: str = "auto",
              precision: str = "fp32") -> "GroundingDinoDetector":
-        """From a hub id (cached under HF_HOME; HF_HUB_OFFLINE=1 uses only the cache) or a local directory."""
-        from transformers import AutoConfig, AutoModelForZeroShotObjectDetection, AutoProcessor
+        """From a hub id (cached under HF_HOME; HF_HUB_OFFLINE=1 uses only the cache) or a local directory, through
+        the catalog (serve_app.models.loading): a checkpoint of another family is refused, naming it."""
+        from serve_app.models.loading import load_as
 
-        torch_device = pick_device(device)
+        return load_as(cls, ModelSpec(DETECTOR, model_id_or_path, device=device, precision=precision))
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, family: Family) -> "GroundingDinoDetector":
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+        torch_device = pick_device(spec.device)
         try:
-            family = check_family(model_id_or_path, AutoConfig.from_pretrained(model_id_or_path).model_type)
-            logger.info("loading %s from %s on %s", family, model_id_or_path, torch_device)
-            processor = AutoProcessor.from_pretrained(model_id_or_path)
-            model = AutoModelForZeroShotObjectDetection.from_pretrained(model_id_or_path)
+            logger.info("loading %s from %s on %s", family.name, spec.checkpoint, torch_device)
+            processor = AutoProcessor.from_pretrained(spec.checkpoint)
+            model = AutoModelForZeroShotObjectDetection.from_pretrained(spec.checkpoint)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(describe_load_failure(model_id_or_path, exc, "Grounding DINO")) from None
+            raise ModelLoadError(describe_load_failure(spec.checkpoint, exc, family.name, spec.setting)) from None
         model.to(torch_device).eval()
-        return cls(model, processor, torch_device, precision=precision)
+        return cls(model, processor, torch_device, precision=spec.precision)
 
     @torch.inference_mode()
     def detect(self, requests: list[DetectionRequest]) -> list[Detections]:

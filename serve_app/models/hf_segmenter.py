@@ -9,48 +9,20 @@ processor → model → post-processing path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from serve_app import get_logger
 from serve_app.models.device import autocast_for, effective_precision, pick_device
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache, own_row
+from serve_app.models.catalog import SEGMENTER, Family
 from serve_app.models.errors import ModelLoadError, describe_load_failure
 from serve_app.models.mask_upsampling import upsample_masks
 from serve_app.models.messages import Masks, SegmentationRequest
 from serve_app.models.prompt_decoding import decode_prompts, has_points
+from serve_app.models.spec import ModelSpec
 
 logger = get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    model_class: str
-    processor_class: str
-    padded: bool  # SAM and SAM-HQ keep the aspect ratio and pad to a square; SAM 2 and EdgeTAM stretch
-
-
-# config.json model_type -> family. The hub's SAM 2.1 and EdgeTAM checkpoints are saved as their video models
-# (`sam2_video`, `edgetam_video`); the image model loads from them and ignores the memory weights.
-FAMILIES = {
-    "sam2": Family("SAM 2 / 2.1", "Sam2Model", "Sam2Processor", padded=False),
-    "sam2_video": Family("SAM 2 / 2.1", "Sam2Model", "Sam2Processor", padded=False),
-    "edgetam": Family("EdgeTAM", "EdgeTamModel", "Sam2Processor", padded=False),
-    "edgetam_video": Family("EdgeTAM", "EdgeTamModel", "Sam2Processor", padded=False),
-    "sam_hq": Family("SAM-HQ", "SamHQModel", "SamHQProcessor", padded=True),
-    "sam": Family("SAM", "SamModel", "SamProcessor", padded=True),
-}
-
-
-def family_of(model: str, model_type: str) -> Family:
-    if model_type not in FAMILIES:
-        served = ", ".join(sorted({f"{family.name} ({kind})" for kind, family in FAMILIES.items()}))
-        raise ModelLoadError(f"SEGMENTER_MODEL={model!r} is a {model_type!r} checkpoint, which is not a segmenter "
-                             f"this service serves; it serves {served}, and segment-anything .pth checkpoints")
-    return FAMILIES[model_type]
 
 
 class HfSamSegmenter:
@@ -62,6 +34,7 @@ class HfSamSegmenter:
         self.processor = processor
         self.image_processor = processor.image_processor
         self.family = family
+        self.padded = bool(family.details["padded"])
         self.device = device
         self.precision = effective_precision(device, precision)
         self.cache = EmbeddingCache(cache_bytes)
@@ -74,29 +47,35 @@ class HfSamSegmenter:
     def load(cls, model_id_or_path: str, *, device: str = "auto", precision: str = "fp32",
              cache_bytes: int = 0) -> "HfSamSegmenter":
         """From a hub id (cached under HF_HOME; HF_HUB_OFFLINE=1 uses only the cache) or a local directory."""
+        from serve_app.models.loading import load_as
+
+        return load_as(cls, ModelSpec(SEGMENTER, model_id_or_path, "SEGMENTER_MODEL", device=device,
+                                      precision=precision, cache_bytes=cache_bytes))
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, family: Family) -> "HfSamSegmenter":
         import transformers
 
-        torch_device = pick_device(device)
+        torch_device = pick_device(spec.device)
+        model_class = family.details["model_class"]
         try:
-            model_type = transformers.AutoConfig.from_pretrained(model_id_or_path).model_type
-            family = family_of(model_id_or_path, model_type)
-            logger.info("loading %s from %s on %s", family.name, model_id_or_path, torch_device)
-            processor = getattr(transformers, family.processor_class).from_pretrained(model_id_or_path)
-            model, loading = getattr(transformers, family.model_class).from_pretrained(
-                model_id_or_path, output_loading_info=True)
+            logger.info("loading %s from %s on %s", family.name, spec.checkpoint, torch_device)
+            processor = getattr(transformers, family.details["processor_class"]).from_pretrained(spec.checkpoint)
+            model, loading = getattr(transformers, model_class).from_pretrained(spec.checkpoint,
+                                                                                output_loading_info=True)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(describe_load_failure(model_id_or_path, exc, "SAM-family", "SEGMENTER_MODEL")) from None
+            raise ModelLoadError(describe_load_failure(spec.checkpoint, exc, "SAM-family", spec.setting)) from None
         if loading.get("missing_keys"):  # they would be random: refuse rather than serve noise
             missing = sorted(loading["missing_keys"])
-            raise ModelLoadError(f"SEGMENTER_MODEL={model_id_or_path!r}: the checkpoint lacks {len(missing)} of "
-                                 f"{family.model_class}'s weights (for example {', '.join(missing[:3])})")
-        return cls(model, processor, family, torch_device, precision=precision, cache_bytes=cache_bytes)
+            raise ModelLoadError(f"{spec.setting}={spec.checkpoint!r}: the checkpoint lacks {len(missing)} of "
+                                 f"{model_class}'s weights (for example {', '.join(missing[:3])})")
+        return cls(model, processor, family, torch_device, precision=spec.precision, cache_bytes=spec.cache_bytes)
 
     def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """Pixel values and the size of the image inside them (before padding, where the family pads)."""
         prepared = self.image_processor(images=[image], return_tensors="pt")
         pixels = prepared["pixel_values"]
-        if self.family.padded:
+        if self.padded:
             return pixels, tuple(int(v) for v in prepared["reshaped_input_sizes"][0])
         return pixels, tuple(pixels.shape[-2:])
 
@@ -136,7 +115,7 @@ class HfSamSegmenter:
         return out.pred_masks, out.iou_scores
 
     def _upsample(self, low_res: torch.Tensor, cached: CachedEmbedding, original_size) -> np.ndarray:
-        if self.family.padded:  # resize to the padded square, crop the padding, resize to the image
+        if self.padded:  # resize to the padded square, crop the padding, resize to the image
             return upsample_masks(low_res.float(), cached.input_size, original_size, cached.encoder_size)
         side = low_res.shape[-1]  # one resize straight to the image: the identity first step of the same map
         return upsample_masks(low_res.float(), (side, side), original_size, side)

@@ -7,16 +7,6 @@ from enum import IntEnum
 
 import numpy as np
 
-DEFAULT_GROUNDING_DINO = "IDEA-Research/grounding-dino-tiny"
-# Official download locations (segment-anything README, MobileSAM repository).
-OFFICIAL_CHECKPOINTS = {
-    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-    "vit_t": "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
-}
-
-
 class PromptUnsupported(ValueError):
     """The model cannot answer this kind of prompt (for example clicks to a SAM 3 checkpoint without its tracker):
     the caller's mistake, reported as such, never a replica failure."""
@@ -42,6 +32,10 @@ class DetectionRequest:
     # content hash of the image: the embedding-cache key of a model that caches vision features (SAM 3), so a
     # click after a text prompt on the same image reuses them; empty: not cached
     image_key: str = ""
+    # Forms to send back instead of the pixel masks of a detector that segments too (SAM 3), computed in its
+    # replica as the Segmenter's are (SegmentationRequest.encodings)
+    encodings: tuple[str, ...] = ()
+    polygon_tolerance_px: float = 1.0
 
 
 @dataclass
@@ -51,6 +45,8 @@ class Detections:
     phrase_ids: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))  # index into phrases
     # N x H x W bool, one per box, from a detector that segments too (SAM 3); None: boxes only
     masks: np.ndarray | None = None
+    # those masks encoded in the replica (DetectionRequest.encodings), in place of `masks`
+    encoded: Masks | None = None
 
     def __len__(self) -> int:
         return len(self.scores)

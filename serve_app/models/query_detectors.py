@@ -29,13 +29,12 @@ from PIL import Image
 from serve_app import get_logger
 from serve_app.models.device import autocast_for, effective_precision, pick_device
 from serve_app.models.errors import ModelLoadError, describe_load_failure
-from serve_app.models.grounding_dino import SERVED_FAMILIES, check_family
+from serve_app.models.catalog import DETECTOR, Family, families_for
 from serve_app.models.messages import DetectionRequest, Detections
+from serve_app.models.spec import ModelSpec
 
 logger = get_logger(__name__)
 
-# model_type in config.json -> what the docs call it
-FAMILIES = {kind: SERVED_FAMILIES[kind] for kind in ("owlv2", "omdet-turbo")}
 # IoU above which OmDet-Turbo's per-label NMS drops the lower-scoring box: the default of its post-processing,
 # which its model card uses.
 OMDET_NMS_THRESHOLD = 0.5
@@ -72,8 +71,9 @@ class QueryDetector:
     def __init__(self, model, processor, device: torch.device, *, precision: str = "fp32"):
         self.model = model
         self.family = model.config.model_type
-        if self.family not in FAMILIES:
-            raise ValueError(f"QueryDetector runs {', '.join(FAMILIES)}, not {self.family!r}")
+        runs = [f.model_type for f in families_for(DETECTOR) if f.loader == f"{__name__}:QueryDetector"]
+        if self.family not in runs:
+            raise ValueError(f"QueryDetector runs {', '.join(runs)}, not {self.family!r}")
         self.precision = effective_precision(device, precision)
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -89,23 +89,28 @@ class QueryDetector:
     @classmethod
     def load(cls, model_id_or_path: str, *, device: str = "auto", precision: str = "fp32") -> "QueryDetector":
         """From a hub id (cached under HF_HOME; HF_HUB_OFFLINE=1 uses only the cache) or a local directory."""
-        from transformers import AutoConfig, AutoModelForZeroShotObjectDetection, AutoProcessor
+        from serve_app.models.loading import load_as
 
-        torch_device = pick_device(device)
-        what = " / ".join(FAMILIES.values())
+        return load_as(cls, ModelSpec(DETECTOR, model_id_or_path, device=device, precision=precision))
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, family: Family) -> "QueryDetector":
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+        torch_device = pick_device(spec.device)
+        model_id_or_path, precision = spec.checkpoint, spec.precision
         try:
-            family = check_family(model_id_or_path, AutoConfig.from_pretrained(model_id_or_path).model_type, FAMILIES)
-            logger.info("loading %s from %s on %s", family, model_id_or_path, torch_device)
+            logger.info("loading %s from %s on %s", family.name, model_id_or_path, torch_device)
             processor = AutoProcessor.from_pretrained(model_id_or_path)
             model, info = AutoModelForZeroShotObjectDetection.from_pretrained(model_id_or_path,
                                                                              output_loading_info=True)
         except (OSError, ValueError, ImportError) as exc:
-            raise ModelLoadError(describe_load_failure(model_id_or_path, exc, what)) from None
+            raise ModelLoadError(describe_load_failure(model_id_or_path, exc, family.name, spec.setting)) from None
         missing = list(info.get("missing_keys") or [])
         if missing:  # transformers would start those weights at random and detect noise
             shown = ", ".join(sorted(missing)[:5]) + (", ..." if len(missing) > 5 else "")
-            raise ModelLoadError(f"DETECTOR_MODEL={model_id_or_path!r}: the checkpoint has no weights for "
-                                 f"{len(missing)} of the {family} model's parameters ({shown}); it is incomplete "
+            raise ModelLoadError(f"{spec.setting}={model_id_or_path!r}: the checkpoint has no weights for "
+                                 f"{len(missing)} of the {family.name} model's parameters ({shown}); it is incomplete "
                                  "or was saved for another architecture")
         model.to(torch_device).eval()
         return cls(model, processor, torch_device, precision=precision)

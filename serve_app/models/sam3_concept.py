@@ -32,9 +32,11 @@ import torch
 from serve_app import get_logger
 from serve_app.models.device import autocast_for, effective_precision, pick_device
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache, own_row
+from serve_app.models.catalog import CONCEPT, Family
 from serve_app.models.errors import ModelLoadError, describe_load_failure
 from serve_app.models.mask_upsampling import upsample_masks
 from serve_app.models.prompt_decoding import decode_prompts, has_points
+from serve_app.models.spec import ModelSpec
 from serve_app.models.messages import (
     DetectionRequest,
     Detections,
@@ -46,7 +48,6 @@ from serve_app.models.messages import (
 logger = get_logger(__name__)
 
 MASK_THRESHOLD = 0.5  # on sigmoid(mask logits), SAM 3's post-processing default
-MODEL_TYPES = {"sam3": "SAM 3 (detector only)", "sam3_video": "SAM 3 (detector and interactive tracker)"}
 
 
 class InteractiveUnavailable(PromptUnsupported):
@@ -84,33 +85,37 @@ class Sam3Concept:
              cache_bytes: int = 0) -> Sam3Concept:
         """From a hub id (cached under HF_HOME; HF_HUB_OFFLINE=1 uses only the cache) or a local directory holding
         a `"sam3"` (detector) or `"sam3_video"` (detector and tracker, as facebook/sam3) checkpoint."""
+        from serve_app.models.loading import load_as
+
+        return load_as(cls, ModelSpec(CONCEPT, model_id_or_path, device=device, precision=precision,
+                                      cache_bytes=cache_bytes))
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, family: Family) -> Sam3Concept:
         import transformers
 
-        torch_device = pick_device(device)
+        torch_device = pick_device(spec.device)
+        model_id_or_path, interactive = spec.checkpoint, bool(family.details.get("interactive"))
         try:
-            model_type = transformers.AutoConfig.from_pretrained(model_id_or_path).model_type
-            if model_type not in MODEL_TYPES:
-                served = ", ".join(f"{name} ({kind})" for kind, name in MODEL_TYPES.items())
-                raise ModelLoadError(f"DETECTOR_MODEL={model_id_or_path!r} is a {model_type!r} checkpoint, not a "
-                                     f"SAM 3 one; the concept segmenter serves {served}")
-            logger.info("loading %s from %s on %s", MODEL_TYPES[model_type], model_id_or_path, torch_device)
+            logger.info("loading %s from %s on %s", family.name, model_id_or_path, torch_device)
             processor = transformers.Sam3Processor.from_pretrained(model_id_or_path)
-            model_class = transformers.Sam3VideoModel if model_type == "sam3_video" else transformers.Sam3Model
+            model_class = transformers.Sam3VideoModel if interactive else transformers.Sam3Model
             loaded, loading = model_class.from_pretrained(model_id_or_path, output_loading_info=True)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(describe_load_failure(model_id_or_path, exc, "SAM 3")) from None
+            raise ModelLoadError(describe_load_failure(model_id_or_path, exc, "SAM 3", spec.setting)) from None
         if loading.get("missing_keys"):  # they would be random: refuse rather than serve noise
             missing = sorted(loading["missing_keys"])
-            raise ModelLoadError(f"DETECTOR_MODEL={model_id_or_path!r}: the checkpoint lacks {len(missing)} of "
+            raise ModelLoadError(f"{spec.setting}={model_id_or_path!r}: the checkpoint lacks {len(missing)} of "
                                  f"{model_class.__name__}'s weights (for example {', '.join(missing[:3])})")
-        if model_type == "sam3_video":
+        if interactive:
             model, tracker = loaded.detector_model, _tracker_from_video_model(loaded)
         else:
             model, tracker = loaded, None
             logger.info("DETECTOR_MODEL=%s is a detector-only SAM 3 checkpoint: text prompts only; clicks and boxes "
                         "need the sam3_video checkpoint (facebook/sam3), which holds the interactive tracker",
                         model_id_or_path)
-        return cls(model, processor, torch_device, tracker=tracker, precision=precision, cache_bytes=cache_bytes)
+        return cls(model, processor, torch_device, tracker=tracker, precision=spec.precision,
+                   cache_bytes=spec.cache_bytes)
 
     # ---- vision features, once per image ----
 

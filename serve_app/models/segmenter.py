@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from serve_app import get_logger
+from serve_app.models.catalog import SEGMENTER, Family
 from serve_app.models.checkpoints import resolve_checkpoint
 from serve_app.models.device import autocast_for, effective_precision, pick_device
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
@@ -20,6 +21,7 @@ from serve_app.models.messages import Masks, SegmentationRequest
 from serve_app.models.prompt_decoding import has_points
 from serve_app.models.sam_decoder import SharedImageDecoder
 from serve_app.models.sam_loading import load_sam
+from serve_app.models.spec import ModelSpec
 
 logger = get_logger(__name__)
 
@@ -48,12 +50,20 @@ class SamSegmenter:
              setting: str = "SAM_CHECKPOINT", sha256: str = "", cache_dir: str = "",
              cache_bytes: int = 0) -> "SamSegmenter":
         """`checkpoint` is a path or URL (downloaded once into `cache_dir`); errors name `setting`."""
-        path = resolve_checkpoint(checkpoint, setting, cache_dir or None, sha256)
+        from serve_app.models.loading import load_as
+
+        return load_as(cls, ModelSpec(SEGMENTER, checkpoint, setting, device=device, precision=precision,
+                                      cache_bytes=cache_bytes, sam_model_type=model_type, sha256=sha256,
+                                      cache_dir=cache_dir))
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, family: Family) -> "SamSegmenter":
+        path = resolve_checkpoint(spec.checkpoint, spec.setting, spec.cache_dir or None, spec.sha256)
         try:
-            sam, _ = load_sam(path, model_type)
+            sam, _ = load_sam(path, spec.sam_model_type)
         except CheckpointError as exc:
-            raise CheckpointError(f"{setting}: {exc}") from None
-        return cls(sam, pick_device(device), precision=precision, cache_bytes=cache_bytes)
+            raise CheckpointError(f"{spec.setting}: {exc}") from None
+        return cls(sam, pick_device(spec.device), precision=spec.precision, cache_bytes=spec.cache_bytes)
 
     def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         resized = self.transform.apply_image(image)
