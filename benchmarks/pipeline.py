@@ -12,27 +12,22 @@ import collections
 import dataclasses
 from typing import Any
 
+from serve_app.graph_plan import plan_graph
 from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
 from serve_app.ingress.pipeline import LabellingPipeline, in_thread
-from serve_app.models.grounding_dino import GroundingDinoDetector
-from serve_app.models.segmenter import SamSegmenter
+from serve_app.models.loading import load
 from serve_app.settings import Settings
 
 
-def load_models(settings: Settings) -> tuple[GroundingDinoDetector, SamSegmenter | None]:
-    """The detector and (if enabled) segmenter the settings name, loaded as the deployments load them."""
-    detector = GroundingDinoDetector.load(settings.detector_model, device=settings.device,
-                                          precision=settings.precision)
-    segmenter = None
-    if settings.sam_enabled:
-        segmenter = SamSegmenter.load(settings.segmenter_checkpoint, model_type=settings.segmenter_model_type,
-                                      device=settings.device, precision=settings.precision,
-                                      cache_bytes=settings.sam_embedding_cache_bytes)
-    return detector, segmenter
+def load_models(settings: Settings) -> tuple[Any, Any | None]:
+    """The detector and (if the plan has one) segmenter the settings name, loaded as the deployments load them:
+    from the graph plan's model specs, through serve_app.models.loading.load."""
+    plan = plan_graph(settings)
+    return load(plan.detector), load(plan.segmenter) if plan.segmenter is not None else None
 
 
 class InProcessPipeline:
-    def __init__(self, detector: GroundingDinoDetector, segmenter: SamSegmenter | None, settings: Settings,
+    def __init__(self, detector: Any, segmenter: Any | None, settings: Settings,
                  image_hosts: frozenset[str] = frozenset({"127.0.0.1"})):
         self.stage_s: dict[str, list[float]] = collections.defaultdict(list)
         self.loop = asyncio.new_event_loop()  # one loop and one HTTP client for all requests, as a server keeps

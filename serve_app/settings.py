@@ -49,8 +49,10 @@ def environment_key(env: Mapping[str, str]) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class Settings:
-    # Models
+class ModelSettings:
+    """Which models run and how: checkpoints, the pipeline, precision, device, detection defaults (a project can
+    override the thresholds in its label config)."""
+
     # DETECTOR_MODEL (alias GROUNDING_DINO_MODEL): hub id or local directory of a Grounding DINO family checkpoint
     detector_model: str = DEFAULT_DETECTOR
     # SEGMENTER_MODEL: masks from this model: a hub id or directory of a transformers SAM 2 / 2.1, SAM-HQ, EdgeTAM
@@ -69,57 +71,12 @@ class Settings:
     checkpoint_cache_dir: str = ""  # CHECKPOINT_CACHE_DIR: where URL checkpoints are kept (~/.cache/grounded-serve)
     precision: str = "fp32"  # PRECISION: fp32; fp16/bf16 autocast on GPU; bf16 on CPUs with AMX/AVX-512 BF16
     sam_embedding_cache_bytes: int = 1 << 30  # SAM_EMBEDDING_CACHE_BYTES: per segmenter replica (4 MiB/image)
-    polygon_tolerance_px: float = 1.0  # POLYGON_TOLERANCE_PX: contour simplification (Douglas-Peucker)
     sam_model_type: str = "auto"  # SAM_MODEL_TYPE: vit_h, vit_l, vit_b, tiny or auto (from the checkpoint)
     device: str = "auto"  # DEVICE: auto (cuda if the replica has a GPU), cpu, cuda
     model_version: str = ""  # MODEL_VERSION: overrides the version derived from the model names
-    # Resources: set here rather than in ray_actor_options so one config runs on CPU-only and GPU clusters
-    accelerator: str = "auto"  # ACCELERATOR: auto (GPU fractions if the cluster has GPUs at deploy time), gpu, cpu
-    detector_cpus: float = 0.5  # DETECTOR_CPUS: logical CPUs per detector replica
-    detector_gpus: float = 0.5  # DETECTOR_GPUS: GPU fraction per detector replica, when GPUs are used
-    segmenter_cpus: float = 0.4  # SEGMENTER_CPUS
-    segmenter_gpus: float = 0.5  # SEGMENTER_GPUS
-    model_cpu_niceness: int = 5  # MODEL_CPU_NICENESS: nice value added to model replicas that run on CPU (0 = off)
-    # MODEL_MALLOC_REUSE: model replicas keep the memory a forward pass freed for the next one (glibc tunables,
-    # serve_app.deployments.replica_memory) instead of faulting it in afresh each pass; trimmed once the replica is idle
-    model_malloc_reuse: bool = True
-    cpu_replicas_per_node: int = 1  # CPU_REPLICAS_PER_NODE: replicas of one model per node when on CPU (0 = no limit)
-    # Image sources
-    label_studio_url: str = ""  # LABEL_STUDIO_URL (or LABEL_STUDIO_HOST): base for /data/... task URLs
-    image_host_allowlist: str = ""  # IMAGE_HOST_ALLOWLIST: comma-separated hosts (or host:port) that may be private
-    # MAX_LABEL_STUDIO_PROJECTS: projects (of any Label Studio instance) whose /setup host and token are kept
-    max_label_studio_projects: int = 1_000
-    # LABEL_STUDIO_PROJECT_TTL_S: a project's /setup is forgotten this long after its last request (a week)
-    label_studio_project_ttl_s: float = 7 * 86_400.0
-    local_files_document_root: str = ""  # LOCAL_FILES_DOCUMENT_ROOT: read /data/local-files/?d= from this disk
-    # Detection defaults; a project can override them in its label config
     box_threshold: float = 0.30  # BOX_THRESHOLD
     text_threshold: float = 0.25  # TEXT_THRESHOLD
-    # Bounds on the work one request can cause
-    max_tasks_per_request: int = 100_000  # MAX_TASKS_PER_REQUEST: tasks in one /predict (413 above)
-    task_concurrency: int = 32  # TASK_CONCURRENCY: tasks in flight at once while a /predict waits for them
-    predict_deadline_s: float = 30.0  # PREDICT_DEADLINE_S: a batch /predict answers by then; the rest go on in the background
-    background_task_concurrency: int = 0  # BACKGROUND_TASK_CONCURRENCY: tasks in flight for background jobs alone (0: auto)
-    max_background_tasks: int = 100_000  # MAX_BACKGROUND_TASKS: tasks queued for jobs at once (ids and image URLs)
-    max_queued_bytes: int = 256 * 1024 * 1024  # MAX_QUEUED_BYTES: image values (URLs, data: URLs) queued tasks keep
-    max_pending_writes: int = 64  # MAX_PENDING_WRITES: finished predictions waiting to be stored before jobs pause
-    write_deadline_s: float = 300.0  # WRITE_DEADLINE_S: storing one batch of predictions, retries and waits included
-    write_batch_tasks: int = 50  # WRITE_BATCH_TASKS: predictions stored by one bulk import call (at most 500)
-    write_batch_bytes: int = 8 * 1024 * 1024  # WRITE_BATCH_BYTES: JSON of one bulk import call, roughly
-    write_batch_wait_s: float = 2.0  # WRITE_BATCH_WAIT_S: how long a batch waits to fill while its job computes
-    job_write_failure_limit: int = 20  # JOB_WRITE_FAILURE_LIMIT: failed writes in a row that stop a job
-    ingress_cpu_threads: int = 2  # INGRESS_CPU_THREADS: threads per ingress replica for image decoding and RLE
-    max_detections: int = 50  # MAX_DETECTIONS: boxes kept per task
-    max_prompt_chars: int = 2_000  # MAX_PROMPT_CHARS
-    max_phrases: int = 32  # MAX_PHRASES: phrases per prompt
-    max_context_items: int = 1_000  # MAX_CONTEXT_ITEMS: regions, clicks and numbers in params.context.result
-    max_request_bytes: int = 256 * 1024 * 1024  # MAX_REQUEST_BYTES: a /predict, /setup or /webhook body (413 above)
-    max_image_pixels: int = 40_000_000  # MAX_IMAGE_PIXELS: width x height after decoding
-    ingress_image_memory_bytes: int = 2 << 30  # INGRESS_IMAGE_MEMORY_BYTES: decoded images + masks per ingress replica
-    max_download_bytes: int = 50 * 1024 * 1024  # MAX_DOWNLOAD_BYTES
-    download_timeout_s: float = 20.0  # DOWNLOAD_TIMEOUT_S: whole download, connect included
-    task_timeout_s: float = 90.0  # TASK_TIMEOUT_S: one task end to end (Label Studio gives /predict 100 s)
-    replica_retry_timeout_s: float = 30.0  # REPLICA_RETRY_TIMEOUT_S: wait for a running replica, then 503
+    polygon_tolerance_px: float = 1.0  # POLYGON_TOLERANCE_PX: contour simplification (Douglas-Peucker)
 
     @property
     def sam_enabled(self) -> bool:
@@ -144,6 +101,77 @@ class Settings:
     @property
     def segmenter_checkpoint_sha256(self) -> str:
         return self.mobilesam_checkpoint_sha256 if self.use_mobile_sam else self.sam_checkpoint_sha256
+
+
+@dataclass(frozen=True)
+class LabelStudioSettings:
+    """Which Label Studio instances the service talks to, and where task images may come from."""
+
+    label_studio_url: str = ""  # LABEL_STUDIO_URL (or LABEL_STUDIO_HOST): base for /data/... task URLs
+    image_host_allowlist: str = ""  # IMAGE_HOST_ALLOWLIST: comma-separated hosts (or host:port) that may be private
+    # MAX_LABEL_STUDIO_PROJECTS: projects (of any Label Studio instance) whose /setup host and token are kept
+    max_label_studio_projects: int = 1_000
+    # LABEL_STUDIO_PROJECT_TTL_S: a project's /setup is forgotten this long after its last request (a week)
+    label_studio_project_ttl_s: float = 7 * 86_400.0
+    local_files_document_root: str = ""  # LOCAL_FILES_DOCUMENT_ROOT: read /data/local-files/?d= from this disk
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """Bounds on the work one request can cause: every cap answers with a clear error beyond it."""
+
+    max_tasks_per_request: int = 100_000  # MAX_TASKS_PER_REQUEST: tasks in one /predict (413 above)
+    task_concurrency: int = 32  # TASK_CONCURRENCY: tasks in flight at once while a /predict waits for them
+    predict_deadline_s: float = 30.0  # PREDICT_DEADLINE_S: a batch /predict answers by then; the rest go on in the background
+    max_detections: int = 50  # MAX_DETECTIONS: boxes kept per task
+    max_prompt_chars: int = 2_000  # MAX_PROMPT_CHARS
+    max_phrases: int = 32  # MAX_PHRASES: phrases per prompt
+    max_context_items: int = 1_000  # MAX_CONTEXT_ITEMS: regions, clicks and numbers in params.context.result
+    max_request_bytes: int = 256 * 1024 * 1024  # MAX_REQUEST_BYTES: a /predict, /setup or /webhook body (413 above)
+    max_image_pixels: int = 40_000_000  # MAX_IMAGE_PIXELS: width x height after decoding
+    ingress_image_memory_bytes: int = 2 << 30  # INGRESS_IMAGE_MEMORY_BYTES: decoded images + masks per ingress replica
+    max_download_bytes: int = 50 * 1024 * 1024  # MAX_DOWNLOAD_BYTES
+    download_timeout_s: float = 20.0  # DOWNLOAD_TIMEOUT_S: whole download, connect included
+    task_timeout_s: float = 90.0  # TASK_TIMEOUT_S: one task end to end (Label Studio gives /predict 100 s)
+    replica_retry_timeout_s: float = 30.0  # REPLICA_RETRY_TIMEOUT_S: wait for a running replica, then 503
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Background jobs: the tasks a batch /predict leaves running, and how their predictions are stored."""
+
+    background_task_concurrency: int = 0  # BACKGROUND_TASK_CONCURRENCY: tasks in flight for background jobs alone (0: auto)
+    max_background_tasks: int = 100_000  # MAX_BACKGROUND_TASKS: tasks queued for jobs at once (ids and image URLs)
+    max_queued_bytes: int = 256 * 1024 * 1024  # MAX_QUEUED_BYTES: image values (URLs, data: URLs) queued tasks keep
+    max_pending_writes: int = 64  # MAX_PENDING_WRITES: finished predictions waiting to be stored before jobs pause
+    write_deadline_s: float = 300.0  # WRITE_DEADLINE_S: storing one batch of predictions, retries and waits included
+    write_batch_tasks: int = 50  # WRITE_BATCH_TASKS: predictions stored by one bulk import call (at most 500)
+    write_batch_bytes: int = 8 * 1024 * 1024  # WRITE_BATCH_BYTES: JSON of one bulk import call, roughly
+    write_batch_wait_s: float = 2.0  # WRITE_BATCH_WAIT_S: how long a batch waits to fill while its job computes
+    job_write_failure_limit: int = 20  # JOB_WRITE_FAILURE_LIMIT: failed writes in a row that stop a job
+
+
+@dataclass(frozen=True)
+class PerformanceSettings:
+    """Resources and tuning: set here rather than in ray_actor_options, so one config runs on CPU-only and GPU
+    clusters."""
+
+    accelerator: str = "auto"  # ACCELERATOR: auto (GPU fractions if the cluster has GPUs at deploy time), gpu, cpu
+    detector_cpus: float = 0.5  # DETECTOR_CPUS: logical CPUs per detector replica
+    detector_gpus: float = 0.5  # DETECTOR_GPUS: GPU fraction per detector replica, when GPUs are used
+    segmenter_cpus: float = 0.4  # SEGMENTER_CPUS
+    segmenter_gpus: float = 0.5  # SEGMENTER_GPUS
+    model_cpu_niceness: int = 5  # MODEL_CPU_NICENESS: nice value added to model replicas that run on CPU (0 = off)
+    # MODEL_MALLOC_REUSE: model replicas keep the memory a forward pass freed for the next one (glibc tunables,
+    # serve_app.deployments.replica_memory) instead of faulting it in afresh each pass; trimmed once the replica is idle
+    model_malloc_reuse: bool = True
+    cpu_replicas_per_node: int = 1  # CPU_REPLICAS_PER_NODE: replicas of one model per node when on CPU (0 = no limit)
+    ingress_cpu_threads: int = 2  # INGRESS_CPU_THREADS: threads per ingress replica for image decoding and RLE
+
+
+@dataclass(frozen=True)
+class Settings(ModelSettings, LabelStudioSettings, LimitSettings, JobSettings, PerformanceSettings):
+    """Every setting, grouped by concern; the environment names are the fields' names in capitals."""
 
     def with_defaults_for(self, *, gpus: bool) -> "Settings":
         """Settings whose `auto` values are decided for the cluster the app is built on."""

@@ -453,8 +453,10 @@ def test_the_detector_runs_grounding_dino_in_lanes_on_cpu(tiny_models):
     """The deployment's constructor (called as Serve calls it, without Ray) lets Grounding DINO's batches overlap on
     CPU, with lanes from user_config."""
     from serve_app.deployments.detector import Detector
+    from serve_app.models.catalog import DETECTOR
+    from serve_app.models.spec import ModelSpec
 
-    detector = Detector.func_or_class(str(tiny_models["grounding_dino"]), device="cpu")
+    detector = Detector.func_or_class(ModelSpec(DETECTOR, str(tiny_models["grounding_dino"]), device="cpu"))
     detector.reconfigure({"cpu_lanes": 2})
     assert detector.batcher.concurrent_batches and detector.batcher.on_cpu
     assert detector.batcher.config.cpu_lanes == 2 and detector.batcher.core_share is not None

@@ -13,6 +13,7 @@ for longer than REPLICA_RETRY_TIMEOUT_S (1 s here).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 from label_studio_sdk.converter.brush import decode_rle
+from prometheus_client.parser import text_string_to_metric_families
 
 from serve_app.tiny_models.sam3 import make_tiny_sam3_video
 from tests.configs import CLICK_CONFIG
@@ -77,11 +79,29 @@ def replica_failures(counters: dict[str, int]) -> int:
     return sum(value for name, value in counters.items() if name.endswith("_replica_failures"))
 
 
+def processing_queries(service: ServeProcess):
+    """Serve's `serve_replica_processing_queries` gauge from Ray's Prometheus endpoints (its service-discovery file
+    lists them; one may not listen yet, so each is read on its own), or None."""
+    discovery = Path(service.ray_tmp) / "ray" / "prom_metrics_service_discovery.json"
+    try:
+        targets = json.loads(discovery.read_text())[0]["targets"]
+    except (OSError, ValueError, LookupError):
+        return None
+    for target in targets:
+        try:
+            exported = httpx.get(f"http://{target}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            continue
+        for family in text_string_to_metric_families(exported):
+            if family.name == "ray_serve_replica_processing_queries":
+                return family
+    return None
+
+
 def replica_holding_a_request(service: ServeProcess) -> int | None:
     """The pid of a live Detector replica that Serve reports processing a request, if any: Ray's Prometheus export
     names the replica's worker, and the worker's log file (python-core-worker-<WorkerId>_<pid>.log) its pid."""
-    families = service.prometheus(timeout_s=0)
-    family = families.get("ray_serve_replica_processing_queries")
+    family = processing_queries(service)
     if family is None:
         return None
     logs = Path(service.ray_tmp) / "ray" / "session_latest" / "logs"
