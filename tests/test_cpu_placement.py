@@ -39,10 +39,23 @@ def detector_status(service: ServeProcess) -> dict:
     return httpx.get(f"{service.url}/health", timeout=5).json()["models"]["detector"]
 
 
+def second_detector_held_for_a_node(families: dict) -> bool:
+    """Ray's own view, from its Prometheus export: one Detector replica alive, the other pending creation, and the
+    scheduler holding a lease it cannot place for lack of resources (CPUs are free here: the per-node slot), not
+    one that merely waits for a worker process to start."""
+    def samples(name):
+        return families[name].samples if name in families else []
+
+    actors = {s.labels.get("State"): s.value for s in samples("ray_actors")
+              if s.labels.get("Source") == "gcs" and s.labels.get("Name") == "ServeReplica:grounded-serve:Detector"}
+    unplaced = sum(s.value for s in samples("ray_scheduler_unscheduleable_tasks")
+                   if s.labels.get("Reason") in ("WaitingForResources", "WaitingForRemoteResources", "Infeasible"))
+    return actors.get("ALIVE") == 1 and actors.get("PENDING_CREATION") == 1 and unplaced >= 1
+
+
 def test_a_second_cpu_replica_of_a_model_waits_for_another_node(service):
-    # Without the limit both replicas are created together at deploy, so the second would be a live process
-    # by the time the first serves; give it a few more seconds anyway.
-    time.sleep(5)
+    # Without the limit both replicas are created together at deploy and placed on this node at once.
+    assert second_detector_held_for_a_node(service.prometheus(until=second_detector_held_for_a_node, timeout_s=60))
     assert len(service.replica_pids("Detector")) == 1
     status = detector_status(service)
     assert status["running_replicas"] == 1

@@ -29,6 +29,7 @@ from tests.conftest import load_ls_fixture
 from tests.imaging import data_url, pattern, png_bytes
 from tests.loopback import loopback_http
 from tests.serve_process import ServeProcess
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.serve
 
@@ -209,20 +210,38 @@ def test_requests_never_outlive_the_serve_timeout(client, images):
     assert response.status_code in (408, 504)
 
 
+def detector_requests_in_progress(service: ServeProcess) -> float | None:
+    """Requests inside the Detector's replicas now: Serve's gauge, from Ray's Prometheus export (1 s reports);
+    None while an exporter does not answer."""
+    try:
+        family = service.prometheus().get("ray_serve_replica_processing_queries")
+    except httpx.HTTPError:
+        return None
+    return sum(s.value for s in family.samples if s.labels.get("deployment") == "Detector") if family else 0
+
+
 def test_a_detector_replica_killed_mid_request_means_retry_or_503(client, service, images):
     [pid] = service.replica_pids("Detector")
+    wait_until(lambda: detector_requests_in_progress(service) == 0, 30, "the detector going quiet", every_s=0.5)
+    killed = []  # None once the replica is killed with the request inside, else why not
 
-    def kill_soon():
-        # the request's items are now waiting in the replica's 3 s batch window (they reach it in well under
-        # 1.5 s: fetch, header probe and decode of a small loopback image)
-        time.sleep(1.5)
+    def kill_once_inside():
+        # the request's three items (one a task) wait in the replica's 3 s batch window, a batch of three of eight
+        try:
+            wait_until(lambda: (detector_requests_in_progress(service) or 0) >= 3, 10,
+                       "the request's items reaching the detector replica", every_s=0.1)
+        except AssertionError as exc:
+            killed.append(exc)
+            return
         os.kill(pid, signal.SIGKILL)
+        killed.append(None)
 
-    killer = threading.Thread(target=kill_soon)
+    killer = threading.Thread(target=kill_once_inside)
     killer.start()
     started = time.monotonic()
     response = client.post("/predict", json=body_for([f"{images}/good.png"] * 3, prompt="cats"), timeout=120)
     killer.join()
+    assert killed == [None], killed
     assert time.monotonic() - started < 60
     if response.status_code == 200:
         assert all(r["result"] for r in response.json()["results"])  # retried on the restarted replica
