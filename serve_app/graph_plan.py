@@ -42,6 +42,7 @@ class GraphPlan:
     segmenter: ModelSpec | None  # the Segmenter deployment's model; None: no Segmenter in the app
     process: ReplicaProcess
     model_version: str  # what Label Studio stores with each prediction
+    exemplars: bool = False  # the detector takes exemplar boxes as prompts (its catalog row says so)
 
     @property
     def concept(self) -> bool:
@@ -58,6 +59,7 @@ class GraphPlan:
 
 def plan_graph(settings: Settings, model_type_of: Callable[[str], str | None] = model_type_or_none) -> GraphPlan:
     pipeline = choose_pipeline(settings, model_type_of)
+    found = _detector_family(settings, model_type_of)
     concept = pipeline == "concept"
     detector = ModelSpec(catalog.CONCEPT if concept else catalog.DETECTOR, settings.detector_model, "DETECTOR_MODEL",
                          device=settings.device, precision=settings.precision,
@@ -71,7 +73,7 @@ def plan_graph(settings: Settings, model_type_of: Callable[[str], str | None] = 
                               cache_dir=settings.checkpoint_cache_dir)
     return GraphPlan(pipeline=pipeline, detector=detector, segmenter=segmenter,
                      process=ReplicaProcess(settings.model_cpu_niceness, 2 if segmenter is not None else 1),
-                     model_version=model_version_for(settings))
+                     model_version=model_version_for(settings), exemplars=bool(found and found.exemplars))
 
 
 def _detector_family(settings: Settings, model_type_of: Callable[[str], str | None]) -> catalog.Family | None:

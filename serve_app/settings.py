@@ -77,6 +77,8 @@ class ModelSettings:
     box_threshold: float = 0.30  # BOX_THRESHOLD
     text_threshold: float = 0.25  # TEXT_THRESHOLD
     polygon_tolerance_px: float = 1.0  # POLYGON_TOLERANCE_PX: contour simplification (Douglas-Peucker)
+    # EXEMPLAR_CONTROL: the RectangleLabels whose boxes are exemplar prompts ("find every object like this")
+    exemplar_control: str = "exemplar"
 
     @property
     def sam_enabled(self) -> bool:
@@ -126,6 +128,7 @@ class LimitSettings:
     max_detections: int = 50  # MAX_DETECTIONS: boxes kept per task
     max_prompt_chars: int = 2_000  # MAX_PROMPT_CHARS
     max_phrases: int = 32  # MAX_PHRASES: phrases per prompt
+    max_exemplars: int = 32  # MAX_EXEMPLARS: exemplar boxes in one interactive request
     max_context_items: int = 1_000  # MAX_CONTEXT_ITEMS: regions, clicks and numbers in params.context.result
     max_request_bytes: int = 256 * 1024 * 1024  # MAX_REQUEST_BYTES: a /predict, /setup or /webhook body (413 above)
     max_image_pixels: int = 40_000_000  # MAX_IMAGE_PIXELS: width x height after decoding
@@ -228,7 +231,7 @@ class Settings(ModelSettings, LabelStudioSettings, LimitSettings, JobSettings, P
                      "max_pending_writes", "job_write_failure_limit", "max_label_studio_projects", "write_batch_tasks",
                      "write_batch_bytes",
                      "ingress_cpu_threads", "max_detections",
-                     "max_prompt_chars", "max_phrases", "max_context_items", "max_request_bytes", "max_image_pixels", "ingress_image_memory_bytes",
+                     "max_prompt_chars", "max_phrases", "max_exemplars", "max_context_items", "max_request_bytes", "max_image_pixels", "ingress_image_memory_bytes",
                      "max_download_bytes"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be a positive integer, got {getattr(self, name)}")

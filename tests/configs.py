@@ -34,3 +34,15 @@ POLYGON_CLICK_CONFIG = """<View>
   <KeyPointLabels name="clicks" toName="image" smart="true"><Label value="cats" smart="true"/></KeyPointLabels>
   <PolygonLabels name="outline" toName="image"><Label value="cats"/><Label value="house"/></PolygonLabels>
 </View>"""
+
+# Exemplar prompts (docs/interactive.md): boxes drawn with the `exemplar` control are "more like this"; with NOT
+# selected beside the class label, "not this". Boxes drawn with `label` still mean "segment this".
+EXEMPLAR_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <TextArea name="prompt" toName="image" editable="true" rows="2" maxSubmissions="1" showSubmitButton="true"/>
+  <RectangleLabels name="exemplar" toName="image" smart="true" smartOnly="true" choice="multiple">
+    <Label value="cats"/><Label value="house"/><Label value="NOT" background="#000000"/>
+  </RectangleLabels>
+  <RectangleLabels name="label" toName="image"><Label value="cats"/><Label value="house"/></RectangleLabels>
+  <BrushLabels name="mask" toName="image"><Label value="cats"/><Label value="house"/></BrushLabels>
+</View>"""

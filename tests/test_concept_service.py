@@ -69,3 +69,32 @@ def test_a_click_to_a_checkpoint_without_the_tracker_is_a_clear_task_error(detec
     body["tasks"][0]["data"]["image"] = f"{image_server}/concept-a.png"
     regions = post(detector_only_service, body)["results"][0]["result"]
     assert {r["type"] for r in regions} == {"rectanglelabels", "brushlabels"}
+
+
+def exemplar_body(image_url: str) -> dict:
+    """An interactive /predict as Label Studio 1.23's editor sends it for two boxes drawn with the exemplar
+    control: one "cats", one "cats" with NOT selected (docs/interactive.md)."""
+    from tests.configs import EXEMPLAR_CONFIG
+
+    body = copy.deepcopy(load_ls_fixture("predict_interactive.json")["body"])
+    body["tasks"][0]["data"]["image"] = image_url
+    body["label_config"] = EXEMPLAR_CONFIG
+    body["params"]["context"]["result"] = [
+        {"original_width": 320, "original_height": 240, "image_rotation": 0, "id": region_id, "from_name": "exemplar",
+         "to_name": "image", "type": "rectanglelabels", "origin": "manual",
+         "value": {"x": x, "y": 10, "width": 25, "height": 40, "rotation": 0, "rectanglelabels": labels}}
+        for region_id, x, labels in (("ex1", 10, ["cats"]), ("ex2", 60, ["cats", "NOT"]))]
+    return body
+
+
+def test_exemplar_boxes_find_instances_with_masks_encoded_by_the_replica(service, image_server):
+    from label_studio_sdk.converter.brush import decode_rle
+
+    answer = post(service, exemplar_body(f"{image_server}/concept-a.png"))
+    result = answer["results"][0]["result"]
+    rects = [r for r in result if r["type"] == "rectanglelabels"]
+    brushes = [r for r in result if r["type"] == "brushlabels"]
+    assert 0 < len(rects) == len(brushes) <= 4  # MAX_DETECTIONS
+    assert {r["from_name"] for r in rects} == {"label"} and {r["value"]["rectanglelabels"][0] for r in rects} == {"cats"}
+    width, height = SIZES["concept-a.png"]
+    assert len(decode_rle(brushes[0]["value"]["rle"])) == width * height * 4

@@ -46,10 +46,13 @@ def images():
     return [(rng.random((*size, 3)) * 255).astype(np.uint8) for size in SIZES]
 
 
-def _reference(model, image: np.ndarray, phrase: str, threshold: float):
-    """transformers' documented path, one image and one phrase at a time, plus the full-size mask probabilities."""
+def _reference(model, image: np.ndarray, phrase: str | None, threshold: float, boxes=None, box_labels=None):
+    """transformers' documented path, one image and one phrase at a time (with its exemplar boxes, xyxy pixels,
+    and their labels, as Sam3Processor takes them), plus the full-size mask probabilities."""
     processor = model.processor
-    inputs = processor(images=Image.fromarray(image), text=phrase, return_tensors="pt")
+    exemplars = {} if boxes is None else {"input_boxes": [[list(map(float, box)) for box in boxes]],
+                                          "input_boxes_labels": [[int(label) for label in box_labels]]}
+    inputs = processor(images=Image.fromarray(image), text=phrase, return_tensors="pt", **exemplars)
     with torch.inference_mode():
         out = model.model(**inputs)
     size = image.shape[:2]
@@ -92,6 +95,42 @@ def test_detect_matches_transformers_post_processing_on_a_mixed_batch(load, imag
                 differ = masks[match] != got.masks[index]
                 assert np.all(np.abs(probabilities[match][differ] - 0.5) < 1e-5)
         assert len(got) == total
+
+
+def _assert_matches(got: Detections, phrase_id: int, reference) -> int:
+    boxes, scores, masks, probabilities = reference
+    mine = np.flatnonzero(got.phrase_ids == phrase_id)
+    assert len(mine) == len(scores)
+    used = set()
+    for index in mine:  # match each detection to the reference one with the nearest box
+        distance = np.abs(boxes - got.boxes[index]).max(axis=1)
+        match = int(distance.argmin())
+        assert match not in used
+        used.add(match)
+        assert distance[match] < 1e-4
+        assert abs(scores[match] - got.scores[index]) < 1e-5
+        differ = masks[match] != got.masks[index]
+        assert np.all(np.abs(probabilities[match][differ] - 0.5) < 1e-5)
+    return len(scores)
+
+
+def test_exemplar_boxes_match_transformers_with_and_without_text(load, images):
+    """Positive and negative exemplar boxes, with a phrase and alone ("visual"), beside a text-only phrase whose
+    result must not change for sharing the request."""
+    model = load(cache_bytes=0)
+    image = images[1]  # 200 x 120
+    request = DetectionRequest(
+        image=image, phrases=["cat", "", "tree"], box_threshold=0.0,
+        exemplar_boxes=np.array([[10, 20, 60, 90], [70, 100, 110, 190], [5, 5, 40, 40]], np.float32),
+        exemplar_labels=np.array([1, 0, 1]), exemplar_phrases=np.array([0, 0, 1]))
+    got = model.detect([request])[0]
+    total = _assert_matches(got, 0, _reference(model, image, "cat", 0.0, [[10, 20, 60, 90], [70, 100, 110, 190]],
+                                               [1, 0]))
+    total += _assert_matches(got, 1, _reference(model, image, None, 0.0, [[5, 5, 40, 40]], [1]))
+    total += _assert_matches(got, 2, _reference(model, image, "tree", 0.0))
+    assert len(got) == total and np.all(np.diff(got.scores) <= 0)
+    text_only = model.detect([DetectionRequest(image=image, phrases=["cat", "", "tree"], box_threshold=0.0)])[0]
+    assert not np.array_equal(text_only.scores[text_only.phrase_ids == 0], got.scores[got.phrase_ids == 0])
 
 
 def test_batch_independence_and_max_detections(load, images):

@@ -305,3 +305,17 @@ def test_cpu_model_replicas_yield_the_cores_to_the_proxy_and_the_ingress(service
         main, highest, lowest = nice[name]
         assert lowest >= 5 and main >= min(19, nice["Ingress"][0] + 4), nice
     assert nice["Ingress"][2] == 0 and nice["ProxyActor"][2] == 0, nice
+
+
+def test_exemplar_boxes_to_a_detector_without_visual_prompts_are_a_clear_400(client, image_server):
+    from tests.configs import EXEMPLAR_CONFIG
+
+    body = copy.deepcopy(load_ls_fixture("predict_interactive.json")["body"])
+    body["tasks"][0]["data"]["image"] = f"{image_server}/img0.png"
+    body["label_config"] = EXEMPLAR_CONFIG
+    body["params"]["context"]["result"] = [{
+        "id": "ex1", "from_name": "exemplar", "to_name": "image", "type": "rectanglelabels", "origin": "manual",
+        "value": {"x": 10, "y": 10, "width": 25, "height": 40, "rotation": 0, "rectanglelabels": ["cats"]}}]
+    response = client.post("/predict", json=body)
+    assert response.status_code == 400
+    assert "DETECTOR_MODEL=facebook/sam3" in response.json()["error"]

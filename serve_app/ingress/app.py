@@ -97,7 +97,8 @@ class Ingress:
             settings=settings, model_version=self.model_version,
             detect=self._client(DETECTOR_DEPLOYMENT, detector, "detect"),
             segment=self._client(plan.clicks_deployment, detector if plan.concept else segmenter, "segment"),
-            fetcher=make_fetcher("", ""), run_blocking=self._run_blocking, observe_stage=self.metrics.observe_stage)
+            fetcher=make_fetcher("", ""), run_blocking=self._run_blocking, observe_stage=self.metrics.observe_stage,
+            exemplars=plan.exemplars)
         # batch /predicts become jobs that outlive their request (serve_app.ingress.jobs)
         shared = SharedClaims(claims, serve.get_replica_context().replica_tag, JOB_CLAIMS_LEASE_S) \
             if claims is not None else None
@@ -141,7 +142,8 @@ class Ingress:
             if not isinstance(body, dict):
                 raise BadRequest("the /setup body must be a JSON object")
             if body.get("schema"):
-                await self._run_blocking(parse_label_config, body["schema"])  # unservable configs fail here
+                # unservable configs fail here
+                await self._run_blocking(parse_label_config, body["schema"], self.settings.exemplar_control)
             self.instances.apply_setup(project_name(body.get("project")), body)
         except BadRequest as exc:
             logger.warning("/setup refused: %s", exc)

@@ -17,7 +17,7 @@ import numpy as np
 
 from serve_app.ingress.errors import BadRequest
 from serve_app.ingress.interactive import MAX_CLICKS, Clicks
-from serve_app.ingress.label_config import THRESHOLD_NUMBERS, ProjectConfig
+from serve_app.ingress.label_config import NEGATIVE_EXEMPLAR_LABEL, THRESHOLD_NUMBERS, ProjectConfig
 from serve_app.unit_interval import unit_interval
 
 REGION_TYPES = ("keypointlabels", "rectanglelabels")
@@ -48,13 +48,28 @@ class DrawnRegions:
 
 
 @dataclass(frozen=True)
+class Exemplar:
+    """A box drawn with the exemplar control: "more like this" (positive) or "not this", for a label."""
+
+    box: tuple[float, float, float, float]  # x, y, width, height in percent of the image
+    label: str | None  # the class label selected on it, as sent; None: only the negative marker
+    positive: bool
+
+    def in_pixels(self, width: int, height: int) -> tuple[float, float, float, float]:
+        x, y, w, h = self.box
+        left, top = x / 100 * width, y / 100 * height
+        return left, top, min(width, left + w / 100 * width), min(height, top + h / 100 * height)
+
+
+@dataclass(frozen=True)
 class LabellingContext:
     prompt_text: str | None = None  # None: no TextArea result, so the config's labels are the prompt
     thresholds: dict[str, float] = field(default_factory=dict)  # only those the context sets
     regions: DrawnRegions = DrawnRegions()
+    exemplars: tuple[Exemplar, ...] = ()
 
 
-def parse_context(context: Any, config: ProjectConfig, max_regions: int) -> LabellingContext:
+def parse_context(context: Any, config: ProjectConfig, max_regions: int, max_exemplars: int = 32) -> LabellingContext:
     """One pass over `context.result`; a malformed item is a BadRequest naming it."""
     if context is None:
         return LabellingContext()
@@ -71,10 +86,18 @@ def parse_context(context: Any, config: ProjectConfig, max_regions: int) -> Labe
     texts: list[str] | None = None
     thresholds: dict[str, float] = {}
     points, labels, boxes, names = [], [], [], []
+    exemplars: dict[Any, Exemplar] = {}  # by region id: one box drawn with two controls selected is one exemplar
     for item in results:
         if not isinstance(item, dict):
             continue
         kind = item.get("type")
+        if kind == "rectanglelabels" and config.exemplar_name and item.get("from_name") == config.exemplar_name:
+            key = item.get("id") if isinstance(item.get("id"), str) else len(exemplars)
+            exemplars[key] = _exemplar(item)
+            if len(exemplars) > max_exemplars:
+                raise BadRequest(f"more than {max_exemplars} exemplar boxes in one request (MAX_EXEMPLARS)",
+                                 status_code=413)
+            continue
         if kind == "textarea":
             if config.prompt_name and item.get("from_name") not in (None, config.prompt_name):
                 continue
@@ -98,13 +121,32 @@ def parse_context(context: Any, config: ProjectConfig, max_regions: int) -> Labe
                 points.append((x, y))
                 labels.append(0 if item.get("is_positive") is False else 1)
             else:
-                boxes.append((x, y, _percent(value, "width"), _percent(value, "height")))
+                region_id = item.get("id") if isinstance(item.get("id"), str) else None
+                boxes.append((region_id, (x, y, _percent(value, "width"), _percent(value, "height"))))
     if len(points) > MAX_CLICKS:
         raise BadRequest(f"{len(points)} clicks in one request; the limit is {MAX_CLICKS}")
+    # the same box may also come with the region control's label selected: then it is an exemplar, not a region
+    boxes = [box for region_id, box in boxes if region_id is None or region_id not in exemplars]
     regions = DrawnRegions(points=tuple(points), point_labels=tuple(labels), box=boxes[-1] if boxes else None,
                            label=names[-1] if names else None)
     return LabellingContext(prompt_text=". ".join(texts) if texts is not None else None, thresholds=thresholds,
-                            regions=regions)
+                            regions=regions, exemplars=tuple(exemplars.values()))
+
+
+def _exemplar(item: dict) -> Exemplar:
+    value = item.get("value")
+    if not isinstance(value, dict):
+        raise BadRequest("an exemplar box has no value object")
+    chosen = value.get("rectanglelabels")
+    names = [name for name in chosen if isinstance(name, str)] if isinstance(chosen, list) else []
+    negative = any(name.upper() == NEGATIVE_EXEMPLAR_LABEL for name in names)
+    classes = [name for name in names if name.upper() != NEGATIVE_EXEMPLAR_LABEL]
+    box = (_percent(value, "x"), _percent(value, "y"), _percent(value, "width"), _percent(value, "height"))
+    x, y, w, h = box
+    if min(w, 100 - x) <= 0 or min(h, 100 - y) <= 0:
+        raise BadRequest(f"an exemplar box has no area inside the image (x={x:g}%, y={y:g}%, width={w:g}%, "
+                         f"height={h:g}%)")
+    return Exemplar(box=box, label=classes[0] if classes else None, positive=not negative)
 
 
 def _prompt_texts(item: dict) -> list[str]:

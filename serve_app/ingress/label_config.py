@@ -13,6 +13,10 @@ MASK_CONTROL = "BrushLabels"
 POLYGON_CONTROL = "PolygonLabels"
 CLICK_CONTROL = "KeyPointLabels"
 THRESHOLD_NUMBERS = ("box_threshold", "text_threshold")
+EXEMPLAR_CONTROL = "exemplar"  # EXEMPLAR_CONTROL: the RectangleLabels whose boxes are exemplars, not regions
+# A label of the exemplar control that makes a box a negative exemplar ("not this"), selected beside the class
+# label (choice="multiple"); Label Studio's editor has no negative rectangle of its own (docs/interactive.md)
+NEGATIVE_EXEMPLAR_LABEL = "NOT"
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,8 @@ class ProjectConfig:
     masks: LabelControl | None
     polygons: LabelControl | None  # masks are returned as polygons for this control
     prompt_name: str | None  # TextArea whose text is the prompt
+    # the RectangleLabels whose boxes are exemplar prompts (EXEMPLAR_CONTROL), if the config has one
+    exemplar_name: str | None = None
     # lower-cased label value or predicted value -> canonical label value
     aliases: dict[str, str] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)  # from Number tags' defaultValue
@@ -73,14 +79,14 @@ def _control(tag, kind: str) -> LabelControl:
     )
 
 
-def parse_label_config(xml: object) -> ProjectConfig:
+def parse_label_config(xml: object, exemplar_control: str = EXEMPLAR_CONTROL) -> ProjectConfig:
     if not isinstance(xml, str) or not xml.strip():  # before the cache: a list or dict is unhashable
         raise BadRequest("label_config is missing or not a string of XML")
-    return _parse_label_config(xml)
+    return _parse_label_config(xml, exemplar_control)
 
 
 @functools.lru_cache(maxsize=64)
-def _parse_label_config(xml: str) -> ProjectConfig:
+def _parse_label_config(xml: str, exemplar_control: str) -> ProjectConfig:
     """Parse once per distinct config; Label Studio sends the same XML with every request."""
     from label_studio_sdk.label_interface import LabelInterface
 
@@ -93,8 +99,10 @@ def _parse_label_config(xml: str) -> ProjectConfig:
     if not images:
         raise BadRequest("label_config has no <Image> tag")
 
-    def first(kind: str):
-        return next((c for c in interface.controls if c.tag == kind), None)
+    def first(kind: str):  # the exemplar control's boxes are prompts, never where results go
+        return next((c for c in interface.controls if c.tag == kind and c.name != exemplar_control), None)
+
+    exemplar = next((c for c in interface.controls if c.tag == BOX_CONTROL and c.name == exemplar_control), None)
 
     boxes_tag, masks_tag, polygons_tag = first(BOX_CONTROL), first(MASK_CONTROL), first(POLYGON_CONTROL)
     if boxes_tag is None and masks_tag is None and polygons_tag is None:
@@ -135,6 +143,7 @@ def _parse_label_config(xml: str) -> ProjectConfig:
         masks=masks,
         polygons=polygons,
         prompt_name=prompt.name if prompt else None,
+        exemplar_name=exemplar.name if exemplar is not None else None,
         aliases=aliases,
         thresholds=thresholds,
     )

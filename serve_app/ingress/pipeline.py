@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from serve_app import get_logger
-from serve_app.ingress.context import DrawnRegions, parse_context
+from serve_app.ingress.context import DrawnRegions, Exemplar, parse_context
 from serve_app.ingress.errors import BadRequest, ServiceUnavailable
+from serve_app.ingress.exemplars import NOT_SUPPORTED, exemplar_arrays, exemplar_prompt
 from serve_app.ingress.images import ImageFetcher, LoadedImage, decode_image, image_size
 from serve_app.ingress.interactive import Clicks, click_label
 from serve_app.ingress.label_config import ProjectConfig, parse_label_config
@@ -56,6 +57,8 @@ class LabellingRequest:
     interactive: bool = False  # sent from the editor (a context): Label Studio shows the answer, stores nothing
     project: str = ""  # as Label Studio names it: "<project id>.<created timestamp>"
     fetcher: Any = None  # the ImageFetcher of the Label Studio instance that sent it; None: the pipeline's own
+    exemplars: tuple[Exemplar, ...] = ()  # boxes drawn with the exemplar control (serve_app.ingress.exemplars)
+    exemplar_phrases: tuple[int, ...] = ()  # the phrase each exemplar serves
 
 
 # The priority of the task this code runs for (an asyncio task copies it when created): the model requests
@@ -95,8 +98,11 @@ async def _to_thread(function, *args):
 class LabellingPipeline:
     def __init__(self, *, settings: Settings, model_version: str, detect: Detect, segment: Segment | None,
                  fetcher: ImageFetcher, run_blocking: RunBlocking = _to_thread,
-                 observe_stage: ObserveStage | None = None, memory: ByteBudget | None = None):
+                 observe_stage: ObserveStage | None = None, memory: ByteBudget | None = None,
+                 exemplars: bool = False, detector_name: str = ""):
         self.settings = settings
+        self.exemplars = exemplars  # the detector takes exemplar boxes (the graph plan, from the catalog)
+        self.detector_name = detector_name or f"DETECTOR_MODEL={settings.detector_model!r}"
         self.model_version = model_version
         self.detect = detect
         self.segment = segment
@@ -119,21 +125,27 @@ class LabellingPipeline:
         if len(tasks) > s.max_tasks_per_request:
             raise BadRequest(f"{len(tasks)} tasks in one request; the limit is {s.max_tasks_per_request} "
                              "(MAX_TASKS_PER_REQUEST)", status_code=413)
-        config = parse_label_config(body.get("label_config"))
+        config = parse_label_config(body.get("label_config"), s.exemplar_control)
         params = body.get("params")
         raw_context = params.get("context") if isinstance(params, dict) else None
-        context = parse_context(raw_context, config, s.max_context_items)
-        if context.prompt_text is None:
-            prompt = prompt_from_labels(config, s.max_phrases)
+        context = parse_context(raw_context, config, s.max_context_items, s.max_exemplars)
+        typed = None if context.prompt_text is None else \
+            parse_prompt(context.prompt_text, config, s.max_prompt_chars, s.max_phrases)
+        exemplar_phrases: tuple[int, ...] = ()
+        if context.exemplars:
+            if not self.exemplars:
+                raise BadRequest(NOT_SUPPORTED.format(detector=self.detector_name))
+            prompt, exemplar_phrases = exemplar_prompt(context.exemplars, typed, config, s.max_phrases)
         else:
-            prompt = parse_prompt(context.prompt_text, config, s.max_prompt_chars, s.max_phrases)
+            prompt = typed if typed is not None else prompt_from_labels(config, s.max_phrases)
         # environment defaults < the config's Number tags' defaultValue < numbers sent in the context
         thresholds = {"box_threshold": s.box_threshold, "text_threshold": s.text_threshold,
                       **config.thresholds, **context.thresholds}
         return LabellingRequest(tasks=tasks, config=config, prompt=prompt,
                                 thresholds=Thresholds(thresholds["box_threshold"], thresholds["text_threshold"]),
-                                regions=context.regions, interactive=raw_context is not None,
-                                project=project_name(body.get("project")))
+                                regions=DrawnRegions() if context.exemplars else context.regions,
+                                interactive=raw_context is not None, project=project_name(body.get("project")),
+                                exemplars=context.exemplars, exemplar_phrases=exemplar_phrases)
 
     async def predict(self, body: Any) -> dict[str, Any]:
         """The `/predict` answer: one prediction per task, in order. Raises BadRequest for the request as a
@@ -216,7 +228,9 @@ class LabellingPipeline:
                     box_threshold=request.thresholds.box, text_threshold=request.thresholds.text,
                     max_detections=1 if clicks else s.max_detections, priority=task_priority(),
                     image_key=image_key, encodings=mask_encodings(config) if self._masks_wanted(config) else (),
-                    polygon_tolerance_px=s.polygon_tolerance_px))
+                    polygon_tolerance_px=s.polygon_tolerance_px,
+                    **(exemplar_arrays(request.exemplars, request.exemplar_phrases, image.width, image.height)
+                       if request.exemplars else {})))
         masks = None
         found_masks = detections.encoded is not None or detections.masks is not None
         if found_masks and not clicks:  # a concept model (SAM 3) found them with the boxes (encoded in its replica)

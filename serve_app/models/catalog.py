@@ -46,6 +46,8 @@ class Family:
     # when config.json cannot be read where the graph is planned (offline, gated), a hub id whose last part holds
     # one of these names this family
     name_hints: tuple[str, ...] = ()
+    # takes visual exemplars as prompts: boxes drawn on the image meaning "more like this" / "not this"
+    exemplars: bool = False
 
 
 def _sam_family(model_type: str, name: str, model_class: str, processor: str, *, padded: bool, example: str,
@@ -66,12 +68,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("omdet-turbo", "OmDet-Turbo", (DETECTOR,), "serve_app.models.query_detectors:QueryDetector", "Apache-2.0",
            "omlab/omdet-turbo-swin-tiny-hf", settings=_QUERY_THRESHOLDS),
     Family("sam3", "SAM 3 (detector only)", (CONCEPT,), "serve_app.models.sam3_concept:Sam3Concept",
-           "SAM License (Meta)", "facebook/sam3", details={"interactive": False}, name_hints=("sam3",),
+           "SAM License (Meta)", "facebook/sam3", details={"interactive": False}, name_hints=("sam3",), exemplars=True,
            settings={"TEXT_THRESHOLD": "ignored: each phrase is its own prompt",
                      "BOX_THRESHOLD": "SAM 3's score threshold (detection score x presence score)"}),
     Family("sam3_video", "SAM 3 (detector and interactive tracker)", (CONCEPT,),
            "serve_app.models.sam3_concept:Sam3Concept", "SAM License (Meta)", "facebook/sam3",
-           details={"interactive": True}, name_hints=("sam3",),
+           details={"interactive": True}, name_hints=("sam3",), exemplars=True,
            settings={"TEXT_THRESHOLD": "ignored: each phrase is its own prompt",
                      "BOX_THRESHOLD": "SAM 3's score threshold (detection score x presence score)"}),
     # The hub's SAM 2.1 and EdgeTAM checkpoints are saved as their video models (`sam2_video`, `edgetam_video`);

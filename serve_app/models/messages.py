@@ -32,10 +32,25 @@ class DetectionRequest:
     # content hash of the image: the embedding-cache key of a model that caches vision features (SAM 3), so a
     # click after a text prompt on the same image reuses them; empty: not cached
     image_key: str = ""
+    # Visual exemplars (serve_app.models.catalog's `exemplars` families): boxes drawn on this image, E x 4 xyxy
+    # pixels, each "more like this" (label 1) or "not this" (0), each serving one phrase of `phrases` (an index;
+    # that phrase's text may be "" when the exemplars alone are the prompt). None: text only.
+    exemplar_boxes: np.ndarray | None = None
+    exemplar_labels: np.ndarray | None = None  # E, 1 positive / 0 negative
+    exemplar_phrases: np.ndarray | None = None  # E, index into phrases
     # Forms to send back instead of the pixel masks of a detector that segments too (SAM 3), computed in its
     # replica as the Segmenter's are (SegmentationRequest.encodings)
     encodings: tuple[str, ...] = ()
     polygon_tolerance_px: float = 1.0
+
+
+    def exemplars_of(self, phrase: int) -> tuple[np.ndarray, np.ndarray]:
+        """(boxes E x 4 xyxy pixels, labels E) of the exemplars serving phrase `phrase`."""
+        if self.exemplar_boxes is None or not len(self.exemplar_boxes):
+            return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
+        chosen = np.asarray(self.exemplar_phrases) == phrase
+        return (np.asarray(self.exemplar_boxes, np.float32)[chosen],
+                np.asarray(self.exemplar_labels, np.int64)[chosen])
 
 
 @dataclass

@@ -171,39 +171,36 @@ class Sam3Concept:
         return results
 
     def _detect_one(self, request: DetectionRequest, entry: CachedEmbedding) -> Detections:
-        from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
-
         height, width = request.image.shape[:2]
         scale = torch.tensor([width, height, width, height])
         limit = int(request.max_detections)
+        # Phrases with exemplars run apart from text-only ones: a geometry prompt changes what a row attends to, so
+        # a text-only phrase gives the same result whether or not it shares a request with exemplars
+        with_boxes = [i for i in range(len(request.phrases)) if len(request.exemplars_of(i)[0])]
+        text_only = [i for i in range(len(request.phrases)) if i not in with_boxes]
         # the best `limit` detections so far, across phrases: scores, boxes, phrase ids, low-resolution mask logits
         kept = (torch.zeros(0), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), None)
-        for start in range(0, len(request.phrases), self.phrase_chunk):
-            phrases = list(request.phrases[start:start + self.phrase_chunk])
-            text = self.processor(text=phrases, return_tensors="pt")
-            rows = len(phrases)
-            vision = Sam3VisionEncoderOutput(  # broadcast views: one row per phrase, no copy
-                fpn_hidden_states=(*(t.expand(rows, *t.shape[1:]) for t in entry.embedding["detector"]), None),
-                fpn_position_encoding=(*(t.expand(rows, *t.shape[1:]) for t in self._position_encoding), None),
-            )
-            with autocast_for(self.device, self.precision):
-                out = self.model(vision_embeds=vision, input_ids=text["input_ids"].to(self.device),
-                                 attention_mask=text["attention_mask"].to(self.device))
-            scores = out.pred_logits.float().sigmoid()
-            if out.presence_logits is not None:
-                scores = scores * out.presence_logits.float().sigmoid()
-            scores = scores.cpu()
-            phrase_index, query_index = (scores > request.box_threshold).nonzero(as_tuple=True)
-            chunk_masks = out.pred_masks[phrase_index.to(self.device), query_index.to(self.device)].float()
-            candidates = (scores[phrase_index, query_index],
-                          out.pred_boxes.float().cpu()[phrase_index, query_index] * scale,
-                          phrase_index + start, chunk_masks)
-            del out  # the chunk's mask logits for every query
-            if kept[3] is not None:
-                candidates = tuple(torch.cat([a, b.to(a.device)]) for a, b in zip(kept, candidates))
-            # phrase-major order before the stable sort: equal scores keep the lower phrase, then query, first
-            best = torch.argsort(candidates[0], descending=True, stable=True)[:limit]
-            kept = tuple(t[best.to(t.device)] for t in candidates)
+        for group in (text_only, with_boxes):
+            for start in range(0, len(group), self.phrase_chunk):
+                rows = group[start:start + self.phrase_chunk]
+                out = self._prompt_rows(request, entry, rows)
+                scores = out.pred_logits.float().sigmoid()
+                if out.presence_logits is not None:
+                    scores = scores * out.presence_logits.float().sigmoid()
+                scores = scores.cpu()
+                row_index, query_index = (scores > request.box_threshold).nonzero(as_tuple=True)
+                chunk_masks = out.pred_masks[row_index.to(self.device), query_index.to(self.device)].float()
+                candidates = (scores[row_index, query_index],
+                              out.pred_boxes.float().cpu()[row_index, query_index] * scale,
+                              torch.tensor(rows, dtype=torch.long)[row_index], chunk_masks)
+                del out  # the chunk's mask logits for every query
+                if kept[3] is not None:
+                    candidates = tuple(torch.cat([a, b.to(a.device)]) for a, b in zip(kept, candidates))
+                # phrase order before the stable sort: equal scores keep the lower phrase, then query, first
+                order = torch.argsort(candidates[2], stable=True)
+                candidates = tuple(t[order.to(t.device)] for t in candidates)
+                best = torch.argsort(candidates[0], descending=True, stable=True)[:limit]
+                kept = tuple(t[best.to(t.device)] for t in candidates)
         scores, boxes, phrase_ids, low_res = kept
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
@@ -212,6 +209,38 @@ class Sam3Concept:
                                 threshold=MASK_THRESHOLD) if len(low_res) else np.zeros((0, height, width), bool))
         return Detections(boxes=boxes.numpy().astype(np.float32), scores=scores.numpy().astype(np.float32),
                           phrase_ids=phrase_ids.numpy().astype(np.int64), masks=masks)
+
+    def _prompt_rows(self, request: DetectionRequest, entry: CachedEmbedding, rows: list[int]):
+        """One forward for phrases `rows` of the request on its cached image features: each phrase's text and, where
+        it has them, its exemplar boxes (normalised cx, cy, w, h, padded with label -10 as Sam3Processor pads)."""
+        from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+        height, width = request.image.shape[:2]
+        # a phrase with exemplars only is the processor's "visual" prompt
+        texts = [request.phrases[i] or "visual" for i in rows]
+        text = self.processor(text=texts, return_tensors="pt")
+        n = len(rows)
+        vision = Sam3VisionEncoderOutput(  # broadcast views: one row per phrase, no copy
+            fpn_hidden_states=(*(t.expand(n, *t.shape[1:]) for t in entry.embedding["detector"]), None),
+            fpn_position_encoding=(*(t.expand(n, *t.shape[1:]) for t in self._position_encoding), None),
+        )
+        geometry = {}
+        exemplars = [request.exemplars_of(i) for i in rows]
+        most = max(len(boxes) for boxes, _ in exemplars)
+        if most:
+            boxes = torch.zeros(n, most, 4)
+            labels = torch.full((n, most), -10, dtype=torch.long)
+            size = torch.tensor([width, height, width, height], dtype=torch.float32)
+            for row, (xyxy, positive) in enumerate(exemplars):
+                corners = torch.as_tensor(xyxy, dtype=torch.float32) / size
+                boxes[row, :len(xyxy)] = torch.stack([(corners[:, 0] + corners[:, 2]) / 2,
+                                                      (corners[:, 1] + corners[:, 3]) / 2,
+                                                      corners[:, 2] - corners[:, 0], corners[:, 3] - corners[:, 1]], -1)
+                labels[row, :len(xyxy)] = torch.as_tensor(positive, dtype=torch.long)
+            geometry = {"input_boxes": boxes.to(self.device), "input_boxes_labels": labels.to(self.device)}
+        with autocast_for(self.device, self.precision):
+            return self.model(vision_embeds=vision, input_ids=text["input_ids"].to(self.device),
+                              attention_mask=text["attention_mask"].to(self.device), **geometry)
 
     # ---- clicks and boxes ----
 
