@@ -131,3 +131,23 @@ def test_a_config_without_the_exemplar_control_keeps_todays_boxes(concept, image
         "http://127.0.0.1/x.png", box(10, 20, 30, 40, "cats", control="examples"),
         config=EXEMPLAR_CONFIG.replace('name="exemplar"', 'name="examples"')))
     assert len(named.exemplars) == 1 and named.exemplar_phrases == (0,)
+
+
+def test_owlv2_finds_boxes_from_an_exemplar_and_the_segmenter_masks_them(tiny_models, image_server, tmp_path):
+    """detect+segment with OWLv2: the exemplar search gives the boxes, the configured segmenter one mask each."""
+    from serve_app.models.catalog import DETECTOR, SEGMENTER
+    from serve_app.models.loading import load
+    from serve_app.models.spec import ModelSpec
+    from serve_app.tiny_models.owlv2_omdet import make_tiny_owlv2
+
+    owlv2 = load(ModelSpec(DETECTOR, str(make_tiny_owlv2(tmp_path / "owlv2", seed=2)), device="cpu"))
+    sam = load(ModelSpec(SEGMENTER, str(tiny_models["sam"]), "SAM_CHECKPOINT", device="cpu"))
+    settings = Settings.load(env={"DEVICE": "cpu", "BOX_THRESHOLD": "0.0", "MAX_DETECTIONS": "3"})
+    policy = ImageSourcePolicy(max_bytes=10**7, timeout_s=5, max_pixels=10**8, host_allowlist=frozenset({"127.0.0.1"}))
+    labelling = LabellingPipeline(settings=settings, model_version="v", detect=in_thread(owlv2.detect),
+                                  segment=in_thread(sam.segment), fetcher=ImageFetcher(policy), exemplars=True)
+    answer = asyncio.run(labelling.predict(body(f"{image_server}/img0.png", box(10, 20, 30, 40, "house"))))
+    result = answer["results"][0]["result"]
+    rects = [r for r in result if r["type"] == "rectanglelabels"]
+    assert 0 < len(rects) <= 3 and {r["value"]["rectanglelabels"][0] for r in rects} == {"house"}
+    assert sum(r["type"] == "brushlabels" for r in result) == len(rects)

@@ -186,3 +186,46 @@ def test_families_nobody_serves_and_the_wrong_class_are_refused_by_name(tmp_path
     owlv2 = make_tiny_owlv2(tmp_path / "owlv2")
     with pytest.raises(ModelLoadError, match=r"OWLv2 \(owlv2\) checkpoint.*serve_app.models.loading.load"):
         GroundingDinoDetector.load(str(owlv2), device="cpu")
+
+
+def test_owlv2_exemplar_search_matches_image_guided_detection(family):
+    """One positive exemplar: the crop is the query image of transformers' image_guided_detection, and the
+    detections its post-processing shows (scores above a tenth of the best, after its NMS) are ours, box for box,
+    with sigmoid(logit) as the score. Negatives and text join the same queries; OmDet-Turbo refuses exemplars."""
+    from serve_app.models.messages import PromptUnsupported
+
+    name, _, detector, processor, model = family
+    image = IMAGES[0]
+    exemplar = np.array([[40, 30, 150, 140]], np.float32)
+    request = DetectionRequest(image=image, phrases=[""], box_threshold=0.0, max_detections=10_000,
+                               exemplar_boxes=exemplar, exemplar_labels=np.array([1]), exemplar_phrases=np.array([0]))
+    if name != "owlv2":
+        with pytest.raises(PromptUnsupported):
+            detector.detect([request])
+        return
+    [found] = detector.detect([request])
+    side = max(image.shape[:2])
+    with torch.inference_mode():
+        inputs = processor(images=Image.fromarray(image), query_images=Image.fromarray(image[30:140, 40:150]),
+                           return_tensors="pt")
+        outputs = model.image_guided_detection(**inputs)
+        scores = outputs.logits[0].max(dim=-1).values.sigmoid()
+        [shown] = processor.post_process_image_guided_detection(outputs, threshold=0.0, nms_threshold=0.3,
+                                                                target_sizes=torch.tensor([[side, side]]))
+    height, width = image.shape[:2]
+    expected = np.clip(shown["boxes"].numpy(), 0, [width, height, width, height])
+    mine = found.boxes[found.scores > 0.1 * found.scores.max() + 1e-6]
+    assert len(mine) == len(expected) > 0
+    for box in mine:
+        assert np.abs(expected - box).max(axis=1).min() < 1e-4
+    assert found.scores[0] == pytest.approx(float(scores.max()), abs=1e-5)
+
+    # a negative exemplar on the same crop beats its positive nowhere, ties everywhere: nothing is left
+    negated = DetectionRequest(image=image, phrases=[""], box_threshold=0.0, max_detections=10_000,
+                               exemplar_boxes=np.concatenate([exemplar, exemplar]), exemplar_labels=np.array([1, 0]),
+                               exemplar_phrases=np.array([0, 0]))
+    assert len(detector.detect([negated])[0]) == len(found)  # equal logits: not "better than the positives"
+    other = DetectionRequest(image=image, phrases=["", "house"], box_threshold=0.0, max_detections=10_000,
+                             exemplar_boxes=exemplar, exemplar_labels=np.array([1]), exemplar_phrases=np.array([0]))
+    both = detector.detect([other])[0]
+    assert set(both.phrase_ids.tolist()) <= {0, 1} and len(both) > 0

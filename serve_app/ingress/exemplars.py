@@ -16,7 +16,8 @@ from serve_app.ingress.label_config import NEGATIVE_EXEMPLAR_LABEL, ProjectConfi
 from serve_app.ingress.prompts import Phrase, Prompt
 
 NOT_SUPPORTED = ("exemplar boxes need a detector that takes visual prompts: SAM 3 (DETECTOR_MODEL=facebook/sam3, "
-                 "PIPELINE=concept or auto); {detector} does not (docs/models.md lists which families do)")
+                 "PIPELINE=concept or auto) or OWLv2 (DETECTOR_MODEL=google/owlv2-base-patch16-ensemble, masks from "
+                 "SEGMENTER_MODEL); {detector} does not (docs/models.md lists which families do)")
 
 
 def exemplar_prompt(exemplars: tuple[Exemplar, ...], typed: Prompt | None, config: ProjectConfig,

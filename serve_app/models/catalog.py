@@ -64,7 +64,7 @@ FAMILIES: tuple[Family, ...] = (
            "serve_app.models.grounding_dino:GroundingDinoDetector", "Apache-2.0",
            "openmmlab-community/mm_grounding_dino_tiny_o365v1_goldg"),
     Family("owlv2", "OWLv2", (DETECTOR,), "serve_app.models.query_detectors:QueryDetector", "Apache-2.0",
-           "google/owlv2-base-patch16-ensemble", settings=_QUERY_THRESHOLDS),
+           "google/owlv2-base-patch16-ensemble", settings=_QUERY_THRESHOLDS, exemplars=True),
     Family("omdet-turbo", "OmDet-Turbo", (DETECTOR,), "serve_app.models.query_detectors:QueryDetector", "Apache-2.0",
            "omlab/omdet-turbo-swin-tiny-hf", settings=_QUERY_THRESHOLDS),
     Family("sam3", "SAM 3 (detector only)", (CONCEPT,), "serve_app.models.sam3_concept:Sam3Concept",

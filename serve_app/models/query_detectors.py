@@ -18,6 +18,14 @@ Thresholds, per family (the reference is each family's own `post_process_grounde
 
 Boxes are in the original image's pixels, clamped to the image (OWLv2 predicts on the image padded to a square
 and does not clip).
+
+Exemplars (OWLv2 only): each exemplar box's crop of the image is a query image, embedded as transformers'
+`image_guided_detection` embeds one (the crop's most object-like box's class embedding, `embed_image_query`), and
+scored against the image's patches beside the phrases' text queries. A phrase's score is the best of its queries
+(its text, if any, and its positive exemplars); a patch that matches one of the phrase's negative exemplars better
+than its positives is not that phrase. Detections then go through OWLv2's image-guided non-maximum suppression
+(IoU above EXEMPLAR_NMS_THRESHOLD, across phrases: an object found by text and by an exemplar is one region).
+Scores are sigmoid(logit), not the display alphas `post_process_image_guided_detection` rescales them to.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from serve_app import get_logger
 from serve_app.models.device import autocast_for, effective_precision, pick_device
 from serve_app.models.errors import ModelLoadError, describe_load_failure
 from serve_app.models.catalog import DETECTOR, Family, families_for
-from serve_app.models.messages import DetectionRequest, Detections
+from serve_app.models.messages import DetectionRequest, Detections, PromptUnsupported
 from serve_app.models.spec import ModelSpec
 
 logger = get_logger(__name__)
@@ -38,6 +46,9 @@ logger = get_logger(__name__)
 # IoU above which OmDet-Turbo's per-label NMS drops the lower-scoring box: the default of its post-processing,
 # which its model card uses.
 OMDET_NMS_THRESHOLD = 0.5
+# IoU above which a lower-scoring detection of an exemplar search is dropped: post_process_image_guided_detection's
+# default
+EXEMPLAR_NMS_THRESHOLD = 0.3
 # OmDetTurboProcessor pads and truncates task and label texts to this many tokens.
 OMDET_TEXT_LENGTH = 77
 
@@ -46,6 +57,14 @@ def _corners(boxes: torch.Tensor) -> torch.Tensor:
     """(cx, cy, w, h) -> (x0, y0, x1, y1)"""
     cx, cy, w, h = boxes.unbind(-1)
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def _crop(image: np.ndarray, box) -> Image.Image:
+    """The exemplar's pixels, whole pixels covering the box, at least one."""
+    height, width = image.shape[:2]
+    x0, y0 = int(np.clip(np.floor(box[0]), 0, width - 1)), int(np.clip(np.floor(box[1]), 0, height - 1))
+    x1, y1 = int(np.clip(np.ceil(box[2]), x0 + 1, width)), int(np.clip(np.ceil(box[3]), y0 + 1, height))
+    return Image.fromarray(image[y0:y1, x0:x1])
 
 
 def _detections(request: DetectionRequest, scores: torch.Tensor, labels: torch.Tensor,
@@ -128,6 +147,12 @@ class QueryDetector:
         """
         results = [Detections() for _ in requests]
         active = [i for i, r in enumerate(requests) if r.phrases]
+        searched = [i for i in active if requests[i].exemplar_boxes is not None and len(requests[i].exemplar_boxes)]
+        if searched and self.family != "owlv2":
+            raise PromptUnsupported(f"{self.family} takes no exemplar boxes")
+        active = [i for i in active if i not in searched]
+        for i in searched:  # one image and its crops a pass
+            results[i] = self._owlv2_exemplars(requests[i])
         pixels = {i: self.image_processor(images=[Image.fromarray(requests[i].image)],
                                           return_tensors="pt")["pixel_values"] for i in active}
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -172,6 +197,53 @@ class QueryDetector:
             side = max(request.image.shape[:2])  # the padded square's side, in original pixels
             found.append(_detections(request, best.sigmoid(), labels, boxes[row] * side))
         return found
+
+    def _owlv2_exemplars(self, request: DetectionRequest) -> Detections:
+        from torchvision.ops import nms
+
+        model = self.model
+        pixel_values = self.image_processor(images=[Image.fromarray(request.image)],
+                                            return_tensors="pt")["pixel_values"].to(self.device)
+        texts = [i for i, phrase in enumerate(request.phrases) if phrase]
+        crops = [_crop(request.image, box) for box in request.exemplar_boxes]
+        query_pixels = self.processor(query_images=crops, return_tensors="pt")["query_pixel_values"].to(self.device)
+        with autocast_for(self.device, self.precision):
+            if texts:
+                text = self._tokenize([request.phrases[i] for i in texts])
+                text_embeds, feature_map, _ = model.image_text_embedder(
+                    input_ids=text["input_ids"].to(self.device), pixel_values=pixel_values,
+                    attention_mask=text["attention_mask"].to(self.device))
+                text_embeds = text_embeds.reshape(len(texts), -1)
+            else:
+                feature_map = model.image_embedder(pixel_values=pixel_values)[0]
+                text_embeds = feature_map.new_zeros((0, model.class_head.dense0.out_features))
+            image_feats = feature_map.flatten(1, 2)
+            boxes = model.box_predictor(image_feats, feature_map)
+            query_map = model.image_embedder(pixel_values=query_pixels)[0]
+            crop_embeds = model.embed_image_query(query_map.flatten(1, 2), query_map)[0][:, 0]
+            queries = torch.cat([text_embeds.to(crop_embeds.dtype), crop_embeds])[None]
+            logits = model.class_predictor(image_feats, queries)[0][0].float().cpu()  # (patches, queries)
+        labels = np.asarray(request.exemplar_labels)
+        owners = np.asarray(request.exemplar_phrases)
+        per_phrase = torch.full((logits.shape[0], len(request.phrases)), float("-inf"))
+        for phrase in range(len(request.phrases)):
+            own = [len(texts) + e for e in np.flatnonzero(owners == phrase)]
+            positive = ([texts.index(phrase)] if phrase in texts else []) + [q for q in own if labels[q - len(texts)]]
+            negative = [q for q in own if not labels[q - len(texts)]]
+            if not positive:
+                continue
+            best = logits[:, positive].max(dim=-1).values
+            if negative:  # more like one of the phrase's negatives than like its positives: not this phrase
+                best = torch.where(logits[:, negative].max(dim=-1).values > best, float("-inf"), best)
+            per_phrase[:, phrase] = best
+        best, phrase_ids = per_phrase.max(dim=-1)
+        scores = best.sigmoid()
+        side = max(request.image.shape[:2])  # boxes are relative to the image padded to a square
+        corners = _corners(boxes[0].float().cpu()) * side
+        kept = nms(corners, scores, EXEMPLAR_NMS_THRESHOLD)
+        dropped = torch.ones_like(scores, dtype=torch.bool)
+        dropped[kept] = False
+        return _detections(request, torch.where(dropped, torch.zeros_like(scores), scores), phrase_ids, corners)
 
     def _omdet_turbo(self, requests: list[DetectionRequest], pixel_values: torch.Tensor) -> list[Detections]:
         from torchvision.ops import batched_nms
