@@ -464,3 +464,32 @@ def test_the_detector_runs_grounding_dino_in_lanes_on_cpu(tiny_models):
     assert detector.batcher._lane_limit() == 2
     detector.reconfigure({"cpu_lanes": 1})
     assert detector.batcher._lane_limit() == 1
+
+
+def test_the_detector_replica_encodes_a_concept_models_masks(tmp_path):
+    """SAM 3's masks leave the Detector replica as the encodings the request asked for (RLE here), not as pixels
+    for the ingress to encode: the Segmenter's rule, for the concept pipeline too."""
+    import numpy as np
+    from label_studio_sdk.converter.brush import decode_rle
+
+    from serve_app.deployments.detector import Detector
+    from serve_app.models.catalog import CONCEPT
+    from serve_app.models.messages import DetectionRequest
+    from serve_app.models.spec import ModelSpec
+    from serve_app.tiny_models.sam3 import make_tiny_sam3_video
+
+    detector = Detector.func_or_class(ModelSpec(CONCEPT, str(make_tiny_sam3_video(tmp_path / "sam3")), device="cpu"))
+    image = (np.arange(60 * 80 * 3) % 251).astype(np.uint8).reshape(60, 80, 3)
+
+    async def scenario():
+        plain = await detector.detect(DetectionRequest(image=image, phrases=["cat"], box_threshold=0.0,
+                                                       max_detections=3))
+        encoded = await detector.detect(DetectionRequest(image=image, phrases=["cat"], box_threshold=0.0,
+                                                         max_detections=3, encodings=("rle",)))
+        return plain, encoded
+
+    plain, encoded = asyncio.run(scenario())
+    assert plain.encoded is None and plain.masks.shape == (3, 60, 80)
+    assert encoded.masks is None and len(encoded.encoded.rle) == 3
+    for mask, rle in zip(plain.masks, encoded.encoded.rle):
+        assert np.array_equal(decode_rle(rle).reshape(60, 80, 4)[:, :, 3] > 0, mask)

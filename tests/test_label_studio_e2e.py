@@ -166,6 +166,32 @@ def test_interactive_prompt_from_the_labeling_ui(run):
     assert len(run.client.predictions.list(task=task_id)) == 1  # interactive results are not stored
 
 
+def test_exemplar_boxes_from_the_labeling_ui(run):
+    """Two boxes drawn with the exemplar control (one "cats", one "cats" + NOT), as the editor sends them through
+    Label Studio's interactive endpoint, on a project whose config has both RectangleLabels."""
+    from tests.configs import EXEMPLAR_CONFIG
+
+    if run.kind != "sam3 concept":
+        pytest.skip("exemplars need a detector with visual prompts; this run's Grounding DINO answers 400 "
+                    "(tests/test_service.py)")
+    project = run.client.projects.create(title="e2e exemplars", label_config=EXEMPLAR_CONFIG)
+    run.client.projects.import_tasks(project.id, request=[{"image": data_url(png_bytes(pattern(120, 160, seed=9)))}])
+    [task] = run.client.tasks.list(project=project.id)
+    ml = run.client.ml.create(project=project.id, url=run.service.url, is_interactive=True, title="exemplars")
+    drawn = [{"original_width": 160, "original_height": 120, "image_rotation": 0, "id": region_id,
+              "from_name": "exemplar", "to_name": "image", "type": "rectanglelabels", "origin": "manual",
+              "value": {"x": x, "y": 20.0, "width": 25.0, "height": 40.0, "rotation": 0, "rectanglelabels": labels}}
+             for region_id, x, labels in (("aB3xY9kQ", 10.0, ["cats"]), ("k9Lm2Pq1", 55.0, ["cats", "NOT"]))]
+    response = run.client.ml.with_raw_response.predict_interactive(ml.id, task=task.id, context={"result": drawn})
+    body = response.response.json()
+    assert "errors" not in body, body
+    regions = body["data"]["result"]
+    assert regions and {r["value"][r["type"]][0] for r in regions} == {"cats"}
+    assert {r["from_name"] for r in regions} == {"label", "mask"}  # never into the exemplar control
+    assert LabelInterface(EXEMPLAR_CONFIG).validate_prediction({"result": regions})
+    assert not run.client.predictions.list(task=task.id)  # interactive results are not stored
+
+
 def test_a_failed_task_stores_nothing_and_a_second_retrieve_completes_it(run, image_dir, image_server):
     missing = f"/data/upload/{run.project.id}/does-not-exist.png"
     late = f"late-{run.kind.replace(' ', '-')}.png"  # an image that appears only after the first retrieval
