@@ -88,6 +88,12 @@ FAMILIES: tuple[Family, ...] = (
     _sam_family("sam_hq", "SAM-HQ", "SamHQModel", "SamHQProcessor", padded=True,
                 example="syscv-community/sam-hq-vit-base"),
     _sam_family("sam", "SAM", "SamModel", "SamProcessor", padded=True, example="facebook/sam-vit-base"),
+    # Models that cost nothing, for measuring the service itself (benchmarks/null_ceiling.py)
+    Family("grounded-serve-null-detector", "Null detector (benchmarks)", (DETECTOR,),
+           "serve_app.models.null_models:NullDetector", "Apache-2.0", "serve_app.tiny_models.null",
+           settings={"TEXT_THRESHOLD": "ignored", "BOX_THRESHOLD": "ignored: config.json's boxes per image"}),
+    Family("grounded-serve-null-segmenter", "Null segmenter (benchmarks)", (SEGMENTER,),
+           "serve_app.models.null_models:NullSegmenter", "Apache-2.0", "serve_app.tiny_models.null"),
     Family(SEGMENT_ANYTHING, "SAM / MobileSAM (segment-anything .pth)", (SEGMENTER,),
            "serve_app.models.segmenter:SamSegmenter", "Apache-2.0", OFFICIAL_CHECKPOINTS["vit_h"],
            details={"official_checkpoints": OFFICIAL_CHECKPOINTS}),

@@ -16,9 +16,9 @@ from serve_app.models.spec import ModelSpec
 _WHAT = {catalog.DETECTOR: "detector", catalog.CONCEPT: "SAM 3", catalog.SEGMENTER: "SAM-family"}
 
 
-def read_model_type(checkpoint: str) -> str:
-    """config.json's model_type of a local directory or a hub id (from the hub's cache, else one small download).
-    Raises what reading it raised (OSError for a missing file, offline hub or unknown id; ValueError for bad JSON)."""
+def read_config(checkpoint: str) -> dict:
+    """config.json of a local directory or a hub id (from the hub's cache, else one small download). Raises what
+    reading it raised (OSError for a missing file, offline hub or unknown id; ValueError for bad JSON)."""
     path = os.path.join(os.path.expanduser(checkpoint), "config.json")
     if not os.path.isfile(path):
         if checkpoint.startswith((".", "/", "~")) or os.path.isdir(os.path.expanduser(checkpoint)):
@@ -28,7 +28,14 @@ def read_model_type(checkpoint: str) -> str:
         path = hf_hub_download(checkpoint, "config.json")
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise ValueError(f"{checkpoint!r}'s config.json is not a JSON object")
+    return config
+
+
+def read_model_type(checkpoint: str) -> str:
+    """config.json's model_type (read_config's errors, and ValueError when it has none)."""
+    model_type = read_config(checkpoint).get("model_type")
     if not isinstance(model_type, str):
         raise ValueError(f"{checkpoint!r}'s config.json has no model_type")
     return model_type

@@ -1,0 +1,97 @@
+"""The service's own ceiling: the whole graph with models that cost nothing (serve_app.models.null_models).
+
+    python -m benchmarks.null_ceiling [--tasks 400] [--tasks-per-request 10] [--concurrency 4] [--boxes 20]
+
+Label Studio's "Retrieve predictions" bodies of 640x480 PNG tasks served over loopback, each answered with
+`--boxes` boxes and as many compact masks (RLE made in the Segmenter replica): every cost but the models' own
+(fetch, decode, Serve's hops, batching, encoding, JSON). Reports tasks/s and where the CPU went: seconds of CPU per
+task for each process of the service (ingress, proxy, each model replica, Ray's own) and the ingress's stage
+times. Issue #31's goal for this 2-core machine: at least 30 tasks/s. Writes benchmarks/results/null-ceiling-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from benchmarks.harness import ImageServer, distinct_images, machine, retrieve_body, run_load, session_processes, \
+    start_service
+from serve_app.tiny_models.null import make_null_models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_by_process(service) -> dict[str, float]:
+    """CPU seconds so far of each process of the service, by role."""
+    seconds: dict[str, float] = {}
+    for proc in session_processes(service, ("cmdline", "cpu_times")):
+        try:
+            title = " ".join(proc.info["cmdline"] or ["?"]).split(" ")[0]
+            times = proc.info["cpu_times"]
+            used = times.user + times.system
+        except (AttributeError, TypeError, psutil.Error):
+            continue
+        if title.startswith("ray::ServeReplica"):
+            name = title.split(":")[-1]
+        elif title.startswith("ray::ProxyActor") or "ProxyActor" in title:
+            name = "proxy"
+        elif title.startswith("ray::ServeController"):
+            name = "controller"
+        else:
+            name = "ray and serve run (raylet, gcs, dashboard, driver, workers)"
+        seconds[name] = seconds.get(name, 0.0) + used
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", type=int, default=400)
+    parser.add_argument("--tasks-per-request", type=int, default=10)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--boxes", type=int, default=20)
+    args = parser.parse_args()
+
+    models = make_null_models(Path(tempfile.mkdtemp(prefix="gs-null-")), boxes=args.boxes)
+    images = ImageServer(distinct_images(args.tasks))
+    names = sorted(images.files)
+    bodies = [retrieve_body([f"{images.url}/{name}" for name in names[i:i + args.tasks_per_request]])
+              for i in range(0, len(names), args.tasks_per_request)]
+    service = start_service({"DETECTOR_MODEL": str(models["null_detector"]),
+                             "SEGMENTER_MODEL": str(models["null_segmenter"]), "MAX_DETECTIONS": str(args.boxes)})
+    try:
+        warm = run_load(service.url, bodies[:2], requests=2, concurrency=2)  # first requests pay for imports
+        before, started = cpu_by_process(service), time.perf_counter()
+        load = run_load(service.url, bodies, requests=len(bodies), concurrency=args.concurrency)
+        wall = time.perf_counter() - started
+        after = cpu_by_process(service)
+        metrics = httpx.get(f"{service.url}/metrics", timeout=30).json()
+    finally:
+        service.stop()
+        images.close()
+    tasks = len(bodies) * args.tasks_per_request
+    cpu = {name: round((after.get(name, 0.0) - before.get(name, 0.0)) * 1000 / tasks, 2) for name in after}
+    report = {
+        "machine": machine(),
+        "command": f"python -m benchmarks.null_ceiling --tasks {args.tasks} --tasks-per-request "
+                   f"{args.tasks_per_request} --concurrency {args.concurrency} --boxes {args.boxes}",
+        "tasks": tasks, "boxes_and_masks_per_task": args.boxes, "image": "640x480 PNG over loopback",
+        "tasks_per_s": round(tasks / wall, 2), "load": load, "warm_up": warm,
+        "cpu_ms_per_task_by_process": dict(sorted(cpu.items(), key=lambda kv: -kv[1])),
+        "cpu_ms_per_task_total": round(sum(cpu.values()), 2),
+        "ingress_stage_mean_s": {name.split(":", 1)[1]: round(value["mean_s"], 4)
+                                 for name, value in metrics.get("seconds", {}).items() if name.startswith("stage")},
+        "batch_sizes": metrics.get("batch_sizes"),
+    }
+    out = ROOT / "benchmarks" / "results" / "null-ceiling-cpu.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
