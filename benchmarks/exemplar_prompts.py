@@ -63,14 +63,14 @@ def through_the_service(images: int, repeats: int, work: Path) -> dict:
     try:
         with httpx.Client(base_url=service.url, timeout=120) as client:
             timed_post(client, body(data_url(png_bytes(pattern(480, 640, seed=99))), exemplars=False))  # warm-up
-            before = client.get("/metrics").json()["sam_embedding_cache"]
+            before = service.settled_metrics()["sam_embedding_cache"]
             for i in range(images):
                 image = data_url(png_bytes(pattern(480, 640, seed=i)))
                 first.append(timed_post(client, body(image, exemplars=False)))
                 for _ in range(repeats):
                     text.append(timed_post(client, body(image, exemplars=False)))
                     exemplar.append(timed_post(client, body(image, exemplars=True)))
-            after = client.get("/metrics").json()["sam_embedding_cache"]
+            after = service.settled_metrics()["sam_embedding_cache"]  # once the replica's counts are exported
     finally:
         service.stop()
     return {"model": "tiny SAM 3 (sam3_video layout), 640x480", "first_text_prompt_s": _stats(first),
