@@ -61,9 +61,11 @@ def plan_graph(settings: Settings, model_type_of: Callable[[str], str | None] = 
     pipeline = choose_pipeline(settings, model_type_of)
     found = _detector_family(settings, model_type_of)
     concept = pipeline == "concept"
+    # SAM 3 keeps image features for clicks and exemplars, OWLv2 for exemplars after a prompt on the same image
+    caches = concept or bool(found and found.exemplars)
     detector = ModelSpec(catalog.CONCEPT if concept else catalog.DETECTOR, settings.detector_model, "DETECTOR_MODEL",
                          device=settings.device, precision=settings.precision,
-                         cache_bytes=settings.sam_embedding_cache_bytes if concept else 0)
+                         cache_bytes=settings.sam_embedding_cache_bytes if caches else 0)
     segmenter = None
     if settings.sam_enabled:
         segmenter = ModelSpec(catalog.SEGMENTER, settings.segmenter_checkpoint, settings.segmenter_checkpoint_setting,

@@ -229,3 +229,23 @@ def test_owlv2_exemplar_search_matches_image_guided_detection(family):
                              exemplar_boxes=exemplar, exemplar_labels=np.array([1]), exemplar_phrases=np.array([0]))
     both = detector.detect([other])[0]
     assert set(both.phrase_ids.tolist()) <= {0, 1} and len(both) > 0
+
+
+def test_owlv2_exemplars_after_a_text_prompt_reuse_the_images_features(tmp_path):
+    """The text prompt's forward leaves the image's feature map in the cache; the exemplar prompt that follows on
+    the same image (same image_key) runs no vision encoder, and finds what an uncached search finds."""
+    path = make_tiny_owlv2(tmp_path / "owlv2", seed=3)
+    cached = load(ModelSpec(DETECTOR, str(path), device="cpu", cache_bytes=1 << 30))
+    uncached = load(ModelSpec(DETECTOR, str(path), device="cpu"))
+    image = IMAGES[0]
+    exemplars = {"exemplar_boxes": np.array([[40, 30, 150, 140], [200, 100, 300, 200]], np.float32),
+                 "exemplar_labels": np.array([1, 0]), "exemplar_phrases": np.array([0, 0])}
+    cached.detect([DetectionRequest(image=image, phrases=["cats"], box_threshold=0.0, image_key="k")])
+    assert cached.images_encoded == 1
+    [hit] = cached.detect([DetectionRequest(image=image, phrases=["cats"], box_threshold=0.0, max_detections=10_000,
+                                            image_key="k", **exemplars)])
+    assert cached.images_encoded == 1 and cached.cache.stats()["hits"] == 1
+    [fresh] = uncached.detect([DetectionRequest(image=image, phrases=["cats"], box_threshold=0.0,
+                                                max_detections=10_000, image_key="k", **exemplars)])
+    assert uncached.images_encoded == 1
+    assert_same(hit, fresh)

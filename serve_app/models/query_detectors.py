@@ -36,6 +36,7 @@ from PIL import Image
 
 from serve_app import get_logger
 from serve_app.models.device import autocast_for, effective_precision, pick_device
+from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache, own_row
 from serve_app.models.errors import ModelLoadError, describe_load_failure
 from serve_app.models.catalog import DETECTOR, Family, families_for
 from serve_app.models.messages import DetectionRequest, Detections, PromptUnsupported
@@ -87,8 +88,12 @@ class QueryDetector:
     """Loads an OWLv2 or OmDet-Turbo checkpoint (hub id or local directory) and detects phrases in images;
     the same interface as serve_app.models.grounding_dino.GroundingDinoDetector."""
 
-    def __init__(self, model, processor, device: torch.device, *, precision: str = "fp32"):
+    def __init__(self, model, processor, device: torch.device, *, precision: str = "fp32", cache_bytes: int = 0):
         self.model = model
+        # OWLv2's image feature maps by image content: an exemplar prompt after a text prompt (or another exemplar)
+        # on the same image skips the vision encoder
+        self.cache = EmbeddingCache(cache_bytes)
+        self.images_encoded = 0
         self.family = model.config.model_type
         runs = [f.model_type for f in families_for(DETECTOR) if f.loader == f"{__name__}:QueryDetector"]
         if self.family not in runs:
@@ -132,7 +137,7 @@ class QueryDetector:
                                  f"{len(missing)} of the {family.name} model's parameters ({shown}); it is incomplete "
                                  "or was saved for another architecture")
         model.to(torch_device).eval()
-        return cls(model, processor, torch_device, precision=precision)
+        return cls(model, processor, torch_device, precision=precision, cache_bytes=spec.cache_bytes)
 
     @torch.inference_mode()
     def detect(self, requests: list[DetectionRequest]) -> list[Detections]:
@@ -189,6 +194,10 @@ class QueryDetector:
         with autocast_for(self.device, self.precision):
             outputs = self.model(input_ids=input_ids.flatten(0, 1).to(self.device), pixel_values=pixel_values,
                                  attention_mask=attention_mask.flatten(0, 1).to(self.device))
+        self.images_encoded += len(requests)
+        for row, request in enumerate(requests):  # for exemplar prompts on the same image
+            if request.image_key and self.cache.max_bytes:
+                self.cache.put(request.image_key, self._feature_entry(outputs.image_embeds, row))
         logits = outputs.logits.float().cpu()  # (images, patches, queries)
         boxes = _corners(outputs.pred_boxes.float().cpu())  # relative to the image padded to a square
         found = []
@@ -202,20 +211,19 @@ class QueryDetector:
         from torchvision.ops import nms
 
         model = self.model
-        pixel_values = self.image_processor(images=[Image.fromarray(request.image)],
-                                            return_tensors="pt")["pixel_values"].to(self.device)
         texts = [i for i, phrase in enumerate(request.phrases) if phrase]
         crops = [_crop(request.image, box) for box in request.exemplar_boxes]
         query_pixels = self.processor(query_images=crops, return_tensors="pt")["query_pixel_values"].to(self.device)
+        [entry], _ = self.cache.lookup_or_encode([request.image], [request.image_key], self._owlv2_features)
+        feature_map = entry.embedding.to(self.device)
         with autocast_for(self.device, self.precision):
-            if texts:
+            if texts:  # the text model alone, as the model's forward runs it; the image side is the cached map
                 text = self._tokenize([request.phrases[i] for i in texts])
-                text_embeds, feature_map, _ = model.image_text_embedder(
-                    input_ids=text["input_ids"].to(self.device), pixel_values=pixel_values,
-                    attention_mask=text["attention_mask"].to(self.device))
-                text_embeds = text_embeds.reshape(len(texts), -1)
+                text_embeds = model.owlv2.get_text_features(input_ids=text["input_ids"].to(self.device),
+                                                            attention_mask=text["attention_mask"].to(self.device))
+                text_embeds = text_embeds.pooler_output
+                text_embeds = text_embeds / torch.linalg.norm(text_embeds, ord=2, dim=-1, keepdim=True)
             else:
-                feature_map = model.image_embedder(pixel_values=pixel_values)[0]
                 text_embeds = feature_map.new_zeros((0, model.class_head.dense0.out_features))
             image_feats = feature_map.flatten(1, 2)
             boxes = model.box_predictor(image_feats, feature_map)
@@ -244,6 +252,19 @@ class QueryDetector:
         dropped = torch.ones_like(scores, dtype=torch.bool)
         dropped[kept] = False
         return _detections(request, torch.where(dropped, torch.zeros_like(scores), scores), phrase_ids, corners)
+
+    def _owlv2_features(self, images: list[np.ndarray]) -> list[CachedEmbedding]:
+        """OWLv2's feature map of each image (its image_embedder: the vision encoder and the class-token merge)."""
+        self.images_encoded += len(images)
+        pixels = self.image_processor(images=[Image.fromarray(image) for image in images],
+                                      return_tensors="pt")["pixel_values"].to(self.device)
+        with autocast_for(self.device, self.precision):
+            feature_map = self.model.image_embedder(pixel_values=pixels)[0]
+        return [self._feature_entry(feature_map, row) for row in range(len(images))]
+
+    def _feature_entry(self, feature_map: torch.Tensor, row: int) -> CachedEmbedding:
+        side = int(self.model.config.vision_config.image_size)
+        return CachedEmbedding(own_row(feature_map, row), (side, side), encoder_size=side)
 
     def _omdet_turbo(self, requests: list[DetectionRequest], pixel_values: torch.Tensor) -> list[Detections]:
         from torchvision.ops import batched_nms
