@@ -78,22 +78,8 @@ def test_detect_matches_transformers_post_processing_on_a_mixed_batch(load, imag
         height, width = request.image.shape[:2]
         assert got.masks.shape == (len(got), height, width) and got.masks.dtype == bool
         assert np.all(np.diff(got.scores) <= 0)  # highest first, across phrases
-        total = 0
-        for phrase_id, phrase in enumerate(request.phrases):
-            boxes, scores, masks, probabilities = _reference(model, request.image, phrase, 0.0)
-            total += len(scores)
-            mine = np.flatnonzero(got.phrase_ids == phrase_id)
-            assert len(mine) == len(scores)
-            used = set()
-            for index in mine:  # match each detection to the reference one with the nearest box
-                distance = np.abs(boxes - got.boxes[index]).max(axis=1)
-                match = int(distance.argmin())
-                assert match not in used
-                used.add(match)
-                assert distance[match] < 1e-4
-                assert abs(scores[match] - got.scores[index]) < 1e-5
-                differ = masks[match] != got.masks[index]
-                assert np.all(np.abs(probabilities[match][differ] - 0.5) < 1e-5)
+        total = sum(_assert_matches(got, phrase_id, _reference(model, request.image, phrase, 0.0))
+                    for phrase_id, phrase in enumerate(request.phrases))
         assert len(got) == total
 
 
