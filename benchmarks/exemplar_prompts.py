@@ -57,7 +57,8 @@ def timed_post(client: httpx.Client, sent: dict) -> float:
 
 
 def through_the_service(images: int, repeats: int, work: Path) -> dict:
-    env = {"DETECTOR_MODEL": str(make_tiny_sam3_video(work / "sam3", seed=1)), "BOX_THRESHOLD": "0"}
+    env = {"DETECTOR_MODEL": str(make_tiny_sam3_video(work / "sam3", seed=1)), "BOX_THRESHOLD": "0",
+           "EXEMPLAR_THRESHOLD": "0"}
     service = ServeProcess(env, work).start()
     first, text, exemplar = [], [], []
     try:

@@ -76,6 +76,9 @@ class ModelSettings:
     model_version: str = ""  # MODEL_VERSION: overrides the version derived from the model names
     box_threshold: float = 0.30  # BOX_THRESHOLD
     text_threshold: float = 0.25  # TEXT_THRESHOLD
+    # EXEMPLAR_THRESHOLD: the score a detection found by exemplar boxes needs (a phrase's text keeps BOX_THRESHOLD):
+    # image-conditioned scores are on another scale than text ones (OWLv2)
+    exemplar_threshold: float = 0.30
     polygon_tolerance_px: float = 1.0  # POLYGON_TOLERANCE_PX: contour simplification (Douglas-Peucker)
     # EXEMPLAR_CONTROL: the RectangleLabels whose boxes are exemplar prompts ("find every object like this")
     exemplar_control: str = "exemplar"
@@ -220,7 +223,7 @@ class Settings(ModelSettings, LabelStudioSettings, LimitSettings, JobSettings, P
                                 f"LABEL_STUDIO_URL, so set both (or unset {variable})")
 
     def _validate(self) -> None:
-        for name in ("box_threshold", "text_threshold"):
+        for name in ("box_threshold", "text_threshold", "exemplar_threshold"):
             try:
                 unit_interval(getattr(self, name), name.upper())
             except ValueError as exc:

@@ -27,7 +27,7 @@ def service(image_dir, tmp_path_factory):
         (image_dir / name).write_bytes(png_bytes(pattern(height, width, seed=60 + seed)))
     sam3 = make_tiny_sam3_video(tmp_path_factory.mktemp("sam3-tiny"), seed=1)
     env = {"DETECTOR_MODEL": str(sam3), "IMAGE_HOST_ALLOWLIST": "127.0.0.1", "BOX_THRESHOLD": "0",
-           "MAX_DETECTIONS": "4"}  # PIPELINE left at auto: SAM 3 means concept
+           "EXEMPLAR_THRESHOLD": "0", "MAX_DETECTIONS": "4"}  # PIPELINE left at auto: SAM 3 means concept
     process = ServeProcess(env, tmp_path_factory.mktemp("serve")).start()
     yield process
     process.stop()

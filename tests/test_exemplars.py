@@ -29,7 +29,7 @@ def concept(tmp_path_factory):
 
 
 def pipeline(concept, exemplars=True, **env) -> LabellingPipeline:
-    settings = Settings.load(env={"DEVICE": "cpu", "BOX_THRESHOLD": "0.0", **env})
+    settings = Settings.load(env={"DEVICE": "cpu", "BOX_THRESHOLD": "0.0", "EXEMPLAR_THRESHOLD": "0.0", **env})
     policy = ImageSourcePolicy(max_bytes=10**7, timeout_s=5, max_pixels=10**8, host_allowlist=frozenset({"127.0.0.1"}))
     return LabellingPipeline(settings=settings, model_version="v", detect=in_thread(concept.detect),
                              segment=in_thread(concept.segment), fetcher=ImageFetcher(policy), exemplars=exemplars)
@@ -79,6 +79,18 @@ def test_text_and_exemplars_of_one_label_are_one_prompt_and_other_labels_keep_th
     answer = asyncio.run(pipeline(concept).predict(body(url, prompt("cats. house"), box(5, 5, 30, 30, "cats"))))
     labels = {r["value"]["rectanglelabels"][0] for r in answer["results"][0]["result"] if r["type"] == "rectanglelabels"}
     assert labels <= {"cats", "house"} and "cats" in labels
+
+
+def test_each_prompt_has_its_own_threshold(concept, image_server):
+    """EXEMPLAR_THRESHOLD (or an `exemplar_threshold` Number in the context) for what the exemplars find; the typed
+    phrases keep BOX_THRESHOLD."""
+    url = f"{image_server}/img1.png"
+    number = {"type": "number", "from_name": "exemplar_threshold", "to_name": "image", "value": {"number": 1.0}}
+    answer = asyncio.run(pipeline(concept).predict(body(url, prompt("house"), box(5, 5, 30, 30, "cats"), number)))
+    labels = [r["value"]["rectanglelabels"][0] for r in answer["results"][0]["result"] if r["type"] == "rectanglelabels"]
+    assert labels and set(labels) == {"house"}  # nothing scores above 1.0: the exemplars of cats find nothing
+    strict = pipeline(concept, EXEMPLAR_THRESHOLD="1.0")
+    assert strict.parse(body(url, box(5, 5, 30, 30, "cats"))).thresholds.exemplar == 1.0
 
 
 def test_a_box_drawn_with_the_region_control_still_segments_that_box(concept, image_server):
@@ -142,7 +154,8 @@ def test_owlv2_finds_boxes_from_an_exemplar_and_the_segmenter_masks_them(tiny_mo
 
     owlv2 = load(ModelSpec(DETECTOR, str(make_tiny_owlv2(tmp_path / "owlv2", seed=2)), device="cpu"))
     sam = load(ModelSpec(SEGMENTER, str(tiny_models["sam"]), "SAM_CHECKPOINT", device="cpu"))
-    settings = Settings.load(env={"DEVICE": "cpu", "BOX_THRESHOLD": "0.0", "MAX_DETECTIONS": "3"})
+    settings = Settings.load(env={"DEVICE": "cpu", "BOX_THRESHOLD": "0.0", "EXEMPLAR_THRESHOLD": "0.0",
+                                  "MAX_DETECTIONS": "3"})
     policy = ImageSourcePolicy(max_bytes=10**7, timeout_s=5, max_pixels=10**8, host_allowlist=frozenset({"127.0.0.1"}))
     labelling = LabellingPipeline(settings=settings, model_version="v", detect=in_thread(owlv2.detect),
                                   segment=in_thread(sam.segment), fetcher=ImageFetcher(policy), exemplars=True)

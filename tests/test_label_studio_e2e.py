@@ -65,8 +65,8 @@ def run(request, label_studio, tiny_models, image_server, tmp_path_factory):
     }
     if request.param == "sam3 concept":  # masks from SAM 3 itself; its random scores sit near 0.25
         sam3 = make_tiny_sam3_video(tmp_path_factory.mktemp("sam3"), seed=3)
-        env = {"DETECTOR_MODEL": str(sam3), "BOX_THRESHOLD": "0", "MAX_DETECTIONS": "4",
-               "IMAGE_HOST_ALLOWLIST": "127.0.0.1"}
+        env = {"DETECTOR_MODEL": str(sam3), "BOX_THRESHOLD": "0", "EXEMPLAR_THRESHOLD": "0",
+               "MAX_DETECTIONS": "4", "IMAGE_HOST_ALLOWLIST": "127.0.0.1"}
     if request.param != "setup":
         env.update({"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": key})
     else:

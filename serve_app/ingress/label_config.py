@@ -12,7 +12,7 @@ BOX_CONTROL = "RectangleLabels"
 MASK_CONTROL = "BrushLabels"
 POLYGON_CONTROL = "PolygonLabels"
 CLICK_CONTROL = "KeyPointLabels"
-THRESHOLD_NUMBERS = ("box_threshold", "text_threshold")
+THRESHOLD_NUMBERS = ("box_threshold", "text_threshold", "exemplar_threshold")
 EXEMPLAR_CONTROL = "exemplar"  # EXEMPLAR_CONTROL: the RectangleLabels whose boxes are exemplars, not regions
 # A label of the exemplar control that makes a box a negative exemplar ("not this"), selected beside the class
 # label (choice="multiple"); Label Studio's editor has no negative rectangle of its own (docs/interactive.md)

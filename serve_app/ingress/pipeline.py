@@ -43,6 +43,7 @@ ObserveStage = Callable[[str, float], None]
 class Thresholds:
     box: float
     text: float
+    exemplar: float = 0.30  # for what exemplar boxes find (EXEMPLAR_THRESHOLD)
 
 
 @dataclass(frozen=True)
@@ -140,9 +141,11 @@ class LabellingPipeline:
             prompt = typed if typed is not None else prompt_from_labels(config, s.max_phrases)
         # environment defaults < the config's Number tags' defaultValue < numbers sent in the context
         thresholds = {"box_threshold": s.box_threshold, "text_threshold": s.text_threshold,
+                      "exemplar_threshold": s.exemplar_threshold,
                       **config.thresholds, **context.thresholds}
         return LabellingRequest(tasks=tasks, config=config, prompt=prompt,
-                                thresholds=Thresholds(thresholds["box_threshold"], thresholds["text_threshold"]),
+                                thresholds=Thresholds(thresholds["box_threshold"], thresholds["text_threshold"],
+                                                      thresholds["exemplar_threshold"]),
                                 regions=DrawnRegions() if context.exemplars else context.regions,
                                 interactive=raw_context is not None, project=project_name(body.get("project")),
                                 exemplars=context.exemplars, exemplar_phrases=exemplar_phrases)
@@ -230,7 +233,7 @@ class LabellingPipeline:
                     image_key=image_key, encodings=mask_encodings(config) if self._masks_wanted(config) else (),
                     polygon_tolerance_px=s.polygon_tolerance_px,
                     **(exemplar_arrays(request.exemplars, request.exemplar_phrases, image.width, image.height)
-                       if request.exemplars else {})))
+                       | {"exemplar_threshold": request.thresholds.exemplar} if request.exemplars else {})))
         masks = None
         found_masks = detections.encoded is not None or detections.masks is not None
         if found_masks and not clicks:  # a concept model (SAM 3) found them with the boxes (encoded in its replica)

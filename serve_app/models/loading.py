@@ -87,5 +87,6 @@ def load_as(cls: type, spec: ModelSpec):
     found = family_for(spec)
     if loader_class(found) is not cls:
         raise ModelLoadError(f"{spec.setting}={spec.checkpoint!r} is a {found.name} ({found.model_type}) checkpoint, "
-                             f"which another class runs, not {cls.__name__}: load it with serve_app.models.loading.load")
+                             f"which another class runs, not {cls.__name__}: load it with "
+                             "serve_app.models.loading.load")
     return cls.from_spec(spec, found)

@@ -38,6 +38,8 @@ class DetectionRequest:
     exemplar_boxes: np.ndarray | None = None
     exemplar_labels: np.ndarray | None = None  # E, 1 positive / 0 negative
     exemplar_phrases: np.ndarray | None = None  # E, index into phrases
+    # the score what the exemplars find needs; a phrase's text keeps box_threshold. None: box_threshold
+    exemplar_threshold: float | None = None
     # Forms to send back instead of the pixel masks of a detector that segments too (SAM 3), computed in its
     # replica as the Segmenter's are (SegmentationRequest.encodings)
     encodings: tuple[str, ...] = ()

@@ -22,9 +22,11 @@ and does not clip).
 Exemplars (OWLv2 only): each exemplar box's crop of the image is a query image, embedded as transformers'
 `image_guided_detection` embeds one (the crop's most object-like box's class embedding, `embed_image_query`), and
 scored against the image's patches beside the phrases' text queries. A phrase's score is the best of its queries
-(its text, if any, and its positive exemplars); a patch that matches one of the phrase's negative exemplars better
-than its positives is not that phrase. Detections then go through OWLv2's image-guided non-maximum suppression
-(IoU above EXEMPLAR_NMS_THRESHOLD, across phrases: an object found by text and by an exemplar is one region).
+that passes its own threshold: the text's box_threshold, the positive exemplars' exemplar_threshold (EXEMPLAR_THRESHOLD:
+image-conditioned scores are on another scale than text ones); a patch that matches one of the phrase's negative
+exemplars better than its positives and text is not that phrase. Detections then go through OWLv2's image-guided
+non-maximum suppression (IoU above EXEMPLAR_NMS_THRESHOLD, across phrases: an object found by text and by an exemplar
+is one region).
 Scores are sigmoid(logit), not the display alphas `post_process_image_guided_detection` rescales them to.
 """
 
@@ -69,9 +71,9 @@ def _crop(image: np.ndarray, box) -> Image.Image:
 
 
 def _detections(request: DetectionRequest, scores: torch.Tensor, labels: torch.Tensor,
-                boxes: torch.Tensor) -> Detections:
+                boxes: torch.Tensor, threshold: float | None = None) -> Detections:
     """Candidates above the box threshold, best first, at most max_detections, boxes clamped to the image."""
-    keep = torch.nonzero(scores > request.box_threshold).flatten()
+    keep = torch.nonzero(scores > (request.box_threshold if threshold is None else threshold)).flatten()
     keep = keep[torch.argsort(scores[keep], descending=True, stable=True)][: max(0, request.max_detections)]
     height, width = request.image.shape[:2]
     xyxy = boxes[keep].clone()
@@ -233,25 +235,31 @@ class QueryDetector:
             logits = model.class_predictor(image_feats, queries)[0][0].float().cpu()  # (patches, queries)
         labels = np.asarray(request.exemplar_labels)
         owners = np.asarray(request.exemplar_phrases)
-        per_phrase = torch.full((logits.shape[0], len(request.phrases)), float("-inf"))
+        exemplar_threshold = request.box_threshold if request.exemplar_threshold is None else request.exemplar_threshold
+        # per patch and phrase, the best score that passes its prompt's threshold: the text's box_threshold, the
+        # exemplars' exemplar_threshold (image-conditioned scores are on another scale); 0 where none passes
+        per_phrase = torch.zeros((logits.shape[0], len(request.phrases)))
+        unmatched = torch.full((logits.shape[0],), float("-inf"))
         for phrase in range(len(request.phrases)):
             own = [len(texts) + e for e in np.flatnonzero(owners == phrase)]
-            positive = ([texts.index(phrase)] if phrase in texts else []) + [q for q in own if labels[q - len(texts)]]
+            positive = [q for q in own if labels[q - len(texts)]]
             negative = [q for q in own if not labels[q - len(texts)]]
-            if not positive:
-                continue
-            best = logits[:, positive].max(dim=-1).values
+            text = logits[:, texts.index(phrase)] if phrase in texts else unmatched
+            shown = logits[:, positive].max(dim=-1).values if positive else unmatched
+            best = torch.maximum(text, shown)
+            score = torch.maximum(torch.where(text.sigmoid() > request.box_threshold, text.sigmoid(), 0.0),
+                                  torch.where(shown.sigmoid() > exemplar_threshold, shown.sigmoid(), 0.0))
             if negative:  # more like one of the phrase's negatives than like its positives: not this phrase
-                best = torch.where(logits[:, negative].max(dim=-1).values > best, float("-inf"), best)
-            per_phrase[:, phrase] = best
-        best, phrase_ids = per_phrase.max(dim=-1)
-        scores = best.sigmoid()
+                score = torch.where(logits[:, negative].max(dim=-1).values > best, 0.0, score)
+            per_phrase[:, phrase] = score
+        scores, phrase_ids = per_phrase.max(dim=-1)
         side = max(request.image.shape[:2])  # boxes are relative to the image padded to a square
         corners = _corners(boxes[0].float().cpu()) * side
         kept = nms(corners, scores, EXEMPLAR_NMS_THRESHOLD)
         dropped = torch.ones_like(scores, dtype=torch.bool)
         dropped[kept] = False
-        return _detections(request, torch.where(dropped, torch.zeros_like(scores), scores), phrase_ids, corners)
+        return _detections(request, torch.where(dropped, torch.zeros_like(scores), scores), phrase_ids, corners,
+                           threshold=0.0)  # each prompt's own threshold is applied above
 
     def _owlv2_features(self, images: list[np.ndarray]) -> list[CachedEmbedding]:
         """OWLv2's feature map of each image (its image_embedder: the vision encoder and the class-token merge)."""

@@ -7,7 +7,8 @@ gives (score = sigmoid(logit) * sigmoid(presence), masks = the bilinear resize o
 image, above MASK_THRESHOLD), computed only for the detections kept and one mask window at a time
 (serve_app.models.mask_upsampling), never as full-size int64 maps for every query.
 
-- BOX_THRESHOLD is SAM 3's score threshold (`DetectionRequest.box_threshold`); TEXT_THRESHOLD does not apply
+- BOX_THRESHOLD is SAM 3's score threshold (`DetectionRequest.box_threshold`), EXEMPLAR_THRESHOLD that of a phrase
+  prompted with exemplar boxes (`exemplar_threshold`); TEXT_THRESHOLD does not apply
   (each phrase is its own prompt, so there is no phrase-token score to threshold) and is ignored.
 - At most `max_detections` per request, highest score first, across all phrases. One object may match two
   phrases: both detections are kept, since they are two labels.
@@ -180,7 +181,8 @@ class Sam3Concept:
         text_only = [i for i in range(len(request.phrases)) if i not in with_boxes]
         # the best `limit` detections so far, across phrases: scores, boxes, phrase ids, low-resolution mask logits
         kept = (torch.zeros(0), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), None)
-        for group in (text_only, with_boxes):
+        exemplar_threshold = request.box_threshold if request.exemplar_threshold is None else request.exemplar_threshold
+        for group, threshold in ((text_only, request.box_threshold), (with_boxes, exemplar_threshold)):
             for start in range(0, len(group), self.phrase_chunk):
                 rows = group[start:start + self.phrase_chunk]
                 out = self._prompt_rows(request, entry, rows)
@@ -188,7 +190,7 @@ class Sam3Concept:
                 if out.presence_logits is not None:
                     scores = scores * out.presence_logits.float().sigmoid()
                 scores = scores.cpu()
-                row_index, query_index = (scores > request.box_threshold).nonzero(as_tuple=True)
+                row_index, query_index = (scores > threshold).nonzero(as_tuple=True)
                 chunk_masks = out.pred_masks[row_index.to(self.device), query_index.to(self.device)].float()
                 candidates = (scores[row_index, query_index],
                               out.pred_boxes.float().cpu()[row_index, query_index] * scale,
