@@ -171,9 +171,6 @@ def test_exemplar_boxes_from_the_labeling_ui(run):
     Label Studio's interactive endpoint, on a project whose config has both RectangleLabels."""
     from tests.configs import EXEMPLAR_CONFIG
 
-    if run.kind != "sam3 concept":
-        pytest.skip("exemplars need a detector with visual prompts; this run's Grounding DINO answers 400 "
-                    "(tests/test_service.py)")
     project = run.client.projects.create(title="e2e exemplars", label_config=EXEMPLAR_CONFIG)
     run.client.projects.import_tasks(project.id, request=[{"image": data_url(png_bytes(pattern(120, 160, seed=9)))}])
     [task] = run.client.tasks.list(project=project.id)
@@ -184,6 +181,11 @@ def test_exemplar_boxes_from_the_labeling_ui(run):
              for region_id, x, labels in (("aB3xY9kQ", 10.0, ["cats"]), ("k9Lm2Pq1", 55.0, ["cats", "NOT"]))]
     response = run.client.ml.with_raw_response.predict_interactive(ml.id, task=task.id, context={"result": drawn})
     body = response.response.json()
+    if run.kind != "sam3 concept":  # Grounding DINO takes no exemplars. Label Studio 1.23 passes on the status
+        # only, not the body that names the settings (tests/test_service.py reads that body)
+        assert "400" in " ".join(body.get("errors", [])), body
+        assert not run.client.predictions.list(task=task.id)
+        return
     assert "errors" not in body, body
     regions = body["data"]["result"]
     assert regions and {r["value"][r["type"]][0] for r in regions} == {"cats"}
