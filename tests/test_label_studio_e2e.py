@@ -106,7 +106,7 @@ def run(request, label_studio, tiny_models, image_server, tmp_path_factory):
     ml = client.ml.create(project=project.id, url=service.url, is_interactive=True,
                           title=f"grounded-serve {request.param}", **auth)
     yield SimpleNamespace(kind=request.param, credential=MODES[request.param], key=key, client=client,
-                          project=project, ml=ml, sizes=sizes,
+                          project=project, ml=ml, ml_auth=auth, sizes=sizes,
                           service=service, label_studio=label_studio)
     service.stop()
 
@@ -174,7 +174,8 @@ def test_exemplar_boxes_from_the_labeling_ui(run):
     project = run.client.projects.create(title="e2e exemplars", label_config=EXEMPLAR_CONFIG)
     run.client.projects.import_tasks(project.id, request=[{"image": data_url(png_bytes(pattern(120, 160, seed=9)))}])
     [task] = run.client.tasks.list(project=project.id)
-    ml = run.client.ml.create(project=project.id, url=run.service.url, is_interactive=True, title="exemplars")
+    ml = run.client.ml.create(project=project.id, url=run.service.url, is_interactive=True, title="exemplars",
+                              **run.ml_auth)
     drawn = [{"original_width": 160, "original_height": 120, "image_rotation": 0, "id": region_id,
               "from_name": "exemplar", "to_name": "image", "type": "rectanglelabels", "origin": "manual",
               "value": {"x": x, "y": 20.0, "width": 25.0, "height": 40.0, "rotation": 0, "rectanglelabels": labels}}
