@@ -24,7 +24,7 @@ import numpy as np
 
 from benchmarks.harness import machine
 from serve_app.tiny_models.sam3 import make_tiny_sam3_video
-from tests.configs import EXEMPLAR_CONFIG
+from tests.configs import EXEMPLAR_CONFIG, drawn_box
 from tests.imaging import data_url, pattern, png_bytes
 from tests.serve_process import ServeProcess
 
@@ -38,9 +38,8 @@ def body(image: str, *, exemplars: bool) -> dict:
     sent["tasks"][0]["data"]["image"] = image
     sent["label_config"] = EXEMPLAR_CONFIG
     if exemplars:
-        result = [{"id": region_id, "from_name": "exemplar", "to_name": "image", "type": "rectanglelabels",
-                   "origin": "manual", "value": {"x": x, "y": 20.0, "width": 25.0, "height": 40.0, "rotation": 0,
-                                                "rectanglelabels": labels}} for region_id, x, labels in EXEMPLARS]
+        result = [drawn_box(region_id, x, 20.0, 25.0, 40.0, labels, image_size=(640, 480))
+                  for region_id, x, labels in EXEMPLARS]
     else:
         result = [{"id": "p1", "from_name": "prompt", "to_name": "image", "type": "textarea", "origin": "manual",
                    "value": {"text": ["cats"]}}]

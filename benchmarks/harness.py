@@ -226,13 +226,17 @@ def service_processes(service: ServeProcess):
             continue
 
 
+def replica_name(cmdline: list[str], other: str = "other processes") -> str:
+    """The Serve deployment a process is a replica of (its process title), or `other`."""
+    title = " ".join(cmdline).split(" ")[0]
+    return title.split(":")[-1] if title.startswith("ray::ServeReplica") else other
+
+
 def replica_rss_mb(service: ServeProcess) -> dict[str, int]:
     """RSS per Serve replica and for everything else the service started, in MB."""
     rss: dict[str, int] = {}
     for cmdline, mb in service_processes(service):
-        title = " ".join(cmdline).split(" ")[0]
-        name = title if title.startswith("ray::ServeReplica") else "other processes"
-        name = name.replace("ray::ServeReplica:grounded-serve:", "")
+        name = replica_name(cmdline)
         rss[name] = rss.get(name, 0) + round(mb)
     return rss
 

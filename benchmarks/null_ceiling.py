@@ -19,8 +19,8 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.harness import ImageServer, distinct_images, machine, retrieve_body, run_load, session_processes, \
-    start_service
+from benchmarks.harness import ImageServer, distinct_images, machine, replica_name, retrieve_body, run_load, \
+    session_processes, start_service
 from serve_app.tiny_models.null import make_null_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,14 +36,10 @@ def cpu_by_process(service) -> dict[str, float]:
             used = times.user + times.system
         except (AttributeError, TypeError, psutil.Error):
             continue
-        if title.startswith("ray::ServeReplica"):
-            name = title.split(":")[-1]
-        elif title.startswith("ray::ProxyActor") or "ProxyActor" in title:
-            name = "proxy"
-        elif title.startswith("ray::ServeController"):
-            name = "controller"
-        else:
-            name = "ray and serve run (raylet, gcs, dashboard, driver, workers)"
+        name = replica_name(proc.info["cmdline"] or ["?"], other="")
+        if not name:
+            name = {"ray::ProxyActor": "proxy", "ray::ServeController": "controller"}.get(
+                title.split(".")[0], "ray and serve run (raylet, gcs, dashboard, driver, workers)")
         seconds[name] = seconds.get(name, 0.0) + used
     return seconds
 

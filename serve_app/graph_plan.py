@@ -58,8 +58,8 @@ class GraphPlan:
 
 
 def plan_graph(settings: Settings, model_type_of: Callable[[str], str | None] = model_type_or_none) -> GraphPlan:
-    pipeline = choose_pipeline(settings, model_type_of)
-    found = _detector_family(settings, model_type_of)
+    found = _detector_family(settings, model_type_of)  # config.json read once for the whole plan
+    pipeline = _pipeline_for(settings, found)
     concept = pipeline == "concept"
     # SAM 3 keeps image features for clicks and exemplars, OWLv2 for exemplars after a prompt on the same image
     caches = concept or bool(found and found.exemplars)
@@ -86,7 +86,10 @@ def _detector_family(settings: Settings, model_type_of: Callable[[str], str | No
 
 
 def choose_pipeline(settings: Settings, model_type_of: Callable[[str], str | None] = model_type_or_none) -> str:
-    found = _detector_family(settings, model_type_of)
+    return _pipeline_for(settings, _detector_family(settings, model_type_of))
+
+
+def _pipeline_for(settings: Settings, found: catalog.Family | None) -> str:
     concept_model = found is not None and catalog.CONCEPT in found.roles
     chosen = settings.pipeline
     if chosen == "auto":

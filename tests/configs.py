@@ -46,3 +46,12 @@ EXEMPLAR_CONFIG = """<View>
   <RectangleLabels name="label" toName="image"><Label value="cats"/><Label value="house"/></RectangleLabels>
   <BrushLabels name="mask" toName="image"><Label value="cats"/><Label value="house"/></BrushLabels>
 </View>"""
+
+
+def drawn_box(region_id: str, x: float, y: float, width: float, height: float, labels: list[str], *,
+              control: str = "exemplar", image_size: tuple[int, int] = (64, 48)) -> dict:
+    """A box drawn with a RectangleLabels control, as Label Studio 1.23's editor puts it in params.context.result
+    (percent of the image; `image_size` is the original width and height)."""
+    return {"original_width": image_size[0], "original_height": image_size[1], "image_rotation": 0,
+            "value": {"x": x, "y": y, "width": width, "height": height, "rotation": 0, "rectanglelabels": labels},
+            "id": region_id, "from_name": control, "to_name": "image", "type": "rectanglelabels", "origin": "manual"}

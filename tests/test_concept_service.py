@@ -74,16 +74,14 @@ def test_a_click_to_a_checkpoint_without_the_tracker_is_a_clear_task_error(detec
 def exemplar_body(image_url: str) -> dict:
     """An interactive /predict as Label Studio 1.23's editor sends it for two boxes drawn with the exemplar
     control: one "cats", one "cats" with NOT selected (docs/interactive.md)."""
-    from tests.configs import EXEMPLAR_CONFIG
+    from tests.configs import EXEMPLAR_CONFIG, drawn_box
 
     body = copy.deepcopy(load_ls_fixture("predict_interactive.json")["body"])
     body["tasks"][0]["data"]["image"] = image_url
     body["label_config"] = EXEMPLAR_CONFIG
-    body["params"]["context"]["result"] = [
-        {"original_width": 320, "original_height": 240, "image_rotation": 0, "id": region_id, "from_name": "exemplar",
-         "to_name": "image", "type": "rectanglelabels", "origin": "manual",
-         "value": {"x": x, "y": 10, "width": 25, "height": 40, "rotation": 0, "rectanglelabels": labels}}
-        for region_id, x, labels in (("ex1", 10, ["cats"]), ("ex2", 60, ["cats", "NOT"]))]
+    body["params"]["context"]["result"] = [drawn_box(region_id, x, 10, 25, 40, labels, image_size=(320, 240))
+                                           for region_id, x, labels in (("ex1", 10, ["cats"]),
+                                                                        ("ex2", 60, ["cats", "NOT"]))]
     return body
 
 

@@ -16,7 +16,7 @@ from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy, decode_ima
 from serve_app.ingress.pipeline import LabellingPipeline, in_thread
 from serve_app.models.messages import DetectionRequest
 from serve_app.settings import Settings
-from tests.configs import EXEMPLAR_CONFIG, SEED_CONFIG
+from tests.configs import EXEMPLAR_CONFIG, SEED_CONFIG, drawn_box
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +36,7 @@ def pipeline(concept, exemplars=True, **env) -> LabellingPipeline:
 
 
 def box(x, y, w, h, *labels, control="exemplar", region_id=None):
-    return {"original_width": 64, "original_height": 48, "image_rotation": 0,
-            "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0, "rectanglelabels": list(labels)},
-            "id": region_id or f"r{x}{y}{w}{h}{control}", "from_name": control, "to_name": "image",
-            "type": "rectanglelabels", "origin": "manual"}
+    return drawn_box(region_id or f"r{x}{y}{w}{h}{control}", x, y, w, h, list(labels), control=control)
 
 
 def body(url: str, *results, config=EXEMPLAR_CONFIG) -> dict:

@@ -169,16 +169,14 @@ def test_interactive_prompt_from_the_labeling_ui(run):
 def test_exemplar_boxes_from_the_labeling_ui(run):
     """Two boxes drawn with the exemplar control (one "cats", one "cats" + NOT), as the editor sends them through
     Label Studio's interactive endpoint, on a project whose config has both RectangleLabels."""
-    from tests.configs import EXEMPLAR_CONFIG
+    from tests.configs import EXEMPLAR_CONFIG, drawn_box
 
     project = run.client.projects.create(title="e2e exemplars", label_config=EXEMPLAR_CONFIG)
     run.client.projects.import_tasks(project.id, request=[{"image": data_url(png_bytes(pattern(120, 160, seed=9)))}])
     [task] = run.client.tasks.list(project=project.id)
     ml = run.client.ml.create(project=project.id, url=run.service.url, is_interactive=True, title="exemplars",
                               **run.ml_auth)
-    drawn = [{"original_width": 160, "original_height": 120, "image_rotation": 0, "id": region_id,
-              "from_name": "exemplar", "to_name": "image", "type": "rectanglelabels", "origin": "manual",
-              "value": {"x": x, "y": 20.0, "width": 25.0, "height": 40.0, "rotation": 0, "rectanglelabels": labels}}
+    drawn = [drawn_box(region_id, x, 20.0, 25.0, 40.0, labels, image_size=(160, 120))
              for region_id, x, labels in (("aB3xY9kQ", 10.0, ["cats"]), ("k9Lm2Pq1", 55.0, ["cats", "NOT"]))]
     response = run.client.ml.with_raw_response.predict_interactive(ml.id, task=task.id, context={"result": drawn})
     body = response.response.json()

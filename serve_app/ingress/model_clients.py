@@ -7,6 +7,7 @@ Detector (SAM 3) answers clicks too, so a lost click is retried there and judged
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any, Callable
 
@@ -75,15 +76,27 @@ class ModelClient:
         gets a 503; while one is, the retry is work queued or running there, and only the task's own timeout
         (TASK_TIMEOUT_S) bounds it: a busy CPU replica can take minutes, and cutting it would waste that work."""
         try:
-            return await self._method.remote(request)
+            with self._answers():
+                return await self._method.remote(request)
+        except _LOST as exc:
+            self._on_replica_failure(self.deployment)
+            logger.warning("%s replica failed (%s); retrying once", self.deployment, exc.__class__.__name__)
+        try:
+            with self._answers():
+                return await self._retry(request)
+        except _LOST as exc:
+            raise ServiceUnavailable(f"the {self.deployment} deployment failed twice: {exc.__class__.__name__}") \
+                from None
+
+    @contextlib.contextmanager
+    def _answers(self):
+        """A model's refusal as the caller's 400, and an overloaded deployment as a 503."""
+        try:
+            yield
         except PromptUnsupported as exc:  # Ray re-raises the replica's exception as a subclass of it
             raise BadRequest(str(getattr(exc, "cause", exc))) from None
         except BackPressureError as exc:
             raise ServiceUnavailable(f"the {self.deployment} deployment is overloaded ({exc})") from None
-        except _LOST as exc:
-            self._on_replica_failure(self.deployment)
-            logger.warning("%s replica failed (%s); retrying once", self.deployment, exc.__class__.__name__)
-        return await self._retry(request)
 
     async def _retry(self, request):
         name = self.deployment
@@ -102,12 +115,6 @@ class ModelClient:
                         f"the {name} deployment lost a replica and none was running "
                         f"{self._retry_timeout_s:g} s later (REPLICA_RETRY_TIMEOUT_S)") from None
             return retry.result()
-        except PromptUnsupported as exc:
-            raise BadRequest(str(getattr(exc, "cause", exc))) from None
-        except BackPressureError as exc:
-            raise ServiceUnavailable(f"the {name} deployment is overloaded ({exc})") from None
-        except _LOST as exc:
-            raise ServiceUnavailable(f"the {name} deployment failed twice: {exc.__class__.__name__}") from None
         finally:
             if not retry.done():  # a 503, or this task was cancelled: the replica must not go on with it
                 retry.cancel()
