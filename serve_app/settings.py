@@ -158,6 +158,25 @@ class JobSettings:
 
 
 @dataclass(frozen=True)
+class VideoSettings:
+    """Video tasks (docs/video.md): how densely they are tracked and what one video may cost."""
+
+    # VIDEO_TRACK_FPS: frames of each video second the detector searches (0: auto, 10 on GPU and 2 on CPU); never
+    # more than the editor's <Video framerate>
+    video_track_fps: float = 0.0
+    max_video_seconds: float = 3_600.0  # MAX_VIDEO_SECONDS: longer videos are refused (413) before decoding
+    max_video_pixels: int = 3840 * 2160  # MAX_VIDEO_PIXELS: width x height of a frame (4K; 8K is refused)
+    max_video_frames: int = 250_000  # MAX_VIDEO_FRAMES: frames decoded from one video, whatever its header says
+    max_video_bytes: int = 2 << 30  # MAX_VIDEO_BYTES: one video file, streamed to disk, never whole in memory
+    video_download_timeout_s: float = 600.0  # VIDEO_DOWNLOAD_TIMEOUT_S: a whole video download
+    video_task_timeout_s: float = 3_600.0  # VIDEO_TASK_TIMEOUT_S: one video task end to end (TASK_TIMEOUT_S's role)
+    video_frames_in_flight: int = 8  # VIDEO_FRAMES_IN_FLIGHT: a video's frames at the detector at once (memory)
+    # VIDEO_KEYFRAME_TOLERANCE: percent of the frame a track may depart from the editor's interpolation between
+    # two keyframes before another keyframe is emitted
+    video_keyframe_tolerance: float = 0.5
+
+
+@dataclass(frozen=True)
 class PerformanceSettings:
     """Resources and tuning: set here rather than in ray_actor_options, so one config runs on CPU-only and GPU
     clusters."""
@@ -176,17 +195,21 @@ class PerformanceSettings:
 
 
 @dataclass(frozen=True)
-class Settings(ModelSettings, LabelStudioSettings, LimitSettings, JobSettings, PerformanceSettings):
+class Settings(ModelSettings, LabelStudioSettings, LimitSettings, JobSettings, VideoSettings, PerformanceSettings):
     """Every setting, grouped by concern; the environment names are the fields' names in capitals."""
 
     def with_defaults_for(self, *, gpus: bool) -> "Settings":
         """Settings whose `auto` values are decided for the cluster the app is built on."""
-        if self.background_task_concurrency:
-            return self
-        # On CPU the models and the ingress share a few cores with the editor's clicks: measured on 2 cores,
-        # 2 background tasks kept clicks at p50 0.24 s (8: 0.83 s) for 20 % less job throughput. A GPU batches
-        # them, and a click waits for one short GPU batch at most.
-        return replace(self, background_task_concurrency=16 if gpus else 2)
+        decided: dict[str, Any] = {}
+        if not self.background_task_concurrency:
+            # On CPU the models and the ingress share a few cores with the editor's clicks: measured on 2 cores,
+            # 2 background tasks kept clicks at p50 0.24 s (8: 0.83 s) for 20 % less job throughput. A GPU batches
+            # them, and a click waits for one short GPU batch at most.
+            decided["background_task_concurrency"] = 16 if gpus else 2
+        if not self.video_track_fps:
+            # a full-size detector takes about a second a frame on a CPU core and tens of ms batched on a GPU
+            decided["video_track_fps"] = 10.0 if gpus else 2.0
+        return replace(self, **decided) if decided else self
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -228,6 +251,10 @@ class Settings(ModelSettings, LabelStudioSettings, LimitSettings, JobSettings, P
                 unit_interval(getattr(self, name), name.upper())
             except ValueError as exc:
                 raise SettingsError(str(exc)) from None
+        if not 0 <= self.video_track_fps <= 1_000:
+            raise SettingsError(f"VIDEO_TRACK_FPS must be 0 (auto) to 1000, got {self.video_track_fps}")
+        if not 0 <= self.video_keyframe_tolerance <= 100:
+            raise SettingsError(f"VIDEO_KEYFRAME_TOLERANCE must be 0 to 100 (percent), got {self.video_keyframe_tolerance}")
         if self.background_task_concurrency < 0:
             raise SettingsError("BACKGROUND_TASK_CONCURRENCY must be 0 (auto) or a positive integer")
         for name in ("max_tasks_per_request", "task_concurrency", "max_background_tasks", "max_queued_bytes",
@@ -235,7 +262,8 @@ class Settings(ModelSettings, LabelStudioSettings, LimitSettings, JobSettings, P
                      "write_batch_bytes",
                      "ingress_cpu_threads", "max_detections",
                      "max_prompt_chars", "max_phrases", "max_exemplars", "max_context_items", "max_request_bytes", "max_image_pixels", "ingress_image_memory_bytes",
-                     "max_download_bytes"):
+                     "max_download_bytes", "max_video_pixels", "max_video_frames", "max_video_bytes",
+                     "video_frames_in_flight"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be a positive integer, got {getattr(self, name)}")
         if self.cpu_replicas_per_node < 0:
@@ -246,7 +274,8 @@ class Settings(ModelSettings, LabelStudioSettings, LimitSettings, JobSettings, P
         if self.sam_embedding_cache_bytes < 0 or self.polygon_tolerance_px < 0:
             raise SettingsError("SAM_EMBEDDING_CACHE_BYTES and POLYGON_TOLERANCE_PX must not be negative")
         for name in ("download_timeout_s", "task_timeout_s", "replica_retry_timeout_s", "predict_deadline_s",
-                     "write_deadline_s", "write_batch_wait_s"):
+                     "write_deadline_s", "write_batch_wait_s", "max_video_seconds", "video_download_timeout_s",
+                     "video_task_timeout_s"):
             if not 0 < getattr(self, name) <= MAX_TIMEOUT_S:
                 raise SettingsError(f"{name.upper()} must be more than 0 and at most {MAX_TIMEOUT_S:g} s (a day), "
                                     f"got {getattr(self, name)}")

@@ -26,7 +26,7 @@ def test_predicted_values_thresholds_and_image_key():
 @pytest.mark.parametrize("xml, message", [
     ("<View><Image name='i' value='$i'/>", "not a valid labeling config"),
     ("", "label_config is missing or not a string"),
-    ("<View><RectangleLabels name='l' toName='i'><Label value='a'/></RectangleLabels></View>", "no <Image> tag"),
+    ("<View><RectangleLabels name='l' toName='i'><Label value='a'/></RectangleLabels></View>", "no <Image> or <Video> tag"),
     ("<View><Image name='i' value='$i'/><Choices name='c' toName='i'><Choice value='a'/></Choices></View>",
      "no <RectangleLabels>, <BrushLabels> or <PolygonLabels>"),
     ("<View><Image name='i' value='$i'/><RectangleLabels name='l' toName='i' model_score_threshold='2'>"

@@ -105,7 +105,7 @@ def test_setup_returns_a_stable_version_naming_the_models(client):
 def test_setup_refuses_a_config_it_cannot_serve(client):
     response = client.post("/setup", json={"schema": "<View><Text name='t' value='$t'/></View>"})
     assert response.status_code == 400
-    assert "no <Image> tag" in response.json()["error"]
+    assert "no <Image> or <Video> tag" in response.json()["error"]
 
 
 def test_batch_predict_one_result_per_task_in_order(client, image_server, local_detector):
@@ -319,3 +319,48 @@ def test_exemplar_boxes_to_a_detector_without_visual_prompts_are_a_clear_400(cli
     response = client.post("/predict", json=body)
     assert response.status_code == 400
     assert "DETECTOR_MODEL=facebook/sam3" in response.json()["error"]
+
+
+def test_video_tasks_get_one_track_per_object_as_the_pipeline_computes_them(client, image_dir, image_server,
+                                                                            local_detector):
+    """Two videos in one Retrieve: their sampled frames batch together in the Detector, and each video's tracks
+    equal the in-process pipeline's on the same frames (batching across videos changes nothing)."""
+    from serve_app.ingress.pipeline import LabellingPipeline, in_thread
+    from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
+    from serve_app.settings import Settings
+    from tests.test_video_tracks import CROSSING, VIDEO_CONFIG
+    from tests.videos import Square, encode
+
+    videos = {"cross.mp4": encode(CROSSING, seconds=3), "one.mp4": encode([Square("blue", 50, (0, 0), (40, 30))],
+                                                                          seconds=3)}
+    for name, data in videos.items():
+        (image_dir / name).write_bytes(data)
+    tasks = [{"id": 900 + i, "data": {"video": f"{image_server}/{name}"}} for i, name in enumerate(videos)]
+    tasks.append({"id": 999, "data": {"video": f"{image_server}/img0.png"}})  # an image is not a video
+    body = {"tasks": tasks, "label_config": VIDEO_CONFIG, "project": "7.1"}
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    assert [e["task"] for e in payload["task_errors"]] == [999]
+    assert "video" in payload["task_errors"][0]["error"]
+
+    settings = Settings.load(env={"DEVICE": "cpu", "VIDEO_TRACK_FPS": "2"})  # the service's CPU default
+    local = LabellingPipeline(settings=settings, model_version="v", detect=in_thread(local_detector.detect),
+                              segment=None, fetcher=ImageFetcher(ImageSourcePolicy(
+                                  max_bytes=10**8, timeout_s=5, max_pixels=10**8,
+                                  host_allowlist=frozenset({"127.0.0.1"}))))
+    expected = asyncio.run(local.predict({**body, "tasks": tasks[:2]}))["results"]
+    interface = LabelInterface(VIDEO_CONFIG)
+    for served, computed in zip(payload["results"][:2], expected):
+        assert served["result"] and interface.validate_prediction(served) is True
+        assert served["model_version"] == payload["model_version"]
+
+        def tracks(prediction):
+            return sorted((r["value"]["labels"][0], [(k["frame"], k["enabled"], k["x"], k["y"], k["width"],
+                                                      k["height"]) for k in r["value"]["sequence"]])
+                          for r in prediction["result"])
+
+        for (label, got), (label_expected, want) in zip(tracks(served), tracks(computed), strict=True):
+            assert label == label_expected and len(got) == len(want)
+            for a, b in zip(got, want):
+                assert a[:2] == b[:2] and a[2:] == pytest.approx(b[2:], abs=1e-3)

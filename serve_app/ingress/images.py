@@ -57,6 +57,20 @@ class ImageSourcePolicy:
     host_allowlist: frozenset[str] = frozenset()  # host names or host:port allowed even if private
 
 
+@dataclass(frozen=True)
+class DownloadLimit:
+    """What one download may cost: bytes, and seconds from connect to the last byte."""
+
+    max_bytes: int
+    timeout_s: float
+    noun: str = "image"
+    bytes_setting: str = "MAX_DOWNLOAD_BYTES"
+    timeout_setting: str = "DOWNLOAD_TIMEOUT_S"
+
+    def too_big(self, size: int) -> str:
+        return f"{self.noun} is larger than {self.max_bytes} bytes ({size}+; {self.bytes_setting})"
+
+
 @dataclass
 class LoadedImage:
     pixels: np.ndarray  # H x W x 3 uint8 RGB, EXIF orientation applied
@@ -130,20 +144,43 @@ class ImageFetcher:
         return candidate
 
     async def fetch(self, url: str) -> bytes:
-        if url.startswith("data:"):
-            return self._decode_data_url(url)
+        chunks: list[bytes] = []
+        await self._fetch_into(url, chunks.append, self._image_limit)
+        return b"".join(chunks)
+
+    async def fetch_file(self, url: str, directory: Path, limit: DownloadLimit) -> Path:
+        """A large file (a video) streamed to disk under `directory`, never whole in memory; a local file in the
+        document root is used where it is."""
         if url.startswith("file://"):
-            return await asyncio.to_thread(self._read_local, Path(unquote_to_bytes(urlsplit(url).path).decode()))
+            path = Path(unquote_to_bytes(urlsplit(url).path).decode())
+            await asyncio.to_thread(self._check_local, path, limit)
+            return path
+        target = directory / "download"
+        with target.open("wb") as sink:
+            await self._fetch_into(url, sink.write, limit)
+        return target
+
+    async def _fetch_into(self, url: str, write, limit: DownloadLimit) -> None:
+        if url.startswith("data:"):
+            write(self._decode_data_url(url, limit))
+            return
+        if url.startswith("file://"):
+            write(await asyncio.to_thread(self._read_local, Path(unquote_to_bytes(urlsplit(url).path).decode())))
+            return
         try:
-            return await asyncio.wait_for(self._download(url), timeout=self.policy.timeout_s)
+            await asyncio.wait_for(self._download(url, write, limit), timeout=limit.timeout_s)
         except asyncio.TimeoutError:
-            raise ImageError(f"downloading {shown_url(url)!r} took longer than {self.policy.timeout_s:g} s "
-                             "(DOWNLOAD_TIMEOUT_S)", status_code=504) from None
+            raise ImageError(f"downloading {shown_url(url)!r} took longer than {limit.timeout_s:g} s "
+                             f"({limit.timeout_setting})", status_code=504) from None
         except httpx.HTTPError as exc:
             raise ImageError(f"cannot download {shown_url(url)!r}: {exc.__class__.__name__}: {redact_urls(str(exc))}",
                              status_code=502) from None
 
-    async def _download(self, url: str) -> bytes:
+    @property
+    def _image_limit(self) -> DownloadLimit:
+        return DownloadLimit(self.policy.max_bytes, self.policy.timeout_s)
+
+    async def _download(self, url: str, write, limit: DownloadLimit) -> None:
         refreshed = False
         redirects = 0
         while redirects <= MAX_REDIRECTS:
@@ -179,28 +216,41 @@ class ImageFetcher:
                     raise ImageError(f"image URL answered HTTP {response.status_code}: {shown_url(url)!r}",
                                      status_code=502 if response.status_code >= 500 else 422)
                 declared = response.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > self.policy.max_bytes:
-                    raise ImageError(self._too_big(int(declared)), status_code=413)
-                chunks, size = [], 0
+                if declared and declared.isdigit() and int(declared) > limit.max_bytes:
+                    raise ImageError(limit.too_big(int(declared)), status_code=413)
+                size = 0
                 async for chunk in response.aiter_bytes():
                     size += len(chunk)
-                    if size > self.policy.max_bytes:
-                        raise ImageError(self._too_big(size), status_code=413)
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                    if size > limit.max_bytes:
+                        raise ImageError(limit.too_big(size), status_code=413)
+                    write(chunk)
+                return
         raise ImageError(f"more than {MAX_REDIRECTS} redirects for {shown_url(url)!r}")
 
     def _too_big(self, size: int) -> str:
-        return f"image is larger than {self.policy.max_bytes} bytes ({size}+; MAX_DOWNLOAD_BYTES)"
+        return self._image_limit.too_big(size)
 
-    def _read_local(self, path: Path) -> bytes:
+    def _check_local(self, path: Path, limit: DownloadLimit) -> int:
         # only paths that resolve() put inside the document root get a file:// URL
         if not self.policy.document_root or not path.is_relative_to(Path(self.policy.document_root).resolve()):
             raise ImageError("local files are read only inside LOCAL_FILES_DOCUMENT_ROOT", status_code=403)
         try:
+            if path.is_dir():
+                raise IsADirectoryError(path.name)
             size = path.stat().st_size
-            if size > self.policy.max_bytes:
-                raise ImageError(self._too_big(size), status_code=413)
+        except FileNotFoundError:
+            raise ImageError(f"no such file in the document root: {path.name!r}", status_code=404) from None
+        except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+            raise ImageError(f"cannot read {path.name!r}: {exc.__class__.__name__}", status_code=403) from None
+        except (OSError, ValueError) as exc:
+            raise ImageError(f"cannot read {path.name!r}: {exc.__class__.__name__}") from None
+        if size > limit.max_bytes:
+            raise ImageError(limit.too_big(size), status_code=413)
+        return size
+
+    def _read_local(self, path: Path) -> bytes:
+        self._check_local(path, self._image_limit)
+        try:
             return path.read_bytes()
         except FileNotFoundError:
             raise ImageError(f"no such file in the document root: {path.name!r}", status_code=404) from None
@@ -209,13 +259,14 @@ class ImageFetcher:
         except (OSError, ValueError) as exc:
             raise ImageError(f"cannot read {path.name!r}: {exc.__class__.__name__}") from None
 
-    def _decode_data_url(self, url: str) -> bytes:
+    def _decode_data_url(self, url: str, limit: DownloadLimit | None = None) -> bytes:
+        limit = limit or self._image_limit
         header, sep, payload = url.partition(",")
         if not sep:
             raise ImageError("malformed data URL: no ',' separator")
         # base64 inflates by 4/3: refuse before decoding anything large
-        if len(payload) > self.policy.max_bytes * 4 // 3 + 4:
-            raise ImageError(self._too_big(len(payload) * 3 // 4), status_code=413)
+        if len(payload) > limit.max_bytes * 4 // 3 + 4:
+            raise ImageError(limit.too_big(len(payload) * 3 // 4), status_code=413)
         if header.endswith(";base64"):
             try:
                 return base64.b64decode(payload, validate=False)

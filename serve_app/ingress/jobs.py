@@ -61,6 +61,7 @@ from serve_app.ingress.pipeline import (
     echoable_id,
     response_for,
 )
+from serve_app.ingress.video_tasks import VIDEO_PROGRESS, VideoProgress
 from serve_app.label_studio.prediction_writer import PredictionWriter
 from serve_app.models.messages import Priority
 from serve_app.redaction import redact_urls
@@ -103,6 +104,7 @@ class Job:
     background_since: float | None = None
     finished_at: float | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # nothing queued or running
+    frames: dict[int, VideoProgress] = field(default_factory=dict)  # video tasks' frames, by task index
 
     @property
     def priority(self) -> int:
@@ -119,6 +121,11 @@ class Job:
                 "cancelled": s[TaskState.CANCELLED], "pending": s.pending, "queued": s[TaskState.QUEUED],
                 "running": s[TaskState.RUNNING], "held": s[TaskState.HELD], "writing": s[TaskState.WRITING]}
 
+    def frame_counts(self) -> dict[str, int]:
+        """Sampled frames of the job's video tasks searched so far, and in all (from the videos' durations)."""
+        return {"done": sum(p.frames_done for p in self.frames.values()),
+                "total": sum(p.frames_total for p in self.frames.values())}
+
     def summary(self) -> dict[str, Any]:
         now = time.monotonic()
         stored = self.states[TaskState.STORED]
@@ -133,6 +140,7 @@ class Job:
             "tasks": self.counts(),
             "rate_per_s": round(rate, 3) if rate else None,
             "eta_s": round(pending / rate, 1) if rate and pending else (0.0 if not pending else None),
+            **({"frames": self.frame_counts()} if self.frames else {}),
             **({"stopped_because": self.stop_reason} if self.stop_reason else {}),
             "failure_kinds": dict(self.failures.kinds),
             "failed_tasks": list(self.failures.shown),
@@ -209,7 +217,7 @@ class JobBoard:
                   writer=writer, states=TaskStates(parent=self.states))
         outcomes: list[TaskOutcome | None] = [None] * len(request.tasks)
         in_flight, over_count, over_bytes = collections.Counter(), 0, 0
-        image_key = request.config.image_key
+        kept_keys = request.config.task_data_keys
         candidates = []
         for index, task in enumerate(request.tasks):
             task_id = echoable_id(task.get("id") if isinstance(task, dict) else None)
@@ -218,7 +226,7 @@ class JobBoard:
             if isinstance(task, dict):
                 data = task.get("data")
                 kept = {"id": task.get("id"),
-                        "data": {image_key: data.get(image_key)} if isinstance(data, dict) else data}
+                        "data": {k: data.get(k) for k in kept_keys} if isinstance(data, dict) else data}
             candidates.append((index, task_id, kept))
         keys = list(dict.fromkeys((instance, project, task_id) for _, task_id, _ in candidates if task_id is not None))
         try:
@@ -340,6 +348,7 @@ class JobBoard:
 
     async def _run(self, job: Job, task: JobTask) -> None:
         TASK_PRIORITY.set(job.priority)  # this asyncio task's own context
+        VIDEO_PROGRESS.set(functools.partial(job.frames.__setitem__, task.index))
         try:
             try:
                 outcome = await self.pipeline.label_task_outcome(job.request, task.task)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 from serve_app.ingress.errors import BadRequest
@@ -12,6 +13,10 @@ BOX_CONTROL = "RectangleLabels"
 MASK_CONTROL = "BrushLabels"
 POLYGON_CONTROL = "PolygonLabels"
 CLICK_CONTROL = "KeyPointLabels"
+VIDEO_BOX_CONTROL = "VideoRectangle"  # box tracks on a <Video>; their labels come from a <Labels> tag
+# What the editor assumes without a framerate attribute on <Video> (web/libs/editor, tags/object/Video)
+DEFAULT_VIDEO_FRAMERATE = 24.0
+MAX_VIDEO_FRAMERATE = 1_000.0
 THRESHOLD_NUMBERS = ("box_threshold", "text_threshold", "exemplar_threshold")
 EXEMPLAR_CONTROL = "exemplar"  # EXEMPLAR_CONTROL: the RectangleLabels whose boxes are exemplars, not regions
 # A label of the exemplar control that makes a box a negative exemplar ("not this"), selected beside the class
@@ -29,6 +34,20 @@ class LabelControl:
 
 
 @dataclass(frozen=True)
+class VideoControls:
+    """A video project: `<Video>` with `<VideoRectangle>` tracks labelled by a `<Labels>` tag."""
+
+    framerate: float  # the <Video framerate> the editor numbers frames by, for every video of the project
+    framerate_key: str = ""  # framerate="$fps": each task's data names its own rate (framerate is the fallback)
+
+    def framerate_of(self, data: dict) -> float:
+        """The rate the editor uses for this task, as it reads the attribute (web/libs/editor, Video.js)."""
+        if not self.framerate_key:
+            return self.framerate
+        return framerate_value(data.get(self.framerate_key), self.framerate_key)
+
+
+@dataclass(frozen=True)
 class ProjectConfig:
     image_name: str  # the Image tag's name, results point at it with to_name
     image_key: str  # the task data key the Image tag reads ($image -> image)
@@ -41,6 +60,14 @@ class ProjectConfig:
     # lower-cased label value or predicted value -> canonical label value
     aliases: dict[str, str] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)  # from Number tags' defaultValue
+    # set for a <Video> project: image_name and image_key are then the Video tag's, `boxes` the VideoRectangle
+    video: VideoControls | None = None
+
+    @property
+    def task_data_keys(self) -> tuple[str, ...]:
+        """The keys of a task's data the service reads (what a queued task keeps)."""
+        rate_key = self.video.framerate_key if self.video else ""
+        return (self.image_key, rate_key) if rate_key else (self.image_key,)
 
     @property
     def mask_outputs(self) -> tuple[LabelControl, ...]:
@@ -97,7 +124,9 @@ def _parse_label_config(xml: str, exemplar_control: str) -> ProjectConfig:
 
     images = [o for o in interface.objects if o.tag == "Image"]
     if not images:
-        raise BadRequest("label_config has no <Image> tag")
+        if any(o.tag == "Video" for o in interface.objects):
+            return _video_config(interface)
+        raise BadRequest("label_config has no <Image> or <Video> tag")
 
     def first(kind: str):  # the exemplar control's boxes are prompts, never where results go
         return next((c for c in interface.controls if c.tag == kind and c.name != exemplar_control), None)
@@ -128,13 +157,6 @@ def _parse_label_config(xml: str, exemplar_control: str) -> ProjectConfig:
                 if alias.strip():
                     aliases.setdefault(alias.strip().lower(), value)
 
-    thresholds = {}
-    for control in interface.controls:
-        if control.tag == "Number" and control.name in THRESHOLD_NUMBERS:
-            value = _float_attr(control.attr.get("defaultValue"), f"<Number name={control.name!r}> defaultValue")
-            if value is not None:
-                thresholds[control.name] = value
-
     prompt = first("TextArea")
     return ProjectConfig(
         image_name=image.name,
@@ -145,5 +167,74 @@ def _parse_label_config(xml: str, exemplar_control: str) -> ProjectConfig:
         prompt_name=prompt.name if prompt else None,
         exemplar_name=exemplar.name if exemplar is not None else None,
         aliases=aliases,
-        thresholds=thresholds,
+        thresholds=_thresholds(interface),
     )
+
+
+def _thresholds(interface) -> dict[str, float]:
+    thresholds = {}
+    for control in interface.controls:
+        if control.tag == "Number" and control.name in THRESHOLD_NUMBERS:
+            value = _float_attr(control.attr.get("defaultValue"), f"<Number name={control.name!r}> defaultValue")
+            if value is not None:
+                thresholds[control.name] = value
+    return thresholds
+
+
+def _video_config(interface) -> ProjectConfig:
+    """Label Studio's video object-tracking template: tracks go to the VideoRectangle, labels from <Labels>."""
+    box = next((c for c in interface.controls if c.tag == VIDEO_BOX_CONTROL), None)
+    if box is None:
+        raise BadRequest("label_config has a <Video> but no <VideoRectangle> tag: tracks are returned as video "
+                         "rectangles (Label Studio has no masks on video)")
+    video = next((o for o in interface.objects if o.tag == "Video" and o.name == box.to_name[0]), None)
+    if video is None:
+        raise BadRequest(f"the <VideoRectangle> {box.name!r} points at no <Video> tag")
+    key = str(video.value or "").lstrip("$")
+    if not key:
+        raise BadRequest(f"the <Video> tag {video.name!r} has no value=\"$key\"")
+    label_tags = [c for c in interface.controls if c.tag == "Labels" and video.name in c.to_name]
+    labels = tuple(dict.fromkeys(value for tag in label_tags for value in tag.labels))
+    if not labels:
+        raise BadRequest(f"label_config has no <Labels> with <Label> children for the <Video> {video.name!r}")
+    threshold = next((_float_attr(tag.attr.get("model_score_threshold"), f"model_score_threshold of {tag.name!r}")
+                      for tag in label_tags if tag.attr.get("model_score_threshold")), None)
+    aliases: dict[str, str] = {}
+    for tag in label_tags:
+        for value, label_tag in tag.labels_attrs.items():
+            aliases.setdefault(value.lower(), value)
+            for alias in (label_tag.attr.get("predicted_values") or "").split(","):
+                if alias.strip():
+                    aliases.setdefault(alias.strip().lower(), value)
+    prompt = next((c for c in interface.controls if c.tag == "TextArea"), None)
+    return ProjectConfig(
+        image_name=video.name, image_key=key,
+        boxes=LabelControl(name=box.name, to_name=video.name, tag=VIDEO_BOX_CONTROL, labels=labels,
+                           score_threshold=threshold),
+        masks=None, polygons=None, prompt_name=prompt.name if prompt else None, aliases=aliases,
+        thresholds=_thresholds(interface), video=_framerate(video))
+
+
+def _framerate(video) -> VideoControls:
+    raw = str(video.attr.get("framerate") or "").strip()
+    if raw.startswith("$"):
+        return VideoControls(framerate=DEFAULT_VIDEO_FRAMERATE, framerate_key=raw[1:])
+    return VideoControls(framerate=framerate_value(raw, "framerate"))
+
+
+def framerate_value(raw: object, what: str) -> float:
+    """The editor's reading: empty or not a number is 24; below 1 is taken as seconds per frame (1 / value)."""
+    if isinstance(raw, bool) or raw is None or (isinstance(raw, str) and not raw.strip()):
+        return DEFAULT_VIDEO_FRAMERATE
+    try:
+        rate = float(raw)
+    except (TypeError, ValueError, OverflowError):
+        return DEFAULT_VIDEO_FRAMERATE
+    if not math.isfinite(rate) or rate == 0:
+        return DEFAULT_VIDEO_FRAMERATE
+    if rate < 1:
+        rate = 1 / rate if rate > 0 else float("nan")
+    if not 0 < rate <= MAX_VIDEO_FRAMERATE:
+        raise BadRequest(f"the <Video> {what} {raw!r} is not a frame rate (more than 0, at most "
+                         f"{MAX_VIDEO_FRAMERATE:g})")
+    return rate

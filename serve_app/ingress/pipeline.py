@@ -28,6 +28,7 @@ from serve_app.ingress.label_config import ProjectConfig, parse_label_config
 from serve_app.ingress.memory import ByteBudget, task_bytes
 from serve_app.ingress.prompts import Prompt, parse_prompt, prompt_from_labels
 from serve_app.ingress.results import build_click_prediction, build_prediction, mask_encodings
+from serve_app.ingress.video_tasks import check_video_task, label_video
 from serve_app.models.messages import DetectionRequest, Detections, Masks, Priority, SegmentationRequest
 from serve_app.settings import Settings
 
@@ -185,7 +186,7 @@ class LabellingPipeline:
     async def label_task_outcome(self, request: LabellingRequest, task: Any) -> TaskOutcome:
         """The task's prediction, or NO_PREDICTION and why. Only ServiceUnavailable escapes."""
         task_id = echoable_id(_task_id(task))  # logs, like answers, never carry a 5,000-digit id or a surrogate
-        timeout_s = self.settings.task_timeout_s
+        timeout_s = self.settings.video_task_timeout_s if request.config.video else self.settings.task_timeout_s
         try:
             return TaskOutcome(await asyncio.wait_for(self.label_task(request, task), timeout=timeout_s))
         except BadRequest as exc:
@@ -194,7 +195,8 @@ class LabellingPipeline:
         except ServiceUnavailable:
             raise
         except asyncio.TimeoutError:
-            error = f"no result within {timeout_s:g} s (TASK_TIMEOUT_S)"
+            setting = "VIDEO_TASK_TIMEOUT_S" if request.config.video else "TASK_TIMEOUT_S"
+            error = f"no result within {timeout_s:g} s ({setting})"
             logger.error("task %s: %s", task_id, error)
         except Exception as exc:  # noqa: BLE001 - one broken task must not lose the others
             error = f"internal error: {exc.__class__.__name__}"
@@ -202,8 +204,10 @@ class LabellingPipeline:
         return TaskOutcome(list(NO_PREDICTION), error)
 
     async def label_task(self, request: LabellingRequest, task: Any) -> dict[str, Any]:
-        """One task's prediction: image -> detections -> masks -> Label Studio results."""
+        """One task's prediction: image -> detections -> masks -> Label Studio results (or a video's tracks)."""
         config, s = request.config, self.settings
+        if config.video:
+            return await label_video(self, request, task, check_video_task(task, config.image_key))
         data = await self._fetch(config, task, request.fetcher)
         width, height = await self.run_blocking(image_size, data, s.max_image_pixels)
         masks_at_most = 1 if request.regions else (s.max_detections if self._masks_wanted(config) else 0)

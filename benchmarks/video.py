@@ -1,0 +1,122 @@
+"""Video tasks: memory flat with length, and frames per second searched, through the labelling pipeline in-process.
+
+    python -m benchmarks.video [--short-s 60] [--long-s 600] [--full-size]
+
+Memory: the same 640x480 scene (tests/videos.py's moving squares) as a 1-minute and a 10-minute video, each
+labelled in a fresh process with the null detector (serve_app.models.null_models: instant, 20 boxes a frame), so
+what is measured is the service's own per-video memory: download to disk, streaming decode, frames in flight,
+tracks. Target: the 10-minute video's peak RSS within 10 % of the 1-minute one's.
+
+Speed: sampled frames per second end to end (decode, detect, link, keyframes) with the tiny random-weight
+Grounding DINO, and with --full-size the full-size Grounding DINO (Swin-T) architecture with random weights.
+Writes benchmarks/results/video-cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.harness import machine
+
+ROOT = Path(__file__).resolve().parents[1]
+WIDTH, HEIGHT = 640, 480
+
+
+def scene():
+    from tests.videos import Square
+
+    return [Square("red", 80, (20, 100), (50, 0)), Square("blue", 80, (540, 200), (-50, 10)),
+            Square("red", 60, (300, 380), (5, -30), shown=(1, 1e9))]
+
+
+def write_video(path: Path, seconds: float, fps: int = 25) -> Path:
+    from tests.videos import encode
+
+    path.write_bytes(encode(scene(), seconds=seconds, fps=fps, width=WIDTH, height=HEIGHT))
+    return path
+
+
+def label_once(video: Path, detector_dir: str, track_fps: float) -> dict:
+    """Runs in a fresh process: one video task through LabellingPipeline, with its peak RSS."""
+    from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
+    from serve_app.ingress.pipeline import LabellingPipeline, in_thread
+    from serve_app.models.loading import load
+    from serve_app.models.spec import ModelSpec
+    from serve_app.models.catalog import DETECTOR
+    from serve_app.settings import Settings
+    from tests.test_video_tracks import VIDEO_CONFIG
+
+    settings = Settings.load(env={"DEVICE": "cpu", "VIDEO_TRACK_FPS": str(track_fps),
+                                  "LOCAL_FILES_DOCUMENT_ROOT": str(video.parent)})
+    detector = load(ModelSpec(role=DETECTOR, checkpoint=detector_dir, setting="DETECTOR_MODEL", device="cpu"))
+    fetcher = ImageFetcher(ImageSourcePolicy(max_bytes=10**9, timeout_s=60, max_pixels=10**8,
+                                             document_root=str(video.parent)))
+    pipeline = LabellingPipeline(settings=settings, model_version="bench", detect=in_thread(detector.detect),
+                                 segment=None, fetcher=fetcher)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    response = asyncio.run(pipeline.predict({"tasks": [{"id": 1, "data": {"video": str(video)}}],
+                                             "label_config": VIDEO_CONFIG}))
+    elapsed = time.perf_counter() - started
+    assert "task_errors" not in response, response.get("task_errors")
+    regions = response["results"][0]["result"]
+    keyframes = sum(len(r["value"]["sequence"]) for r in regions)
+    frames = int(round(regions[0]["value"]["duration"] * track_fps)) if regions else 0
+    return {"seconds": elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_before_task_mb": before / 1024, "tracks": len(regions), "keyframes": keyframes,
+            "sampled_frames": frames, "frames_per_s": round(frames / elapsed, 2) if elapsed else None,
+            "answer_bytes": len(json.dumps(response))}
+
+
+def in_fresh_process(video: Path, detector_dir: str, track_fps: float) -> dict:
+    code = ("import json, sys; from pathlib import Path; from benchmarks.video import label_once; "
+            "print(json.dumps(label_once(Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]))))")
+    out = subprocess.run([sys.executable, "-c", code, str(video), detector_dir, str(track_fps)], cwd=ROOT,
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--short-s", type=float, default=60)
+    parser.add_argument("--long-s", type=float, default=600)
+    parser.add_argument("--track-fps", type=float, default=2)
+    parser.add_argument("--full-size", action="store_true")
+    args = parser.parse_args()
+
+    from serve_app.tiny_models.grounding_dino_sam import make_tiny_models
+    from serve_app.tiny_models.null import make_null_models
+
+    work = Path(tempfile.mkdtemp(prefix="video-bench-"))
+    null = str(make_null_models(work / "null")["null_detector"])
+    tiny = str(make_tiny_models(work / "tiny")["grounding_dino"])
+    short = write_video(work / "short.mp4", args.short_s)
+    long = write_video(work / "long.mp4", args.long_s)
+    results = {"machine": machine(), "command": " ".join(["python -m benchmarks.video", *sys.argv[1:]]),
+               "resolution": f"{WIDTH}x{HEIGHT}", "track_fps": args.track_fps,
+               "file_mb": {"short": short.stat().st_size / 2**20, "long": long.stat().st_size / 2**20}}
+    results["memory"] = {"short": in_fresh_process(short, null, args.track_fps),
+                         "long": in_fresh_process(long, null, args.track_fps)}
+    growth = results["memory"]["long"]["peak_rss_mb"] / results["memory"]["short"]["peak_rss_mb"] - 1
+    results["memory"]["long_over_short"] = round(growth, 4)
+    results["speed"] = {"tiny Grounding DINO": in_fresh_process(short, tiny, args.track_fps)}
+    if args.full_size:
+        from benchmarks.models import _full_size_dino
+
+        results["speed"]["full-size Grounding DINO"] = in_fresh_process(
+            write_video(work / "ten.mp4", 10), str(_full_size_dino()), args.track_fps)
+    out = ROOT / "benchmarks" / "results" / "video-cpu.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""One video task: fetch to disk -> decode sampled frames -> detect on each (batched with every other request's
+frames in the Detector) -> link into tracks -> Label Studio `videorectangle` regions.
+
+Memory is bounded whatever the video's length: the file is on disk, frames are decoded as they are needed, at
+most VIDEO_FRAMES_IN_FLIGHT of them wait for the detector, and a track keeps a few numbers per sighting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import contextvars
+import functools
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from serve_app.ingress.errors import BadRequest
+from serve_app.ingress.images import DownloadLimit
+from serve_app.ingress.keyframes import track_sequence
+from serve_app.ingress.tracks import Track, TrackLinker
+from serve_app.ingress.videos import VideoError, VideoLimits, probe, sample_frames
+from serve_app.models.messages import DetectionRequest, Detections
+from serve_app.settings import Settings
+
+DEFAULT_CPU_TRACK_FPS = 2.0  # VIDEO_TRACK_FPS=0 outside the service (Settings.with_defaults_for decides there)
+BRIDGED_SAMPLES = 2  # a track missed on one sampled frame is interpolated across it, not hidden
+
+
+@dataclass(frozen=True)
+class VideoProgress:
+    frames_done: int  # sampled frames searched
+    frames_total: int  # sampled frames the video has, from its duration (an estimate for variable rates)
+
+
+# Where a video task reports its frames: a background job sets it for each task it runs (GET /jobs shows them)
+VIDEO_PROGRESS: contextvars.ContextVar[Callable[[VideoProgress], None] | None] = \
+    contextvars.ContextVar("video_progress", default=None)
+
+
+def video_limits(settings: Settings, framerate: float) -> VideoLimits:
+    track_fps = min(settings.video_track_fps or DEFAULT_CPU_TRACK_FPS, framerate)
+    return VideoLimits(max_seconds=settings.max_video_seconds, max_pixels=settings.max_video_pixels,
+                       max_frames=settings.max_video_frames, track_fps=track_fps)
+
+
+def video_download_limit(settings: Settings) -> DownloadLimit:
+    return DownloadLimit(settings.max_video_bytes, settings.video_download_timeout_s, noun="video",
+                         bytes_setting="MAX_VIDEO_BYTES", timeout_setting="VIDEO_DOWNLOAD_TIMEOUT_S")
+
+
+async def label_video(pipeline, request, task: dict, url: str) -> dict[str, Any]:
+    """The task's prediction: one videorectangle region per object, for every label the prompt names."""
+    from serve_app.ingress.pipeline import task_priority
+
+    progress = VIDEO_PROGRESS.get()
+    config, s = request.config, pipeline.settings
+    framerate = config.video.framerate_of(task["data"])
+    limits = video_limits(s, framerate)
+    fetcher = request.fetcher or pipeline.fetcher
+    with tempfile.TemporaryDirectory(prefix="grounded-serve-video-") as directory:
+        with pipeline._stage("fetch"):
+            path = await fetcher.fetch_file(fetcher.resolve(url, task.get("id")), Path(directory),
+                                            video_download_limit(s))
+        info = await pipeline.run_blocking(probe, path, limits)
+        phrases = request.prompt.phrases
+        labels = tuple(dict.fromkeys(p.label for p in phrases))
+        linker = TrackLinker(labels, track_fps=limits.track_fps, box_threshold=request.thresholds.box)
+        frames = sample_frames(path, limits)
+        expected = max(1, int(info.duration_s * limits.track_fps) + 1)
+        # decoded frames waiting for the detector: bounded, and counted in the ingress's pixel budget
+        in_flight: collections.deque[tuple[Any, asyncio.Task]] = collections.deque()
+        size: tuple[int, int] | None = None
+        frame_bytes = info.width * info.height * 3
+        done = 0
+
+        def report(total: int) -> None:
+            if progress is not None:
+                progress(VideoProgress(done, total))
+
+        async def link_oldest() -> None:
+            nonlocal done
+            frame, pending = in_flight.popleft()
+            detections: Detections = await pending
+            found = [phrases[int(i)].label for i in detections.phrase_ids]
+            linker.add(frame.number, frame.time_s, detections.boxes, detections.scores, found)
+            done += 1
+            report(max(expected, done))
+
+        report(expected)
+        async with pipeline.memory.hold(frame_bytes * s.video_frames_in_flight):
+            try:
+                while True:
+                    with pipeline._stage("decode"):
+                        frame = await pipeline.run_blocking(next, frames, None)
+                    if frame is None:
+                        break
+                    height, width = frame.pixels.shape[:2]
+                    if size is None:
+                        size = (width, height)
+                    elif size != (width, height):
+                        raise VideoError(f"the video changes frame size mid-way ({size[0]}x{size[1]} to "
+                                         f"{width}x{height}); boxes in percent would not mean the same")
+                    detection = DetectionRequest(
+                        image=frame.pixels, phrases=[p.text for p in phrases],
+                        box_threshold=request.thresholds.box, text_threshold=request.thresholds.text,
+                        # no image_key: a frame is never asked about again, so it would only evict images from a
+                        # replica's cache, and unkeyed requests spread over the Detector's replicas
+                        max_detections=s.max_detections, priority=task_priority())
+                    frame.pixels = None  # the request holds them now; the queue keeps only the frame's time
+                    in_flight.append((frame, asyncio.ensure_future(pipeline.detect(detection))))
+                    if len(in_flight) >= s.video_frames_in_flight:
+                        await link_oldest()
+                while in_flight:
+                    await link_oldest()
+            finally:
+                for _, pending in in_flight:
+                    pending.cancel()
+                with contextlib.suppress(ValueError):  # still running in a thread when cancelled: GC closes it
+                    frames.close()
+        report(done)  # the estimate from the header gives way to the frames there were
+        if size is None:
+            raise VideoError("the video has no frames")
+        width, height = size
+        duration = max(info.duration_s, 0.0)
+        with pipeline._stage("results"):
+            return await pipeline.run_blocking(functools.partial(
+                build_video_prediction, config, linker.tracks(), width=width, height=height, framerate=framerate,
+                duration_s=duration, tolerance=s.video_keyframe_tolerance, model_version=pipeline.model_version))
+
+
+def build_video_prediction(config, tracks: list[Track], *, width: int, height: int, framerate: float,
+                           duration_s: float, tolerance: float, model_version: str) -> dict[str, Any]:
+    """One `videorectangle` region per track, labels inside its value (the editor's own format)."""
+    control = config.boxes
+    regions, scores = [], []
+    frames_count = max(1, round(duration_s * framerate))
+    for track in tracks:
+        score = track.score
+        if score < (control.score_threshold or 0.0):
+            continue
+        sequence = track_sequence(track, width=width, height=height, framerate=framerate, tolerance=tolerance,
+                                  sample_step=BRIDGED_SAMPLES)
+        if not sequence:
+            continue
+        regions.append({
+            "id": uuid.uuid4().hex[:10], "from_name": control.name, "to_name": config.image_name,
+            "type": "videorectangle", "origin": "prediction", "score": score,
+            "value": {"framesCount": max(frames_count, sequence[-1]["frame"]), "duration": duration_s,
+                      "sequence": sequence, "labels": [track.label]},
+        })
+        scores.append(score)
+    return {"result": regions, "score": float(np.mean(scores)) if scores else 0.0, "model_version": model_version}
+
+
+def check_video_task(task: Any, key: str) -> str:
+    if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+        raise BadRequest("the task has no 'data' object")
+    url = task["data"].get(key)
+    if url is None:
+        raise BadRequest(f"the task's data has no {key!r} key (from the Video tag's value)")
+    return url
+

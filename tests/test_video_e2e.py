@@ -1,0 +1,79 @@
+""""Retrieve predictions" on a Video project, end to end with the real Label Studio 1.23 and the real service.
+
+Videos are uploaded to Label Studio (served from /data/upload/..., fetched with the API key). Label Studio runs
+with ML_TIMEOUT_PREDICT=15 and the service answers within PREDICT_DEADLINE_S=3: the short video's tracks come back
+in the answer, the long one's are stored by the background job, which reports its frames in GET /jobs.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from label_studio_sdk import LabelStudio as LabelStudioClient
+from label_studio_sdk.label_interface import LabelInterface
+
+from tests.label_studio import LEGACY_TOKEN
+from tests.serve_process import ServeProcess
+from tests.test_label_studio_e2e import upload_files
+from tests.test_video_tracks import CROSSING, VIDEO_CONFIG
+from tests.videos import encode
+from tests.waiting import wait_until
+
+pytestmark = [pytest.mark.serve, pytest.mark.e2e, pytest.mark.timeout(600)]  # Label Studio starts too
+
+LABEL_STUDIO_ENV = {"ML_TIMEOUT_PREDICT": "15"}  # read by tests/conftest.py's label_studio fixture
+TRACK_FPS = 5
+
+
+@pytest.fixture(scope="module")
+def run(label_studio, tiny_models, tmp_path_factory):
+    env = {"GROUNDING_DINO_MODEL": str(tiny_models["grounding_dino"]), "PREDICT_DEADLINE_S": "3",
+           "VIDEO_TRACK_FPS": str(TRACK_FPS), "LABEL_STUDIO_URL": label_studio.url,
+           "LABEL_STUDIO_API_KEY": LEGACY_TOKEN}
+    service = ServeProcess(env, tmp_path_factory.mktemp("serve")).start()
+    client = LabelStudioClient(base_url=label_studio.url, api_key=LEGACY_TOKEN)
+    project = client.projects.create(title="video e2e", label_config=VIDEO_CONFIG)
+    videos = {"file0": ("short.mp4", encode(CROSSING, seconds=2), "video/mp4"),
+              # 300 frames to search: far more than 3 s of this machine's detector
+              "file1": ("long.mp4", encode(CROSSING, seconds=60, fps=10), "video/mp4")}
+    short, long = upload_files(label_studio.url, {"Authorization": f"Token {LEGACY_TOKEN}"}, project.id, videos)
+    client.ml.create(project=project.id, url=service.url, is_interactive=True, title="grounded-serve video")
+    yield client, project, service, {"short": (short, 2.0), "long": (long, 60.0)}
+    service.stop()
+
+
+def test_retrieve_stores_one_track_per_object_and_a_long_video_finishes_in_the_background(run):
+    client, project, service, tasks = run
+    assert all(client.tasks.get(task_id).data["video"].startswith("/data/upload/") for task_id, _ in tasks.values())
+    client.actions.create(id="retrieve_tasks_predictions", project=project.id,
+                          selected_items={"all": True, "excluded": []})
+
+    def job():
+        [only] = httpx.get(f"{service.url}/jobs").json()["jobs"]
+        return only
+
+    # while the long video runs in the background, GET /jobs counts its frames (the total from its header)
+    running = wait_until(lambda: (j := job())["state"] == "running" and j.get("frames", {}).get("done") and j,
+                         timeout_s=120, what="frames counted while the job runs")
+    assert running["tasks"]["total"] == 2 and running["frames"]["total"] >= 60 * TRACK_FPS
+    wait_until(lambda: job()["state"] == "finished", timeout_s=300, what="the background job to finish")
+    finished = job()
+    assert finished["tasks"]["stored"] >= 1 and finished["tasks"]["failed"] == 0  # the long one at least
+    assert finished["tasks"]["stored"] + finished["tasks"]["answered"] == 2
+    # every sampled frame searched: instants 0, 0.2, ... s of the 2 s and 60 s videos
+    assert finished["frames"]["done"] == finished["frames"]["total"] == 10 + 300
+
+    version = httpx.get(f"{service.url}/health").json()["model_version"]
+    interface = LabelInterface(VIDEO_CONFIG)
+    for name, (task_id, seconds) in tasks.items():
+        [prediction] = client.predictions.list(task=task_id)
+        assert prediction.model_version == version
+        regions = prediction.result
+        assert regions and interface.validate_prediction({"result": regions}), name
+        for region in regions:
+            assert (region["type"], region["from_name"], region["to_name"]) == ("videorectangle", "box", "video")
+            assert region["value"]["labels"][0] in ("red", "blue")
+            sequence = region["value"]["sequence"]
+            assert [k["frame"] for k in sequence] == sorted({k["frame"] for k in sequence})
+            assert sequence[-1]["enabled"] is False and 1 <= sequence[0]["frame"] <= seconds * 25
+        assert region["value"]["framesCount"] == round(seconds * 25)  # the config's framerate, not the file's
