@@ -206,3 +206,25 @@ def test_an_object_missed_for_a_second_keeps_its_track_and_is_hidden_meanwhile()
     assert [p.number for p in track.points] == [*range(0, 5), *range(10, 15)]
     sequence = track_sequence(track, width=100, height=100, framerate=25, tolerance=0.5, sample_step=2)
     assert [(k["frame"], k["enabled"]) for k in sequence] == [(1, True), (21, False), (51, True), (71, False)]
+
+
+@pytest.mark.parametrize("attribute,rate", [('framerate="25.0"', 25.0), ("", 24.0), ('framerate=""', 24.0),
+                                            ('framerate="abc"', 24.0), ('framerate="0.04"', 25.0),
+                                            ('framerate="1e999"', 24.0), ('framerate="29.97"', 29.97)])
+def test_the_framerate_is_read_as_the_editor_reads_it(attribute, rate):
+    config = parse_label_config(VIDEO_CONFIG.replace('framerate="25.0"', attribute))
+    assert config.video.framerate == pytest.approx(rate)
+    assert config.labels == ("red", "blue") and config.image_key == "video" and config.boxes.name == "box"
+
+
+@pytest.mark.parametrize("xml,message", [
+    ('<View><Video name="v" value="$v"/><Labels name="l" toName="v"><Label value="a"/></Labels></View>',
+     "no <VideoRectangle>"),
+    ('<View><Video name="v" value="$v"/><VideoRectangle name="b" toName="v"/></View>', "no <Labels>"),
+    (VIDEO_CONFIG.replace('framerate="25.0"', 'framerate="-5"'), "not a frame rate"),
+])
+def test_a_video_config_it_cannot_serve_is_a_clear_400(xml, message):
+    from serve_app.ingress.errors import BadRequest
+
+    with pytest.raises(BadRequest, match=message):
+        parse_label_config(xml)
