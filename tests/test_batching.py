@@ -486,9 +486,12 @@ def test_the_detector_replica_encodes_a_concept_models_masks(tmp_path):
                                                        max_detections=3))
         encoded = await detector.detect(DetectionRequest(image=image, phrases=["cat"], box_threshold=0.0,
                                                          max_detections=3, encodings=("rle",)))
-        return plain, encoded
+        boxes = await detector.detect(DetectionRequest(image=image, phrases=["cat"], box_threshold=0.0,
+                                                       max_detections=3, boxes_only=True))  # a video frame
+        return plain, encoded, boxes
 
-    plain, encoded = asyncio.run(scenario())
+    plain, encoded, boxes = asyncio.run(scenario())
+    assert boxes.masks is None and boxes.encoded is None and np.array_equal(boxes.boxes, plain.boxes)
     assert plain.encoded is None and plain.masks.shape == (3, 60, 80)
     assert encoded.masks is None and len(encoded.encoded.rle) == 3
     for mask, rle in zip(plain.masks, encoded.encoded.rle):

@@ -96,3 +96,23 @@ def test_exemplar_boxes_find_instances_with_masks_encoded_by_the_replica(service
     assert {r["from_name"] for r in rects} == {"label"} and {r["value"]["rectanglelabels"][0] for r in rects} == {"cats"}
     width, height = SIZES["concept-a.png"]
     assert len(decode_rle(brushes[0]["value"]["rle"])) == width * height * 4
+
+
+def test_video_tasks_are_tracked_with_the_concept_model_as_the_frames_detector(service, image_dir, image_server):
+    """SAM 3 searches each sampled frame for the labels' concepts (boxes only come back from its replica, not
+    masks Label Studio cannot show on video); ByteTrack links them into one videorectangle per object."""
+    from label_studio_sdk.label_interface import LabelInterface
+
+    from tests.test_video_tracks import CROSSING, VIDEO_CONFIG
+    from tests.videos import encode
+
+    (image_dir / "concept.mp4").write_bytes(encode(CROSSING, seconds=2))
+    body = {"tasks": [{"id": 5, "data": {"video": f"{image_server}/concept.mp4"}}], "label_config": VIDEO_CONFIG}
+    response = httpx.post(f"{service.url}/predict", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    [prediction] = response.json()["results"]
+    assert "task_errors" not in response.json() and prediction["result"]
+    assert LabelInterface(VIDEO_CONFIG).validate_prediction(prediction) is True
+    for region in prediction["result"]:
+        assert region["type"] == "videorectangle" and region["value"]["labels"][0] in ("red", "blue")
+        assert region["value"]["sequence"][-1]["enabled"] is False

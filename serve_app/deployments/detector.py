@@ -40,7 +40,9 @@ class Detector(BatchedModelDeployment):
 
     async def detect(self, request: DetectionRequest) -> Detections:
         detections = await self.batcher.submit(request)
-        if request.encodings and detections.masks is not None:  # beside the next batch, as segment() does
+        if request.boxes_only:
+            detections.masks = None  # not sent back: megabytes per frame the caller would drop
+        elif request.encodings and detections.masks is not None:  # beside the next batch, as segment() does
             detections.encoded = await asyncio.to_thread(
                 encode_masks, Masks(masks=detections.masks, scores=detections.scores), request.encodings,
                 request.polygon_tolerance_px)

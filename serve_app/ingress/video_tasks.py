@@ -111,7 +111,7 @@ async def label_video(pipeline, request, task: dict, url: str) -> dict[str, Any]
                         box_threshold=request.thresholds.box, text_threshold=request.thresholds.text,
                         # no image_key: a frame is never asked about again, so it would only evict images from a
                         # replica's cache, and unkeyed requests spread over the Detector's replicas
-                        max_detections=s.max_detections, priority=task_priority())
+                        max_detections=s.max_detections, priority=task_priority(), boxes_only=True)
                     frame.pixels = None  # the request holds them now; the queue keeps only the frame's time
                     in_flight.append((frame, asyncio.ensure_future(pipeline.detect(detection))))
                     if len(in_flight) >= s.video_frames_in_flight:

@@ -44,7 +44,8 @@ class DetectionRequest:
     # replica as the Segmenter's are (SegmentationRequest.encodings)
     encodings: tuple[str, ...] = ()
     polygon_tolerance_px: float = 1.0
-
+    # boxes are all the caller uses (a video frame: tracks are boxes): a detector that segments too sends no masks
+    boxes_only: bool = False
 
     def exemplars_of(self, phrase: int) -> tuple[np.ndarray, np.ndarray]:
         """(boxes E x 4 xyxy pixels, labels E) of the exemplars serving phrase `phrase`."""
