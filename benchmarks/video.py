@@ -1,6 +1,6 @@
 """Video tasks: memory flat with length, and frames per second searched, through the labelling pipeline in-process.
 
-    python -m benchmarks.video [--short-s 60] [--long-s 600] [--full-size]
+    python -m benchmarks.video [--short-s 60] [--long-s 600] [--full-size] [--device cuda] [--track-fps 10]
 
 Memory: the same 640x480 scene (tests/videos.py's moving squares) as a 1-minute and a 10-minute video, each
 labelled in a fresh process with the null detector (serve_app.models.null_models: instant, 20 boxes a frame), so
@@ -10,7 +10,7 @@ the 10-minute video's peak RSS within 10 % of the 1-minute one's.
 
 Speed: sampled frames per second end to end (decode, detect, link, keyframes) with the tiny random-weight
 Grounding DINO, and with --full-size the full-size Grounding DINO (Swin-T) architecture with random weights.
-Writes benchmarks/results/video-cpu.json.
+Writes benchmarks/results/video-<device>.json.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def write_video(path: Path, seconds: float, fps: int = 25) -> Path:
     return path
 
 
-def label_once(video: Path, detector_dir: str, track_fps: float, in_flight: int = 8) -> dict:
+def label_once(video: Path, detector_dir: str, track_fps: float, in_flight: int = 8, device: str = "cpu") -> dict:
     """Runs in a fresh process: one video task through LabellingPipeline, with its peak RSS."""
     from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
     from serve_app.ingress.pipeline import LabellingPipeline, in_thread
@@ -54,10 +54,10 @@ def label_once(video: Path, detector_dir: str, track_fps: float, in_flight: int 
     from serve_app.settings import Settings
     from tests.test_video_tracks import VIDEO_CONFIG
 
-    settings = Settings.load(env={"DEVICE": "cpu", "VIDEO_TRACK_FPS": str(track_fps),
+    settings = Settings.load(env={"DEVICE": device, "VIDEO_TRACK_FPS": str(track_fps),
                                   "VIDEO_FRAMES_IN_FLIGHT": str(in_flight),
                                   "LOCAL_FILES_DOCUMENT_ROOT": str(video.parent)})
-    detector = load(ModelSpec(role=DETECTOR, checkpoint=detector_dir, setting="DETECTOR_MODEL", device="cpu"))
+    detector = load(ModelSpec(role=DETECTOR, checkpoint=detector_dir, setting="DETECTOR_MODEL", device=device))
     fetcher = ImageFetcher(ImageSourcePolicy(max_bytes=10**9, timeout_s=60, max_pixels=10**8,
                                              document_root=str(video.parent)))
     pipeline = LabellingPipeline(settings=settings, model_version="bench", detect=in_thread(detector.detect),
@@ -95,10 +95,13 @@ def label_once(video: Path, detector_dir: str, track_fps: float, in_flight: int 
             "answer_bytes": len(json.dumps(response))}
 
 
-def in_fresh_process(video: Path, detector_dir: str, track_fps: float, in_flight: int = 8) -> dict:
+def in_fresh_process(video: Path, detector_dir: str, track_fps: float, in_flight: int = 8,
+                     device: str = "cpu") -> dict:
     code = ("import json, sys; from pathlib import Path; from benchmarks.video import label_once; "
-            "print(json.dumps(label_once(Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))))")
-    out = subprocess.run([sys.executable, "-c", code, str(video), detector_dir, str(track_fps), str(in_flight)], cwd=ROOT,
+            "print(json.dumps(label_once(Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), "
+            "sys.argv[5])))")
+    out = subprocess.run([sys.executable, "-c", code, str(video), detector_dir, str(track_fps), str(in_flight),
+                          device], cwd=ROOT,
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -109,6 +112,7 @@ def main() -> None:
     parser.add_argument("--long-s", type=float, default=600)
     parser.add_argument("--track-fps", type=float, default=2)
     parser.add_argument("--full-size", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the detector of the speed runs runs")
     args = parser.parse_args()
 
     from serve_app.tiny_models.grounding_dino_sam import make_tiny_models
@@ -129,13 +133,15 @@ def main() -> None:
     # In-process there is no batcher: each frame in flight would be a forward pass of its own thread, which on
     # a CPU is oversubscription (and a model's activations per frame), so the speed runs take frames one by one,
     # as one CPU replica does
-    results["speed"] = {"tiny Grounding DINO": in_fresh_process(short, tiny, args.track_fps, in_flight=1)}
+    # On a GPU several frames in flight are what the Detector deployment would batch; in-process they overlap
+    in_flight = 1 if args.device == "cpu" else 8
+    results["speed"] = {"tiny Grounding DINO": in_fresh_process(short, tiny, args.track_fps, in_flight, args.device)}
     if args.full_size:
         from benchmarks.models import _full_size_dino
 
         results["speed"]["full-size Grounding DINO"] = in_fresh_process(
-            write_video(work / "ten.mp4", 10), str(_full_size_dino()), args.track_fps, in_flight=1)
-    out = ROOT / "benchmarks" / "results" / "video-cpu.json"
+            write_video(work / "ten.mp4", 10), str(_full_size_dino()), args.track_fps, in_flight, args.device)
+    out = ROOT / "benchmarks" / "results" / f"video-{args.device}.json"
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 

@@ -228,3 +228,69 @@ def test_a_video_config_it_cannot_serve_is_a_clear_400(xml, message):
 
     with pytest.raises(BadRequest, match=message):
         parse_label_config(xml)
+
+
+def test_a_download_that_stalls_fails_that_task_alone(crossing_video):
+    import http.server
+    import threading
+
+    from tests.loopback import loopback_http
+
+    release = threading.Event()
+
+    class Stalling(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(crossing_video)))
+            self.end_headers()
+            if self.path == "/stalls.mp4":
+                self.wfile.write(crossing_video[: len(crossing_video) // 2])
+                self.wfile.flush()
+                release.wait(60)  # then nothing more: the client's read timeout decides
+                return
+            self.wfile.write(crossing_video)
+
+        def log_message(self, *args):
+            pass
+
+    with loopback_http(Stalling) as url:
+        try:
+            s = Settings.load(env={"DEVICE": "cpu", "VIDEO_TRACK_FPS": "5"})
+            policy = ImageSourcePolicy(max_bytes=s.max_download_bytes, timeout_s=5, max_pixels=10**8,
+                                       host_allowlist=frozenset({"127.0.0.1"}))
+            pipeline = LabellingPipeline(settings=s, model_version="v", detect=in_thread(ColourDetector().detect),
+                                         segment=None, fetcher=ImageFetcher(policy))
+            response = predict(pipeline, [{"id": 1, "data": {"video": f"{url}/stalls.mp4"}},
+                                          {"id": 2, "data": {"video": f"{url}/fine.mp4"}}])
+        finally:
+            release.set()
+    assert response["results"][0] == [] and len(response["results"][1]["result"]) == 3
+    [error] = response["task_errors"]
+    assert error["task"] == 1 and "cannot download" in error["error"] and "Timeout" in error["error"]
+
+
+def test_a_cancelled_video_task_stops_searching_and_gives_its_memory_back(crossing_video):
+    detector = ColourDetector()
+    pipeline = pipeline_with(detector, video_track_fps=25, video_frames_in_flight=4)
+    searched = asyncio.Event()
+    detect = pipeline.detect
+
+    async def counted(request):
+        if detector.calls >= 10:
+            searched.set()
+        return await detect(request)
+
+    pipeline.detect = counted
+
+    async def scenario():
+        running = asyncio.ensure_future(pipeline.predict({
+            "tasks": [{"id": 1, "data": {"video": data_url(crossing_video)}}], "label_config": VIDEO_CONFIG}))
+        await searched.wait()
+        running.cancel()  # as DELETE /jobs/{id} cancels a job's runners
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        return detector.calls
+
+    calls = asyncio.run(scenario())  # the loop closes after cancelling anything left: nothing was left
+    assert calls < 125 and detector.calls == calls  # no frame searched after the cancellation
+    assert pipeline.memory.used == 0  # its frames' share of INGRESS_IMAGE_MEMORY_BYTES is back

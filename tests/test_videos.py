@@ -95,3 +95,18 @@ def test_bad_files_are_clear_errors(tmp_path, clip, name, data, message):
         list(sample_frames(path, LIMITS))
     assert error.value.status_code == 422
     assert str(tmp_path) not in str(error.value)  # the temporary path means nothing to a user
+
+
+def test_a_ten_hour_video_is_refused_from_its_header(tmp_path):
+    # two frames, ten hours apart: the container says 10 h, and nothing is decoded to find out
+    path = write(tmp_path / "ten-hours.mp4", encode(SQUARES, seconds=1, times=[0.0, 36_000.0]))
+    with pytest.raises(VideoError, match="36000 s long; the limit is 3600 s") as error:
+        probe(path, VideoLimits(3600, 10**8, 10**6, 5))
+    assert error.value.status_code == 413
+
+
+def test_8k_frames_are_refused_before_decoding(tmp_path):
+    path = write(tmp_path / "8k.mp4", encode([], seconds=0.04, width=7680, height=4320))
+    with pytest.raises(VideoError, match="7680x4320 = 33177600 pixels; the limit is 8294400") as error:
+        probe(path, VideoLimits(3600, 3840 * 2160, 10**6, 5))
+    assert error.value.status_code == 413
