@@ -9,6 +9,8 @@ import base64
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from label_studio_sdk.label_interface import LabelInterface
 
 from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
@@ -294,3 +296,61 @@ def test_a_cancelled_video_task_stops_searching_and_gives_its_memory_back(crossi
     calls = asyncio.run(scenario())  # the loop closes after cancelling anything left: nothing was left
     assert calls < 125 and detector.calls == calls  # no frame searched after the cancellation
     assert pipeline.memory.used == 0  # its frames' share of INGRESS_IMAGE_MEMORY_BYTES is back
+
+
+def editor_shows(sequence: list[dict], frame: int) -> tuple[float, float, float, float] | None:
+    """What Label Studio 1.23's editor draws at `frame` for a track's keyframes (VideoRectangleRegion.getShape with
+    VideoRegion.isInLifespan, web/libs/editor): None when hidden."""
+    before = [k for k in sequence if k["frame"] <= frame]
+    if not before:
+        return None
+    last = before[-1]
+    if not (last["enabled"] or last["frame"] == frame):
+        return None
+    after = [k for k in sequence if k["frame"] > frame]
+    if last["frame"] == frame or not after:
+        return last["x"], last["y"], last["width"], last["height"]
+    nxt = after[0]
+    r = (frame - last["frame"]) / (nxt["frame"] - last["frame"])
+    return tuple(last[p] + (nxt[p] - last[p]) * r for p in ("x", "y", "width", "height"))
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=st.lists(st.tuples(st.floats(-3, 3), st.floats(-3, 3), st.booleans()), min_size=1, max_size=60),
+       tolerance=st.sampled_from([0.0, 0.5, 2.0]), track_fps=st.sampled_from([2.0, 5.0, 25.0]))
+def test_the_editor_redraws_every_sighting_within_the_tolerance_and_hides_every_absence(steps, tolerance, track_fps):
+    points, x, y = [], 40.0, 40.0
+    for number, (dx, dy, seen) in enumerate(steps):
+        x, y = min(80.0, max(0.0, x + dx)), min(80.0, max(0.0, y + dy))
+        if seen or number == 0:
+            points.append(TrackPoint(number, number / track_fps, (x, y, x + 10.0, y + 12.0), 0.9))
+    sequence = track_sequence(Track("red", points), width=100, height=100, framerate=25, tolerance=tolerance,
+                              sample_step=2)
+    frames = [k["frame"] for k in sequence]
+    assert frames == sorted(set(frames)) and sequence[-1]["enabled"] is False
+    seen = {p.number: p for p in points}
+    for number in range(points[-1].number + 1):
+        frame = editor_frame(number / track_fps, 25)
+        shown = editor_shows(sequence, frame)
+        if number in seen:  # every sighting is drawn where it was, within the tolerance
+            x0, y0, x1, y1 = seen[number].box
+            assert shown is not None
+            assert max(abs(a - b) for a, b in zip(shown, (x0, y0, x1 - x0, y1 - y0))) <= tolerance + 1e-6
+        elif number - 1 not in seen or number + 1 not in seen:  # absent for two samples or more: hidden
+            assert shown is None
+
+
+def test_the_editors_own_request_on_a_long_video_stops_at_the_task_timeout_and_says_what_to_do(crossing_video):
+    detector = ColourDetector()
+    slow_enough = asyncio.Event()  # never set: each frame's detection waits until the task's timeout ends it
+
+    async def waits(request):
+        await slow_enough.wait()
+
+    pipeline = pipeline_with(detector, task_timeout_s=0.5, video_track_fps=5)
+    pipeline.detect = waits
+    context = {"result": [{"type": "textarea", "from_name": "prompt", "to_name": "video", "value": {"text": ["red"]}}]}
+    response = predict(pipeline, [{"id": 1, "data": {"video": data_url(crossing_video)}}], context)
+    [error] = response["task_errors"]
+    assert "TASK_TIMEOUT_S" in error["error"] and "Retrieve predictions" in error["error"]
+    assert pipeline.memory.used == 0

@@ -186,7 +186,9 @@ class LabellingPipeline:
     async def label_task_outcome(self, request: LabellingRequest, task: Any) -> TaskOutcome:
         """The task's prediction, or NO_PREDICTION and why. Only ServiceUnavailable escapes."""
         task_id = echoable_id(_task_id(task))  # logs, like answers, never carry a 5,000-digit id or a surrogate
-        timeout_s = self.settings.video_task_timeout_s if request.config.video else self.settings.task_timeout_s
+        # a video from Retrieve may run for an hour in its job; the editor's own request waits only as Label Studio does
+        long_video = bool(request.config.video) and not request.interactive
+        timeout_s = self.settings.video_task_timeout_s if long_video else self.settings.task_timeout_s
         try:
             return TaskOutcome(await asyncio.wait_for(self.label_task(request, task), timeout=timeout_s))
         except BadRequest as exc:
@@ -195,8 +197,10 @@ class LabellingPipeline:
         except ServiceUnavailable:
             raise
         except asyncio.TimeoutError:
-            setting = "VIDEO_TASK_TIMEOUT_S" if request.config.video else "TASK_TIMEOUT_S"
-            error = f"no result within {timeout_s:g} s ({setting})"
+            error = f"no result within {timeout_s:g} s ({'VIDEO_TASK_TIMEOUT_S' if long_video else 'TASK_TIMEOUT_S'})"
+            if request.config.video and not long_video:
+                error += ("; from the editor a video must finish within it: \"Retrieve predictions\" labels a long "
+                          "video in the background")
             logger.error("task %s: %s", task_id, error)
         except Exception as exc:  # noqa: BLE001 - one broken task must not lose the others
             error = f"internal error: {exc.__class__.__name__}"
