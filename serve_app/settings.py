@@ -171,6 +171,9 @@ class VideoSettings:
     video_download_timeout_s: float = 600.0  # VIDEO_DOWNLOAD_TIMEOUT_S: a whole video download
     video_task_timeout_s: float = 3_600.0  # VIDEO_TASK_TIMEOUT_S: one video task end to end (TASK_TIMEOUT_S's role)
     video_frames_in_flight: int = 8  # VIDEO_FRAMES_IN_FLIGHT: a video's frames at the detector at once (memory)
+    # VIDEO_TASK_CONCURRENCY: videos labelled at once per ingress replica; each keeps its file on local disk (up to
+    # MAX_VIDEO_BYTES), so this bounds the disk too; more video tasks wait their turn
+    video_task_concurrency: int = 4
     # VIDEO_KEYFRAME_TOLERANCE: percent of the frame a track may depart from the editor's interpolation between
     # two keyframes before another keyframe is emitted
     video_keyframe_tolerance: float = 0.5
@@ -263,7 +266,7 @@ class Settings(ModelSettings, LabelStudioSettings, LimitSettings, JobSettings, V
                      "ingress_cpu_threads", "max_detections",
                      "max_prompt_chars", "max_phrases", "max_exemplars", "max_context_items", "max_request_bytes", "max_image_pixels", "ingress_image_memory_bytes",
                      "max_download_bytes", "max_video_pixels", "max_video_frames", "max_video_bytes",
-                     "video_frames_in_flight"):
+                     "video_frames_in_flight", "video_task_concurrency"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be a positive integer, got {getattr(self, name)}")
         if self.cpu_replicas_per_node < 0:

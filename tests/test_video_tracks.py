@@ -354,3 +354,24 @@ def test_the_editors_own_request_on_a_long_video_stops_at_the_task_timeout_and_s
     [error] = response["task_errors"]
     assert "TASK_TIMEOUT_S" in error["error"] and "Retrieve predictions" in error["error"]
     assert pipeline.memory.used == 0
+
+
+def test_videos_beyond_the_concurrency_wait_their_turn():
+    red = encode([Square("red", 40, (10, 50), (60, 0))], seconds=2)
+    blue = encode([Square("blue", 40, (270, 60), (-60, 0))], seconds=2)
+    detector = ColourDetector()
+    order: list[str] = []
+    detect = in_thread(detector.detect)
+
+    async def noted(request):
+        found = await detect(request)
+        order.append(request.phrases[int(found.phrase_ids[0])] if len(found) else "-")
+        return found
+
+    pipeline = pipeline_with(detector, video_track_fps=5, video_task_concurrency=1)
+    pipeline.detect = noted
+    response = predict(pipeline, [{"id": 1, "data": {"video": data_url(red)}},
+                                  {"id": 2, "data": {"video": data_url(blue)}}])
+    assert [len(p["result"]) for p in response["results"]] == [1, 1]
+    # one video at a time (its file on disk, its decoder): every frame of the first before any of the second
+    assert order == ["red"] * 10 + ["blue"] * 10

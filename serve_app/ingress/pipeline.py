@@ -112,6 +112,7 @@ class LabellingPipeline:
         self.run_blocking = run_blocking
         self.observe_stage = observe_stage
         self.memory = memory or ByteBudget(settings.ingress_image_memory_bytes)  # decoded images and masks
+        self.video_slots = asyncio.Semaphore(settings.video_task_concurrency)  # videos on disk and decoding at once
 
     # -- per request ----------------------------------------------------------------------------
 

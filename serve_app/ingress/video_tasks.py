@@ -55,7 +55,13 @@ def video_download_limit(settings: Settings) -> DownloadLimit:
 
 
 async def label_video(pipeline, request, task: dict, url: str) -> dict[str, Any]:
-    """The task's prediction: one videorectangle region per object, for every label the prompt names."""
+    """The task's prediction: one videorectangle region per object, for every label the prompt names. At most
+    VIDEO_TASK_CONCURRENCY videos at once: each holds its file on disk and a decoder's thread time."""
+    async with pipeline.video_slots:
+        return await _label_video(pipeline, request, task, url)
+
+
+async def _label_video(pipeline, request, task: dict, url: str) -> dict[str, Any]:
     from serve_app.ingress.pipeline import task_priority
 
     progress = VIDEO_PROGRESS.get()
