@@ -38,6 +38,8 @@ MAX_RESOURCE = 1_024  # CPUs or GPUs of one replica
 
 
 PIPELINES = ("auto", "detect", "detect+segment", "concept")
+# VIDEO_TRACK_FPS=0: a full-size detector takes about 10 s a frame on 2 CPU cores, tens of ms batched on a GPU
+AUTO_TRACK_FPS = {"gpu": 10.0, "cpu": 2.0}
 
 
 def environment_key(env: Mapping[str, str]) -> tuple[str, str]:
@@ -210,8 +212,7 @@ class Settings(ModelSettings, LabelStudioSettings, LimitSettings, JobSettings, V
             # them, and a click waits for one short GPU batch at most.
             decided["background_task_concurrency"] = 16 if gpus else 2
         if not self.video_track_fps:
-            # a full-size detector takes about a second a frame on a CPU core and tens of ms batched on a GPU
-            decided["video_track_fps"] = 10.0 if gpus else 2.0
+            decided["video_track_fps"] = AUTO_TRACK_FPS["gpu" if gpus else "cpu"]
         return replace(self, **decided) if decided else self
 
     def to_dict(self) -> dict[str, Any]:

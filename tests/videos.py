@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 from scipy import ndimage
 
@@ -55,7 +56,7 @@ def encode(squares: list[Square], *, seconds: float, fps: float = 25, width: int
     swaps the background at `cut_at` seconds."""
     buffer = io.BytesIO()
     times = times if times is not None else [i / fps for i in range(int(round(seconds * fps)))]
-    with _open_for_writing(buffer, container) as out:
+    with av.open(buffer, "w", format=container) as out:
         stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)  # frames carry their own times
@@ -67,7 +68,7 @@ def encode(squares: list[Square], *, seconds: float, fps: float = 25, width: int
             pixels = render(squares, t, width, height)
             if cut_at is not None and t >= cut_at:
                 pixels[(pixels == 90).all(axis=2)] = 160
-            frame = _frame(pixels)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
             frame.pts = int(round(t * 1000))
             frame.time_base = Fraction(1, 1000)
             for packet in stream.encode(frame):
@@ -77,21 +78,7 @@ def encode(squares: list[Square], *, seconds: float, fps: float = 25, width: int
     return buffer.getvalue()
 
 
-def _open_for_writing(buffer, container: str):
-    import av
-
-    return av.open(buffer, "w", format=container)
-
-
-def _frame(pixels: np.ndarray):
-    import av
-
-    return av.VideoFrame.from_ndarray(pixels, format="rgb24")
-
-
 def audio_only(seconds: float = 1.0) -> bytes:
-    import av
-
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="mp4") as out:
         stream = out.add_stream("aac", rate=16_000)
@@ -109,8 +96,6 @@ def audio_only(seconds: float = 1.0) -> bytes:
 
 def no_frames() -> bytes:
     """A container with a video stream and not one frame in it."""
-    import av
-
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="matroska") as out:
         stream = out.add_stream("mpeg4", rate=25)

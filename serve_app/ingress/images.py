@@ -152,7 +152,7 @@ class ImageFetcher:
         """A large file (a video) streamed to disk under `directory`, never whole in memory; a local file in the
         document root is used where it is."""
         if url.startswith("file://"):
-            path = Path(unquote_to_bytes(urlsplit(url).path).decode())
+            path = _file_path(url)
             await asyncio.to_thread(self._check_local, path, limit)
             return path
         target = directory / "download"
@@ -165,7 +165,7 @@ class ImageFetcher:
             write(self._decode_data_url(url, limit))
             return
         if url.startswith("file://"):
-            write(await asyncio.to_thread(self._read_local, Path(unquote_to_bytes(urlsplit(url).path).decode())))
+            write(await asyncio.to_thread(self._read_local, _file_path(url)))
             return
         try:
             await asyncio.wait_for(self._download(url, write, limit), timeout=limit.timeout_s)
@@ -227,37 +227,22 @@ class ImageFetcher:
                 return
         raise ImageError(f"more than {MAX_REDIRECTS} redirects for {shown_url(url)!r}")
 
-    def _too_big(self, size: int) -> str:
-        return self._image_limit.too_big(size)
-
     def _check_local(self, path: Path, limit: DownloadLimit) -> int:
         # only paths that resolve() put inside the document root get a file:// URL
         if not self.policy.document_root or not path.is_relative_to(Path(self.policy.document_root).resolve()):
             raise ImageError("local files are read only inside LOCAL_FILES_DOCUMENT_ROOT", status_code=403)
-        try:
+        with _local_file_errors(path):
             if path.is_dir():
                 raise IsADirectoryError(path.name)
             size = path.stat().st_size
-        except FileNotFoundError:
-            raise ImageError(f"no such file in the document root: {path.name!r}", status_code=404) from None
-        except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
-            raise ImageError(f"cannot read {path.name!r}: {exc.__class__.__name__}", status_code=403) from None
-        except (OSError, ValueError) as exc:
-            raise ImageError(f"cannot read {path.name!r}: {exc.__class__.__name__}") from None
         if size > limit.max_bytes:
             raise ImageError(limit.too_big(size), status_code=413)
         return size
 
     def _read_local(self, path: Path) -> bytes:
         self._check_local(path, self._image_limit)
-        try:
+        with _local_file_errors(path):
             return path.read_bytes()
-        except FileNotFoundError:
-            raise ImageError(f"no such file in the document root: {path.name!r}", status_code=404) from None
-        except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
-            raise ImageError(f"cannot read {path.name!r}: {exc.__class__.__name__}", status_code=403) from None
-        except (OSError, ValueError) as exc:
-            raise ImageError(f"cannot read {path.name!r}: {exc.__class__.__name__}") from None
 
     def _decode_data_url(self, url: str, limit: DownloadLimit | None = None) -> bytes:
         limit = limit or self._image_limit
@@ -273,6 +258,23 @@ class ImageFetcher:
             except (binascii.Error, ValueError) as exc:
                 raise ImageError(f"malformed base64 in data URL: {exc}") from None
         return unquote_to_bytes(payload)
+
+
+def _file_path(url: str) -> Path:
+    return Path(unquote_to_bytes(urlsplit(url).path).decode())
+
+
+@contextlib.contextmanager
+def _local_file_errors(path: Path):
+    """A local file's OS errors as the task's ImageError: missing 404, not readable 403, anything else 422."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise ImageError(f"no such file in the document root: {path.name!r}", status_code=404) from None
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        raise ImageError(f"cannot read {path.name!r}: {exc.__class__.__name__}", status_code=403) from None
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"cannot read {path.name!r}: {exc.__class__.__name__}") from None
 
 
 @contextlib.contextmanager

@@ -146,17 +146,7 @@ def _parse_label_config(xml: str, exemplar_control: str) -> ProjectConfig:
     if not image_key:
         raise BadRequest(f"the <Image> tag {image.name!r} has no value=\"$key\"")
 
-    aliases: dict[str, str] = {}
-    for tag in (boxes_tag, masks_tag, polygons_tag):
-        if tag is None:
-            continue
-        for value, label_tag in tag.labels_attrs.items():
-            aliases.setdefault(value.lower(), value)
-            predicted = label_tag.attr.get("predicted_values") or ""
-            for alias in predicted.split(","):
-                if alias.strip():
-                    aliases.setdefault(alias.strip().lower(), value)
-
+    aliases = _aliases(tag for tag in (boxes_tag, masks_tag, polygons_tag) if tag is not None)
     prompt = first("TextArea")
     return ProjectConfig(
         image_name=image.name,
@@ -169,6 +159,18 @@ def _parse_label_config(xml: str, exemplar_control: str) -> ProjectConfig:
         aliases=aliases,
         thresholds=_thresholds(interface),
     )
+
+
+def _aliases(tags) -> dict[str, str]:
+    """Lower-cased label values and their `predicted_values` -> the label value, first tag first."""
+    aliases: dict[str, str] = {}
+    for tag in tags:
+        for value, label_tag in tag.labels_attrs.items():
+            aliases.setdefault(value.lower(), value)
+            for alias in (label_tag.attr.get("predicted_values") or "").split(","):
+                if alias.strip():
+                    aliases.setdefault(alias.strip().lower(), value)
+    return aliases
 
 
 def _thresholds(interface) -> dict[str, float]:
@@ -199,13 +201,7 @@ def _video_config(interface) -> ProjectConfig:
         raise BadRequest(f"label_config has no <Labels> with <Label> children for the <Video> {video.name!r}")
     threshold = next((_float_attr(tag.attr.get("model_score_threshold"), f"model_score_threshold of {tag.name!r}")
                       for tag in label_tags if tag.attr.get("model_score_threshold")), None)
-    aliases: dict[str, str] = {}
-    for tag in label_tags:
-        for value, label_tag in tag.labels_attrs.items():
-            aliases.setdefault(value.lower(), value)
-            for alias in (label_tag.attr.get("predicted_values") or "").split(","):
-                if alias.strip():
-                    aliases.setdefault(alias.strip().lower(), value)
+    aliases = _aliases(label_tags)
     prompt = next((c for c in interface.controls if c.tag == "TextArea"), None)
     return ProjectConfig(
         image_name=video.name, image_key=key,

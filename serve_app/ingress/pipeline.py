@@ -28,7 +28,7 @@ from serve_app.ingress.label_config import ProjectConfig, parse_label_config
 from serve_app.ingress.memory import ByteBudget, task_bytes
 from serve_app.ingress.prompts import Prompt, parse_prompt, prompt_from_labels
 from serve_app.ingress.results import build_click_prediction, build_prediction, mask_encodings
-from serve_app.ingress.video_tasks import check_video_task, label_video
+from serve_app.ingress.video_tasks import label_video
 from serve_app.models.messages import DetectionRequest, Detections, Masks, Priority, SegmentationRequest
 from serve_app.settings import Settings
 
@@ -212,12 +212,12 @@ class LabellingPipeline:
         """One task's prediction: image -> detections -> masks -> Label Studio results (or a video's tracks)."""
         config, s = request.config, self.settings
         if config.video:
-            return await label_video(self, request, task, check_video_task(task, config.image_key))
+            return await label_video(self, request, task, task_url(config, task))
         data = await self._fetch(config, task, request.fetcher)
         width, height = await self.run_blocking(image_size, data, s.max_image_pixels)
         masks_at_most = 1 if request.regions else (s.max_detections if self._masks_wanted(config) else 0)
         async with self.memory.hold(task_bytes(width, height, masks_at_most)):
-            with self._stage("decode"):
+            with self.stage("decode"):
                 image = await self.run_blocking(decode_image, data, s.max_image_pixels)
             image_key = hashlib.blake2b(data, digest_size=16).hexdigest()  # same bytes, same cached embedding
             del data  # only the pixels are needed from here on
@@ -234,7 +234,7 @@ class LabellingPipeline:
         if not prompt.phrases:
             detections = Detections()
         else:
-            with self._stage("detect"):
+            with self.stage("detect"):
                 detections = await self.detect(DetectionRequest(
                     image=image.pixels, phrases=[p.text for p in prompt.phrases],
                     box_threshold=request.thresholds.box, text_threshold=request.thresholds.text,
@@ -250,14 +250,14 @@ class LabellingPipeline:
                 masks = detections.encoded if detections.encoded is not None else \
                     Masks(masks=detections.masks, scores=detections.scores)
         elif self._masks_wanted(config) and len(detections):
-            with self._stage("segment"):
+            with self.stage("segment"):
                 # with clicks, the best box and the clicks together refine one mask
                 masks = await self.segment(SegmentationRequest(
                     image=image.pixels, boxes=detections.boxes, image_key=image_key,
                     points=clicks.points if clicks else None,
                     point_labels=clicks.point_labels if clicks else None, priority=task_priority(),
                     encodings=mask_encodings(config), polygon_tolerance_px=s.polygon_tolerance_px))
-        with self._stage("results"):
+        with self.stage("results"):
             # off the event loop; RLE and polygons come from the segmenter replica when it ran in one
             return await self.run_blocking(functools.partial(
                 build_prediction, config, prompt.phrases, detections, masks, width=image.width,
@@ -265,13 +265,9 @@ class LabellingPipeline:
                 polygon_tolerance_px=s.polygon_tolerance_px))
 
     async def _fetch(self, config: ProjectConfig, task: Any, fetcher: Any = None) -> bytes:
-        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
-            raise BadRequest("the task has no 'data' object")
-        url = task["data"].get(config.image_key)
-        if url is None:
-            raise BadRequest(f"the task's data has no {config.image_key!r} key (from the Image tag's value)")
+        url = task_url(config, task)
         fetcher = fetcher or self.fetcher
-        with self._stage("fetch"):
+        with self.stage("fetch"):
             return await fetcher.fetch(fetcher.resolve(url, task.get("id")))
 
     async def _segment_clicks(self, config: ProjectConfig, image: LoadedImage, image_key: str,
@@ -280,20 +276,20 @@ class LabellingPipeline:
             raise BadRequest("clicks and drawn boxes need a segmenter: start the service with SEGMENTER_MODEL, USE_SAM or "
                              "USE_MOBILE_SAM (or SAM 3 as DETECTOR_MODEL)")
         label = click_label(config, clicks.label)
-        with self._stage("segment"):
+        with self.stage("segment"):
             segmented = await self.segment(SegmentationRequest(
                 image=image.pixels, boxes=clicks.box, image_key=image_key,
                 points=clicks.points if len(clicks.points) else None,
                 point_labels=clicks.point_labels if len(clicks.points) else None, priority=task_priority(),
                 encodings=mask_encodings(config), polygon_tolerance_px=self.settings.polygon_tolerance_px))
-        with self._stage("results"):
+        with self.stage("results"):
             return await self.run_blocking(functools.partial(
                 build_click_prediction, config, label, segmented, float(segmented.scores[0]),
                 width=image.width, height=image.height, model_version=self.model_version,
                 polygon_tolerance_px=self.settings.polygon_tolerance_px))
 
     @contextlib.contextmanager
-    def _stage(self, name: str):
+    def stage(self, name: str):
         started = time.perf_counter()
         try:
             yield
@@ -315,6 +311,17 @@ def response_for(request: LabellingRequest, outcomes: list[TaskOutcome], model_v
     if warnings:
         response["warnings"] = warnings
     return response
+
+
+def task_url(config: ProjectConfig, task: Any) -> Any:
+    """The value the config's Image or Video tag reads from the task's data (a URL, unchecked)."""
+    if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+        raise BadRequest("the task has no 'data' object")
+    url = task["data"].get(config.image_key)
+    if url is None:
+        tag = "Video" if config.video else "Image"
+        raise BadRequest(f"the task's data has no {config.image_key!r} key (from the {tag} tag's value)")
+    return url
 
 
 def project_name(value: Any) -> str:

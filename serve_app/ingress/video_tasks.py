@@ -20,15 +20,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from serve_app.ingress.errors import BadRequest
 from serve_app.ingress.images import DownloadLimit
 from serve_app.ingress.keyframes import track_sequence
 from serve_app.ingress.tracks import Track, TrackLinker
 from serve_app.ingress.videos import VideoError, VideoLimits, probe, sample_frames
 from serve_app.models.messages import DetectionRequest, Detections
-from serve_app.settings import Settings
+from serve_app.settings import AUTO_TRACK_FPS, Settings
 
-DEFAULT_CPU_TRACK_FPS = 2.0  # VIDEO_TRACK_FPS=0 outside the service (Settings.with_defaults_for decides there)
 BRIDGED_SAMPLES = 2  # a track missed on one sampled frame is interpolated across it, not hidden
 
 
@@ -44,7 +42,9 @@ VIDEO_PROGRESS: contextvars.ContextVar[Callable[[VideoProgress], None] | None] =
 
 
 def video_limits(settings: Settings, framerate: float) -> VideoLimits:
-    track_fps = min(settings.video_track_fps or DEFAULT_CPU_TRACK_FPS, framerate)
+    # VIDEO_TRACK_FPS=0 reaches here only outside the service (benchmarks, tests): Settings.with_defaults_for
+    # decides it in the service, where the cluster's GPUs are known
+    track_fps = min(settings.video_track_fps or AUTO_TRACK_FPS["cpu"], framerate)
     return VideoLimits(max_seconds=settings.max_video_seconds, max_pixels=settings.max_video_pixels,
                        max_frames=settings.max_video_frames, track_fps=track_fps)
 
@@ -70,7 +70,7 @@ async def _label_video(pipeline, request, task: dict, url: str) -> dict[str, Any
     limits = video_limits(s, framerate)
     fetcher = request.fetcher or pipeline.fetcher
     with tempfile.TemporaryDirectory(prefix="grounded-serve-video-") as directory:
-        with pipeline._stage("fetch"):
+        with pipeline.stage("fetch"):
             path = await fetcher.fetch_file(fetcher.resolve(url, task.get("id")), Path(directory),
                                             video_download_limit(s))
         info = await pipeline.run_blocking(probe, path, limits)
@@ -102,7 +102,7 @@ async def _label_video(pipeline, request, task: dict, url: str) -> dict[str, Any
         async with pipeline.memory.hold(frame_bytes * s.video_frames_in_flight):
             try:
                 while True:
-                    with pipeline._stage("decode"):
+                    with pipeline.stage("decode"):
                         frame = await pipeline.run_blocking(next, frames, None)
                     if frame is None:
                         break
@@ -134,7 +134,7 @@ async def _label_video(pipeline, request, task: dict, url: str) -> dict[str, Any
             raise VideoError("the video has no frames")
         width, height = size
         duration = max(info.duration_s, 0.0)
-        with pipeline._stage("results"):
+        with pipeline.stage("results"):
             return await pipeline.run_blocking(functools.partial(
                 build_video_prediction, config, linker.tracks(), width=width, height=height, framerate=framerate,
                 duration_s=duration, tolerance=s.video_keyframe_tolerance, model_version=pipeline.model_version))
@@ -162,13 +162,3 @@ def build_video_prediction(config, tracks: list[Track], *, width: int, height: i
         })
         scores.append(score)
     return {"result": regions, "score": float(np.mean(scores)) if scores else 0.0, "model_version": model_version}
-
-
-def check_video_task(task: Any, key: str) -> str:
-    if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
-        raise BadRequest("the task has no 'data' object")
-    url = task["data"].get(key)
-    if url is None:
-        raise BadRequest(f"the task's data has no {key!r} key (from the Video tag's value)")
-    return url
-

@@ -123,7 +123,7 @@ def _upright(frame) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(pixels, k=turns)) if turns else pixels
 
 
-def sample_frames(path: Path, limits: VideoLimits, frames_to_skip: int = 0) -> Iterator[SampledFrame]:
+def sample_frames(path: Path, limits: VideoLimits) -> Iterator[SampledFrame]:
     """The frames to track, in order: for each instant k / track_fps the first frame shown at or after it.
 
     Variable frame rates are handled by presentation time, not by counting frames. Raises VideoError when the
@@ -156,8 +156,7 @@ def sample_frames(path: Path, limits: VideoLimits, frames_to_skip: int = 0) -> I
             if frame.width * frame.height > limits.max_pixels:  # a stream may change size mid-way
                 raise VideoError(f"a frame is {frame.width}x{frame.height}; the limit is {limits.max_pixels} pixels "
                                  "(MAX_VIDEO_PIXELS)", status_code=413)
-            if sampled >= frames_to_skip:
-                yield SampledFrame(number=sampled, time_s=float(seconds), pixels=_upright(frame))
+            yield SampledFrame(number=sampled, time_s=float(seconds), pixels=_upright(frame))
             sampled += 1
             # the next instant after this frame's time: a long gap (a variable-rate stream) skips instants
             next_instant = (seconds // step + 1) * step
