@@ -16,7 +16,8 @@ from typing import Any, Mapping
 DETECTOR = "detector"  # text -> boxes (DETECTOR_MODEL)
 CONCEPT = "concept"  # text -> boxes and masks in one model, and clicks on the same image (DETECTOR_MODEL, SAM 3)
 SEGMENTER = "segmenter"  # boxes and clicks -> masks (SEGMENTER_MODEL, USE_SAM, USE_MOBILE_SAM)
-ROLES = (DETECTOR, CONCEPT, SEGMENTER)
+TRACKER = "tracker"  # a box on a video frame -> that object on the next frames (TRACKER_MODEL)
+ROLES = (DETECTOR, CONCEPT, SEGMENTER, TRACKER)
 
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 # Official download locations of segment-anything's checkpoints (segment-anything README, MobileSAM repository).
@@ -48,13 +49,25 @@ class Family:
     name_hints: tuple[str, ...] = ()
     # takes visual exemplars as prompts: boxes drawn on the image meaning "more like this" / "not this"
     exemplars: bool = False
+    # role -> "module:Class" for a role another class plays (a video model's tracker); `loader` plays the rest
+    role_loaders: Mapping[str, str] = field(default_factory=dict)
+
+    def loader_for(self, role: str) -> str:
+        return self.role_loaders.get(role, self.loader)
 
 
 def _sam_family(model_type: str, name: str, model_class: str, processor: str, *, padded: bool, example: str,
-                licence: str = "Apache-2.0") -> Family:
-    # SAM and SAM-HQ keep the aspect ratio and pad to a square; SAM 2 and EdgeTAM stretch
-    return Family(model_type, name, (SEGMENTER,), "serve_app.models.hf_segmenter:HfSamSegmenter", licence, example,
-                  details={"model_class": model_class, "processor_class": processor, "padded": padded})
+                licence: str = "Apache-2.0", video_model_class: str = "") -> Family:
+    # SAM and SAM-HQ keep the aspect ratio and pad to a square; SAM 2 and EdgeTAM stretch. A video model's
+    # checkpoint also tracks objects through videos (serve_app.models.video_tracker)
+    details = {"model_class": model_class, "processor_class": processor, "padded": padded}
+    if not video_model_class:
+        return Family(model_type, name, (SEGMENTER,), "serve_app.models.hf_segmenter:HfSamSegmenter", licence,
+                      example, details=details)
+    return Family(model_type, name, (SEGMENTER, TRACKER), "serve_app.models.hf_segmenter:HfSamSegmenter", licence,
+                  example, details={**details, "video_model_class": video_model_class,
+                                    "video_processor_class": "Sam2VideoProcessor"},
+                  role_loaders={TRACKER: "serve_app.models.video_tracker:VideoTracker"})
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -81,10 +94,10 @@ FAMILIES: tuple[Family, ...] = (
     _sam_family("sam2", "SAM 2 / 2.1", "Sam2Model", "Sam2Processor", padded=False,
                 example="facebook/sam2.1-hiera-large"),
     _sam_family("sam2_video", "SAM 2 / 2.1", "Sam2Model", "Sam2Processor", padded=False,
-                example="facebook/sam2.1-hiera-large"),
+                example="facebook/sam2.1-hiera-large", video_model_class="Sam2VideoModel"),
     _sam_family("edgetam", "EdgeTAM", "EdgeTamModel", "Sam2Processor", padded=False, example="yonigozlan/EdgeTAM-hf"),
     _sam_family("edgetam_video", "EdgeTAM", "EdgeTamModel", "Sam2Processor", padded=False,
-                example="yonigozlan/EdgeTAM-hf"),
+                example="yonigozlan/EdgeTAM-hf", video_model_class="EdgeTamVideoModel"),
     _sam_family("sam_hq", "SAM-HQ", "SamHQModel", "SamHQProcessor", padded=True,
                 example="syscv-community/sam-hq-vit-base"),
     _sam_family("sam", "SAM", "SamModel", "SamProcessor", padded=True, example="facebook/sam-vit-base"),

@@ -13,7 +13,8 @@ from serve_app.models.checkpoints import is_checkpoint_file
 from serve_app.models.errors import ModelLoadError, describe_load_failure
 from serve_app.models.spec import ModelSpec
 
-_WHAT = {catalog.DETECTOR: "detector", catalog.CONCEPT: "SAM 3", catalog.SEGMENTER: "SAM-family"}
+_WHAT = {catalog.DETECTOR: "detector", catalog.CONCEPT: "SAM 3", catalog.SEGMENTER: "SAM-family",
+         catalog.TRACKER: "video tracker"}
 
 
 def read_config(checkpoint: str) -> dict:
@@ -70,22 +71,22 @@ def family_for(spec: ModelSpec) -> Family:
     return found
 
 
-def loader_class(found: Family) -> type:
-    module, _, name = found.loader.partition(":")
+def loader_class(found: Family, role: str = "") -> type:
+    module, _, name = found.loader_for(role).partition(":")
     return getattr(importlib.import_module(module), name)
 
 
 def load(spec: ModelSpec):
     """The loaded model for `spec`: a detector, a concept segmenter (SAM 3) or a segmenter, by its family."""
     found = family_for(spec)
-    return loader_class(found).from_spec(spec, found)
+    return loader_class(found, spec.role).from_spec(spec, found)
 
 
 def load_as(cls: type, spec: ModelSpec):
     """`load(spec)` where the caller wants one class (a test or benchmark of that class): a checkpoint another
     class runs is refused, naming its family."""
     found = family_for(spec)
-    if loader_class(found) is not cls:
+    if loader_class(found, spec.role) is not cls:
         raise ModelLoadError(f"{spec.setting}={spec.checkpoint!r} is a {found.name} ({found.model_type}) checkpoint, "
                              f"which another class runs, not {cls.__name__}: load it with "
                              "serve_app.models.loading.load")
