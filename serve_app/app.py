@@ -12,6 +12,7 @@ from serve_app.deployments.detector import Detector
 from serve_app.deployments.job_claims import JobClaims
 from serve_app.deployments.routing import ImageAffinityRouter
 from serve_app.deployments.segmenter import Segmenter
+from serve_app.deployments.tracker import Tracker
 from serve_app.ingress.app import Ingress
 from serve_app.deployments.replica_memory import replica_env
 from serve_app.graph_plan import plan_graph
@@ -79,5 +80,10 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         segmenter = Segmenter.options(ray_actor_options={
             "num_cpus": settings.segmenter_cpus, "num_gpus": settings.segmenter_gpus if gpus else 0, **model_env,
         }, **per_node).bind(plan.segmenter, plan.process)
+    tracker = None
+    if plan.tracker is not None:
+        tracker = Tracker.options(ray_actor_options={
+            "num_cpus": settings.tracker_cpus, "num_gpus": settings.tracker_gpus if gpus else 0, **model_env,
+        }, **per_node).bind(plan.tracker, plan.tracker_limits, plan.process)
     # every ingress replica's background jobs claim their tasks in one place (serve_app.ingress.claims)
-    return Ingress.bind(settings, plan, detector, segmenter, JobClaims.bind())
+    return Ingress.bind(settings, plan, detector, segmenter, JobClaims.bind(), tracker)

@@ -8,6 +8,9 @@ Pipelines (PIPELINE, or `auto` from the detector's family):
 - `concept`: SAM 3 as DETECTOR_MODEL finds every instance of each phrase with its mask in one model, and answers
   clicks from the same cached image features (its tracker, in the `sam3_video` checkpoint the hub ships).
 
+Videos (docs/video.md): `detect+track` when TRACKER_MODEL names a SAM 2.1 / EdgeTAM video checkpoint (a Tracker
+deployment carries each detected object through the frames), else `detect+link` (ByteTrack links the boxes).
+
 Combinations that cannot mean what they say fail `serve run` with one message naming the settings.
 """
 
@@ -25,6 +28,7 @@ from serve_app.settings import Settings, SettingsError
 
 DETECTOR_DEPLOYMENT = "Detector"
 SEGMENTER_DEPLOYMENT = "Segmenter"
+TRACKER_DEPLOYMENT = "Tracker"
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,16 @@ class ReplicaProcess:
 
 
 @dataclass(frozen=True)
+class TrackerLimits:
+    """What one Tracker replica holds (serve_app.models.tracker_sessions)."""
+
+    max_sessions: int = 8  # TRACKER_MAX_SESSIONS
+    idle_s: float = 300.0  # TRACKER_SESSION_IDLE_S
+    max_objects: int = 32  # TRACKER_MAX_OBJECTS
+    lost_after_s: float = 2.0  # TRACKER_LOST_AFTER_S
+
+
+@dataclass(frozen=True)
 class GraphPlan:
     pipeline: str  # detect, detect+segment or concept
     detector: ModelSpec  # role DETECTOR, or CONCEPT for SAM 3
@@ -43,6 +57,14 @@ class GraphPlan:
     process: ReplicaProcess
     model_version: str  # what Label Studio stores with each prediction
     exemplars: bool = False  # the detector takes exemplar boxes as prompts (its catalog row says so)
+    tracker: ModelSpec | None = None  # the Tracker deployment's video model; None: videos are `detect+link`
+    tracker_limits: TrackerLimits = TrackerLimits()
+
+    @property
+    def video_pipeline(self) -> str:
+        """detect+track: the detector's boxes start objects the video model carries; detect+link: ByteTrack links
+        the detector's boxes."""
+        return "detect+track" if self.tracker is not None else "detect+link"
 
     @property
     def concept(self) -> bool:
@@ -73,9 +95,27 @@ def plan_graph(settings: Settings, model_type_of: Callable[[str], str | None] = 
                               cache_bytes=settings.sam_embedding_cache_bytes,
                               sam_model_type=settings.segmenter_model_type, sha256=settings.segmenter_checkpoint_sha256,
                               cache_dir=settings.checkpoint_cache_dir)
+    tracker = None
+    if settings.tracker_model:
+        _check_tracker(settings.tracker_model, model_type_of)
+        tracker = ModelSpec(catalog.TRACKER, settings.tracker_model, "TRACKER_MODEL", device=settings.device,
+                            precision=settings.precision)
+    limits = TrackerLimits(settings.tracker_max_sessions, settings.tracker_session_idle_s,
+                           settings.tracker_max_objects, settings.tracker_lost_after_s)
     return GraphPlan(pipeline=pipeline, detector=detector, segmenter=segmenter,
                      process=ReplicaProcess(settings.model_cpu_niceness, 2 if segmenter is not None else 1),
-                     model_version=model_version_for(settings), exemplars=bool(found and found.exemplars))
+                     model_version=model_version_for(settings), exemplars=bool(found and found.exemplars),
+                     tracker=tracker, tracker_limits=limits)
+
+
+def _check_tracker(checkpoint: str, model_type_of: Callable[[str], str | None]) -> None:
+    """A TRACKER_MODEL that is readable here and not a video model fails `serve run` now, not each video later."""
+    model_type = model_type_of(checkpoint)
+    found = catalog.family(model_type) if model_type else None
+    if model_type is not None and (found is None or catalog.TRACKER not in found.roles):
+        raise SettingsError(f"TRACKER_MODEL={checkpoint!r} is a {model_type!r} checkpoint; it must be a video model: "
+                            f"{catalog.served((catalog.TRACKER,))} (the hub's facebook/sam2.1-hiera-* and "
+                            "yonigozlan/EdgeTAM-hf are)")
 
 
 def _detector_family(settings: Settings, model_type_of: Callable[[str], str | None]) -> catalog.Family | None:
@@ -131,4 +171,6 @@ def model_version_for(settings: Settings) -> str:
     elif settings.sam_enabled:
         checkpoint = os.path.splitext(os.path.basename(settings.segmenter_checkpoint))[0]
         version += f"+{'mobile_sam' if settings.use_mobile_sam else 'sam'}:{checkpoint}"
+    if settings.tracker_model:  # another tracker, other video tracks: Label Studio must not skip them as done
+        version += "+track:" + (os.path.basename(settings.tracker_model.rstrip("/")) or settings.tracker_model)
     return version

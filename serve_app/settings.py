@@ -179,6 +179,13 @@ class VideoSettings:
     # VIDEO_KEYFRAME_TOLERANCE: percent of the frame a track may depart from the editor's interpolation between
     # two keyframes before another keyframe is emitted
     video_keyframe_tolerance: float = 0.5
+    # TRACKER_MODEL: `detect+track` on videos: a SAM 2.1 or EdgeTAM video checkpoint (hub id or directory) carries each
+    # detected object through the frames; empty: the detector's boxes are linked by ByteTrack (`detect+link`)
+    tracker_model: str = ""
+    tracker_max_objects: int = 32  # TRACKER_MAX_OBJECTS: objects one video tracks at once (work per frame)
+    tracker_max_sessions: int = 8  # TRACKER_MAX_SESSIONS: videos one Tracker replica holds at once (memory)
+    tracker_session_idle_s: float = 300.0  # TRACKER_SESSION_IDLE_S: a session not stepped this long may be dropped
+    tracker_lost_after_s: float = 2.0  # TRACKER_LOST_AFTER_S: an object unseen this long (video time) has left
 
 
 @dataclass(frozen=True)
@@ -191,6 +198,8 @@ class PerformanceSettings:
     detector_gpus: float = 0.5  # DETECTOR_GPUS: GPU fraction per detector replica, when GPUs are used
     segmenter_cpus: float = 0.4  # SEGMENTER_CPUS
     segmenter_gpus: float = 0.5  # SEGMENTER_GPUS
+    tracker_cpus: float = 0.4  # TRACKER_CPUS
+    tracker_gpus: float = 0.25  # TRACKER_GPUS
     model_cpu_niceness: int = 5  # MODEL_CPU_NICENESS: nice value added to model replicas that run on CPU (0 = off)
     # MODEL_MALLOC_REUSE: model replicas keep the memory a forward pass freed for the next one (glibc tunables,
     # serve_app.deployments.replica_memory) instead of faulting it in afresh each pass; trimmed once the replica is idle
@@ -267,7 +276,8 @@ class Settings(ModelSettings, LabelStudioSettings, LimitSettings, JobSettings, V
                      "ingress_cpu_threads", "max_detections",
                      "max_prompt_chars", "max_phrases", "max_exemplars", "max_context_items", "max_request_bytes", "max_image_pixels", "ingress_image_memory_bytes",
                      "max_download_bytes", "max_video_pixels", "max_video_frames", "max_video_bytes",
-                     "video_frames_in_flight", "video_task_concurrency"):
+                     "video_frames_in_flight", "video_task_concurrency", "tracker_max_objects",
+                     "tracker_max_sessions"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.upper()} must be a positive integer, got {getattr(self, name)}")
         if self.cpu_replicas_per_node < 0:
@@ -279,7 +289,7 @@ class Settings(ModelSettings, LabelStudioSettings, LimitSettings, JobSettings, V
             raise SettingsError("SAM_EMBEDDING_CACHE_BYTES and POLYGON_TOLERANCE_PX must not be negative")
         for name in ("download_timeout_s", "task_timeout_s", "replica_retry_timeout_s", "predict_deadline_s",
                      "write_deadline_s", "write_batch_wait_s", "max_video_seconds", "video_download_timeout_s",
-                     "video_task_timeout_s"):
+                     "video_task_timeout_s", "tracker_session_idle_s", "tracker_lost_after_s"):
             if not 0 < getattr(self, name) <= MAX_TIMEOUT_S:
                 raise SettingsError(f"{name.upper()} must be more than 0 and at most {MAX_TIMEOUT_S:g} s (a day), "
                                     f"got {getattr(self, name)}")
@@ -297,7 +307,8 @@ class Settings(ModelSettings, LabelStudioSettings, LimitSettings, JobSettings, V
             raise SettingsError(f"PRECISION must be fp32, fp16 or bf16, got {self.precision!r}")
         if self.accelerator not in ("auto", "gpu", "cpu"):
             raise SettingsError(f"ACCELERATOR must be auto, gpu or cpu, got {self.accelerator!r}")
-        for name in ("detector_cpus", "detector_gpus", "segmenter_cpus", "segmenter_gpus"):
+        for name in ("detector_cpus", "detector_gpus", "segmenter_cpus", "segmenter_gpus", "tracker_cpus",
+                     "tracker_gpus"):
             if not 0 <= getattr(self, name) <= MAX_RESOURCE:
                 raise SettingsError(f"{name.upper()} must be 0 to {MAX_RESOURCE}, got {getattr(self, name)}")
         if self.label_studio_url:

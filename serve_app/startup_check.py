@@ -56,6 +56,10 @@ def run_check(config_path: str | None, env: Mapping[str, str] | None = None) -> 
     if settings.sam_enabled and pipeline != "concept":
         lines.append(f"segmenter: {settings.segmenter_checkpoint}")
         problems += _model_problems(settings.segmenter_checkpoint_setting, settings.segmenter_checkpoint, env, lines)
+    lines.append(f"video: {'detect+track' if settings.tracker_model else 'detect+link'}")
+    if settings.tracker_model:
+        lines.append(f"tracker: {settings.tracker_model}")
+        problems += _model_problems("TRACKER_MODEL", settings.tracker_model, env, lines)
     if request_timeout_s is not None and settings.predict_deadline_s > request_timeout_s - ANSWER_MARGIN_S:
         problems.append(f"PREDICT_DEADLINE_S={settings.predict_deadline_s:g} leaves no time for the answer within "
                         f"Serve's request_timeout_s={request_timeout_s:g} ({config_path}): every batch /predict would "

@@ -142,3 +142,64 @@ class ColourDetector:
         return Detections(boxes=np.array(boxes, np.float32).reshape(-1, 4), scores=np.array(scores, np.float32),
                           phrase_ids=np.array(ids, np.int64))
 
+
+
+class ColourTracker:
+    """Stands in for a trained video tracker (random tiny weights track nothing): each object is the patch of its
+    prompt box's colour that overlaps the object's last box most, as serve_app.models.video_tracker's sessions
+    answer (`open`, then `track` / `add` / `drop` / `close`)."""
+
+    def open(self, height: int, width: int) -> "ColourTrackerSession":
+        return ColourTrackerSession()
+
+
+class ColourTrackerSession:
+    def __init__(self):
+        self.colours: dict[int, np.ndarray] = {}
+        self.boxes: dict[int, np.ndarray] = {}
+        self.seen: dict[int, bool] = {}
+        self.image: np.ndarray | None = None
+        self.closed = False
+
+    def track(self, image: np.ndarray):
+        self.image = image.astype(np.int16)
+        for object_id, colour in self.colours.items():
+            near = (np.abs(self.image - colour) < 60).all(axis=2)
+            patches, _ = ndimage.label(near)
+            best, best_overlap = None, 0.0
+            for rows, columns in ndimage.find_objects(patches):
+                box = np.array((columns.start, rows.start, columns.stop, rows.stop), np.float32)
+                overlap = _iou(box, self.boxes[object_id])
+                if overlap > best_overlap:
+                    best, best_overlap = box, overlap
+            self.seen[object_id] = best is not None
+            if best is not None:
+                self.boxes[object_id] = best
+        return self._tracks()
+
+    def add(self, object_ids, boxes):
+        for object_id, box in zip(object_ids, np.asarray(boxes, np.float32)):
+            x0, y0, x1, y1 = box.astype(int)
+            self.colours[object_id] = self.image[(y0 + y1) // 2, (x0 + x1) // 2]
+            self.boxes[object_id], self.seen[object_id] = box, True
+        return self._tracks()
+
+    def drop(self, object_ids):
+        for object_id in object_ids:
+            del self.colours[object_id], self.boxes[object_id], self.seen[object_id]
+
+    def close(self):
+        self.closed = True
+
+    def _tracks(self):
+        from serve_app.models.video_tracker import FrameTracks
+
+        ids = list(self.colours)
+        return FrameTracks(ids, np.array([self.boxes[i] for i in ids], np.float32).reshape(-1, 4),
+                           np.array([self.seen[i] for i in ids], bool))
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    inter = np.prod(np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None))
+    union = np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inter
+    return float(inter / union) if union > 0 else 0.0

@@ -22,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app import get_logger
 from serve_app.deployments.job_claims import LEASE_S as JOB_CLAIMS_LEASE_S
-from serve_app.graph_plan import DETECTOR_DEPLOYMENT, SEGMENTER_DEPLOYMENT, GraphPlan
+from serve_app.graph_plan import DETECTOR_DEPLOYMENT, SEGMENTER_DEPLOYMENT, TRACKER_DEPLOYMENT, GraphPlan
 from serve_app.ingress.auth import OPEN_PATHS, BasicAuth
 from serve_app.ingress.claims import SharedClaims
 from serve_app.ingress.connections import fetcher_for, writer_for
@@ -72,7 +72,8 @@ async def auth_and_last_resort(request: Request, call_next):
 @serve.ingress(api)
 class Ingress:
     def __init__(self, settings: Settings, plan: GraphPlan, detector: DeploymentHandle,
-                 segmenter: DeploymentHandle | None = None, claims: DeploymentHandle | None = None):
+                 segmenter: DeploymentHandle | None = None, claims: DeploymentHandle | None = None,
+                 tracker: DeploymentHandle | None = None):
         self.settings, self.plan = settings, plan
         settings.check_key_destination(os.environ)  # the replica's environment may differ from the driver's
         api.state.basic_auth = BasicAuth.from_environment()
@@ -83,7 +84,8 @@ class Ingress:
         self.metrics_view = MetricsView(serve.get_replica_context().app_name, self.http)
         self._serve_status = ServeStatus()  # one status read shared by every retry after a replica loss
         self.readiness = ModelReadiness({"detector": DETECTOR_DEPLOYMENT,
-                                         **({"segmenter": SEGMENTER_DEPLOYMENT} if segmenter is not None else {})})
+                                         **({"segmenter": SEGMENTER_DEPLOYMENT} if segmenter is not None else {}),
+                                         **({"tracker": TRACKER_DEPLOYMENT} if tracker is not None else {})})
         # Decoding and result building (RLE, polygons) hold the GIL much of the time. Many threads doing it at
         # once starve the event loop that feeds the model replicas, so this work gets few threads of its own.
         self._cpu_pool = PriorityPool(settings.ingress_cpu_threads)
@@ -98,7 +100,7 @@ class Ingress:
             detect=self._client(DETECTOR_DEPLOYMENT, detector, "detect"),
             segment=self._client(plan.clicks_deployment, detector if plan.concept else segmenter, "segment"),
             fetcher=make_fetcher("", ""), run_blocking=self._run_blocking, observe_stage=self.metrics.observe_stage,
-            exemplars=plan.exemplars)
+            exemplars=plan.exemplars, track=self._client(TRACKER_DEPLOYMENT, tracker, "step"))
         # batch /predicts become jobs that outlive their request (serve_app.ingress.jobs)
         shared = SharedClaims(claims, serve.get_replica_context().replica_tag, JOB_CLAIMS_LEASE_S) \
             if claims is not None else None

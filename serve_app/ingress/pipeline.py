@@ -101,13 +101,14 @@ class LabellingPipeline:
     def __init__(self, *, settings: Settings, model_version: str, detect: Detect, segment: Segment | None,
                  fetcher: ImageFetcher, run_blocking: RunBlocking = _to_thread,
                  observe_stage: ObserveStage | None = None, memory: ByteBudget | None = None,
-                 exemplars: bool = False, detector_name: str = ""):
+                 exemplars: bool = False, detector_name: str = "", track: Callable[[Any], Awaitable[Any]] | None = None):
         self.settings = settings
         self.exemplars = exemplars  # the detector takes exemplar boxes (the graph plan, from the catalog)
         self.detector_name = detector_name or f"DETECTOR_MODEL={settings.detector_model!r}"
         self.model_version = model_version
         self.detect = detect
         self.segment = segment
+        self.track = track  # the Tracker's step (detect+track on videos); None: ByteTrack links the boxes
         self.fetcher = fetcher  # for requests that carry none of their own (LabellingRequest.fetcher)
         self.run_blocking = run_blocking
         self.observe_stage = observe_stage

@@ -1,5 +1,6 @@
 """One video task: fetch to disk -> decode sampled frames -> detect on each (batched with every other request's
-frames in the Detector) -> link into tracks -> Label Studio `videorectangle` regions.
+frames in the Detector) -> tracks -> Label Studio `videorectangle` regions. Tracks come from the Tracker's video
+model when TRACKER_MODEL is set (`detect+track`), else from ByteTrack linking the boxes (`detect+link`).
 
 Memory is bounded whatever the video's length: the file is on disk, frames are decoded as they are needed, at
 most VIDEO_FRAMES_IN_FLIGHT of them wait for the detector, and a track keeps a few numbers per sighting.
@@ -22,12 +23,16 @@ import numpy as np
 
 from serve_app.ingress.images import DownloadLimit
 from serve_app.ingress.keyframes import track_sequence
-from serve_app.ingress.tracks import Track, TrackLinker
+from serve_app.ingress.tracks import Track, TrackLinker, TrackPoint
 from serve_app.ingress.videos import VideoError, VideoLimits, probe, sample_frames
-from serve_app.models.messages import DetectionRequest, Detections
+from serve_app.ingress.errors import BadRequest
+from serve_app.models.messages import DetectionRequest, Detections, TrackerUnavailable, TrackStep
 from serve_app.settings import AUTO_TRACK_FPS, Settings
+from serve_app import get_logger
 
 BRIDGED_SAMPLES = 2  # a track missed on one sampled frame is interpolated across it, not hidden
+
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,10 @@ async def _label_video(pipeline, request, task: dict, url: str) -> dict[str, Any
         info = await pipeline.run_blocking(probe, path, limits)
         phrases = request.prompt.phrases
         labels = tuple(dict.fromkeys(p.label for p in phrases))
-        linker = TrackLinker(labels, track_fps=limits.track_fps, box_threshold=request.thresholds.box)
+        if pipeline.track is not None:
+            linker = TrackedLinker(pipeline.track, labels, fps=limits.track_fps)
+        else:
+            linker = TrackLinker(labels, track_fps=limits.track_fps, box_threshold=request.thresholds.box)
         frames = sample_frames(path, limits)
         expected = max(1, int(info.duration_s * limits.track_fps) + 1)
         # decoded frames waiting for the detector: bounded, and counted in the ingress's pixel budget
@@ -91,10 +99,14 @@ async def _label_video(pipeline, request, task: dict, url: str) -> dict[str, Any
 
         async def link_oldest() -> None:
             nonlocal done
-            frame, pending = in_flight.popleft()
+            frame, pixels, pending = in_flight.popleft()
             detections: Detections = await pending
             found = [phrases[int(i)].label for i in detections.phrase_ids]
-            linker.add(frame.number, frame.time_s, detections.boxes, detections.scores, found)
+            if isinstance(linker, TrackedLinker):
+                with pipeline.stage("track"):
+                    await linker.add(frame.number, frame.time_s, pixels, detections, found)
+            else:
+                linker.add(frame.number, frame.time_s, detections.boxes, detections.scores, found)
             done += 1
             report(max(expected, done))
 
@@ -118,15 +130,19 @@ async def _label_video(pipeline, request, task: dict, url: str) -> dict[str, Any
                         # no image_key: a frame is never asked about again, so it would only evict images from a
                         # replica's cache, and unkeyed requests spread over the Detector's replicas
                         max_detections=s.max_detections, priority=task_priority(), boxes_only=True)
-                    frame.pixels = None  # the request holds them now; the queue keeps only the frame's time
-                    in_flight.append((frame, asyncio.ensure_future(pipeline.detect(detection))))
+                    # the request holds the pixels now; the queue keeps them only for the tracker
+                    pixels = frame.pixels if isinstance(linker, TrackedLinker) else None
+                    frame.pixels = None
+                    in_flight.append((frame, pixels, asyncio.ensure_future(pipeline.detect(detection))))
                     if len(in_flight) >= s.video_frames_in_flight:
                         await link_oldest()
                 while in_flight:
                     await link_oldest()
             finally:
-                for _, pending in in_flight:
+                for _, _, pending in in_flight:
                     pending.cancel()
+                if isinstance(linker, TrackedLinker):
+                    await linker.close()
                 with contextlib.suppress(ValueError):  # still running in a thread when cancelled: GC closes it
                     frames.close()
         report(done)  # the estimate from the header gives way to the frames there were
@@ -162,3 +178,53 @@ def build_video_prediction(config, tracks: list[Track], *, width: int, height: i
         })
         scores.append(score)
     return {"result": regions, "score": float(np.mean(scores)) if scores else 0.0, "model_version": model_version}
+
+
+class TrackedLinker:
+    """`detect+track`: each sampled frame and its detections go to the Tracker deployment in order, one session per
+    video (serve_app.models.tracker_sessions); its objects' boxes become the tracks."""
+
+    def __init__(self, track, labels: tuple[str, ...], *, fps: float):
+        self._track, self._labels, self._fps = track, labels, fps
+        self._key = f"video-{uuid.uuid4().hex}"  # one session per run of a task: a retry starts a fresh one
+        self._tracks: dict[int, Track] = {}
+        self._frames = 0
+        self.refused = 0
+
+    async def add(self, number: int, time_s: float, pixels: np.ndarray, detections: Detections,
+                  found: list[str]) -> None:
+        label_ids = np.array([self._labels.index(label) for label in found], np.int64)
+        try:
+            tracked = await self._track(TrackStep(
+                image_key=self._key, frame=self._frames, fps=self._fps, image=pixels, boxes=detections.boxes,
+                scores=detections.scores, phrase_ids=label_ids))
+        except TrackerUnavailable as exc:  # Ray re-raises the replica's exception as a subclass of it
+            raise BadRequest(str(getattr(exc, "cause", exc)), status_code=503) from None
+        self._frames += 1
+        for younger, older in tracked.merged.items():  # one object seen as two: one track
+            into = self._tracks.setdefault(older, Track(self._labels[0]))
+            taken = {p.number for p in into.points}
+            into.points = sorted(into.points + [p for p in self._tracks.pop(younger, Track("")).points
+                                                if p.number not in taken], key=lambda p: p.number)
+        for object_id, box, score, label in zip(tracked.object_ids, tracked.boxes, tracked.scores,
+                                                tracked.phrase_ids):
+            track = self._tracks.setdefault(int(object_id), Track(self._labels[int(label)]))
+            track.label = self._labels[int(label)]
+            track.points.append(TrackPoint(number, time_s, tuple(float(v) for v in box), float(score)))
+        if tracked.refused:
+            self.refused += tracked.refused
+            logger.warning("video %s: %d detections not tracked on frame %d: TRACKER_MAX_OBJECTS objects are live",
+                           self._key, tracked.refused, number)
+
+    async def close(self) -> None:
+        """The session's end, on success, failure or cancel alike; a replica that cannot be told drops it when idle
+        (TRACKER_SESSION_IDLE_S)."""
+        if not self._frames:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._track(TrackStep(image_key=self._key, frame=self._frames, close=True)))
+
+    def tracks(self) -> list[Track]:
+        """Every object's track (seen on two sampled frames or more, as the linker's), ordered by where it starts."""
+        return sorted((t for t in self._tracks.values() if len(t.points) >= 2),
+                      key=lambda t: (t.points[0].number, self._labels.index(t.label)))

@@ -121,3 +121,35 @@ class Masks:
         count = int(np.prod(shape))
         state["masks"] = np.unpackbits(packed, count=count).view(bool).reshape(shape)
         self.__dict__.update(state)
+
+
+class TrackerUnavailable(RuntimeError):
+    """The Tracker cannot carry this video on: its session was lost with a replica, or the replica holds its most
+    sessions. The task fails with this message and stays retryable; the other tasks go on."""
+
+
+@dataclass
+class TrackStep:
+    """One sampled frame of one video for the Tracker (`detect+track`), in order: the detector's boxes on it start
+    and confirm objects. `close=True` (and no image) ends the video's session."""
+
+    image_key: str  # the video's session; the affinity router sends every frame of a video to one replica
+    frame: int  # 0, 1, 2, ... the video's sampled frames, without gaps
+    fps: float = 0.0  # sampled frames per second of video (frame 0 sets the session's TRACKER_LOST_AFTER_S in frames)
+    image: np.ndarray | None = None  # H x W x 3 uint8 RGB
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # the detector's, xyxy pixels
+    scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+    phrase_ids: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    close: bool = False
+
+
+@dataclass
+class TrackedObjects:
+    """Where the video's objects are on one frame."""
+
+    object_ids: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # xyxy pixels
+    scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))  # their detections' scores
+    phrase_ids: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    merged: dict[int, int] = field(default_factory=dict)  # object id -> the older object it turned out to be
+    refused: int = 0  # detections that would have started an object beyond TRACKER_MAX_OBJECTS
