@@ -186,6 +186,9 @@ class VideoSettings:
     tracker_max_sessions: int = 8  # TRACKER_MAX_SESSIONS: videos one Tracker replica holds at once (memory)
     tracker_session_idle_s: float = 300.0  # TRACKER_SESSION_IDLE_S: a session not stepped this long may be dropped
     tracker_lost_after_s: float = 2.0  # TRACKER_LOST_AFTER_S: an object unseen this long (video time) has left
+    # VIDEO_BOX_TRACK_S: a box drawn in the editor is tracked this many seconds of video forward and as many back,
+    # within the editor's TASK_TIMEOUT_S
+    video_box_track_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -289,7 +292,7 @@ class Settings(ModelSettings, LabelStudioSettings, LimitSettings, JobSettings, V
             raise SettingsError("SAM_EMBEDDING_CACHE_BYTES and POLYGON_TOLERANCE_PX must not be negative")
         for name in ("download_timeout_s", "task_timeout_s", "replica_retry_timeout_s", "predict_deadline_s",
                      "write_deadline_s", "write_batch_wait_s", "max_video_seconds", "video_download_timeout_s",
-                     "video_task_timeout_s", "tracker_session_idle_s", "tracker_lost_after_s"):
+                     "video_task_timeout_s", "tracker_session_idle_s", "tracker_lost_after_s", "video_box_track_s"):
             if not 0 < getattr(self, name) <= MAX_TIMEOUT_S:
                 raise SettingsError(f"{name.upper()} must be more than 0 and at most {MAX_TIMEOUT_S:g} s (a day), "
                                     f"got {getattr(self, name)}")

@@ -23,7 +23,7 @@ from tests.videos import ColourDetector, ColourTracker, encode
 
 def tracking_pipeline(detector, tracker, **settings):
     pipeline = pipeline_with(detector, **settings)
-    sessions = TrackerSessions(tracker, max_sessions=2)
+    sessions = TrackerSessions(tracker, max_sessions=2, lost_after_s=pipeline.settings.tracker_lost_after_s)
     pipeline.track = lambda step: asyncio.to_thread(sessions.step, step)
     return pipeline, sessions
 
@@ -109,3 +109,67 @@ def test_a_tracker_model_that_is_not_a_video_model_fails_the_plan():
     with pytest.raises(SettingsError, match="TRACKER_MODEL='sam2' is a 'sam2' checkpoint; it must be a video model"):
         plan_graph(Settings.load(env={"DETECTOR_MODEL": "dino", "TRACKER_MODEL": "sam2"}), types.get)
     assert plan_graph(Settings.load(env={"DETECTOR_MODEL": "dino"}), types.get).video_pipeline == "detect+link"
+
+
+def drawn_box(frame: int, square, region_id: str = "r1x", label: str | None = "red", fps: float = 25) -> dict:
+    x0, y0, x1, y1 = square.box_at((frame - 1) / fps)
+    value = {"sequence": [{"frame": frame, "time": (frame - 1) / fps, "enabled": True, "rotation": 0,
+                           "x": 100 * x0 / 320, "y": 100 * y0 / 240, "width": 100 * (x1 - x0) / 320,
+                           "height": 100 * (y1 - y0) / 240}],
+             "framesCount": 125, "duration": 5.0}
+    if label:
+        value["labels"] = [label]
+    return {"result": [{"id": region_id, "type": "videorectangle", "from_name": "box", "to_name": "video",
+                        "origin": "manual", "value": value}]}
+
+
+def test_a_box_drawn_on_a_frame_is_tracked_back_and_forth_as_that_region(crossing_video):
+    pipeline, sessions = tracking_pipeline(ColourDetector(), ColourTracker(), video_track_fps=5,
+                                           video_box_track_s=2)
+    square = CROSSING[0]  # the red one moving right, drawn at t = 1.6 s (frame 41), tracked through the crossing
+    response = predict(pipeline, [{"id": 1, "data": {"video": data_url(crossing_video)}}], drawn_box(41, square))
+    assert "task_errors" not in response
+    [region] = response["results"][0]["result"]
+    assert region["id"] == "r1x" and region["value"]["labels"] == ["red"]  # the editor replaces its region
+    sequence = region["value"]["sequence"]
+    # 2 s back (to the start) and 2 s ahead of frame 41, at 5 frames a second
+    assert sequence[0]["frame"] == 1 and sequence[-1]["frame"] == 91 and sequence[-1]["enabled"] is False
+    for key in sequence:
+        x0, y0, _, _ = square.box_at((key["frame"] - 1) / 25)
+        assert key["x"] == pytest.approx(100 * x0 / 320, abs=1.0) and key["y"] == pytest.approx(100 * y0 / 240,
+                                                                                                 abs=1.0)
+    assert len(sessions) == 0  # both directions' sessions closed
+
+
+def test_a_drawn_box_is_tracked_until_its_object_leaves(crossing_video):
+    pipeline, _ = tracking_pipeline(ColourDetector(), ColourTracker(), video_track_fps=5, video_box_track_s=10,
+                                    tracker_lost_after_s=0.4)
+    square = CROSSING[1]  # blue, shown until 3 s
+    response = predict(pipeline, [{"id": 1, "data": {"video": data_url(crossing_video)}}],
+                       drawn_box(26, square, label="blue"))
+    [region] = response["results"][0]["result"]
+    assert region["value"]["sequence"][0]["frame"] == 1
+    assert region["value"]["sequence"][-1]["frame"] == 71  # its last sighting (2.8 s), then it has left
+
+
+def test_tracking_a_drawn_box_without_a_tracker_says_what_to_set(crossing_video):
+    response = predict(pipeline_with(ColourDetector()), [{"id": 1, "data": {"video": data_url(crossing_video)}}],
+                       drawn_box(26, CROSSING[0]))
+    assert "TRACKER_MODEL" in response["task_errors"][0]["error"]
+
+
+@pytest.mark.parametrize("sequence, message", [
+    ([], "at least one keyframe"),
+    ([{"frame": 0, "x": 1, "y": 1, "width": 5, "height": 5}], "whole number from 1"),
+    ([{"frame": 3, "x": 1, "y": 1, "width": 0, "height": 5}], "no area"),
+    ([{"frame": 3, "x": "1", "y": 1, "width": 5, "height": 5}], "value.x must be a number"),
+])
+def test_a_malformed_video_region_is_a_clear_400(sequence, message):
+    from serve_app.ingress.context import parse_context
+    from serve_app.ingress.errors import BadRequest
+    from serve_app.ingress.label_config import parse_label_config
+    from tests.test_video_tracks import VIDEO_CONFIG
+
+    context = {"result": [{"id": "a", "type": "videorectangle", "value": {"sequence": sequence}}]}
+    with pytest.raises(BadRequest, match=message):
+        parse_context(context, parse_label_config(VIDEO_CONFIG), 100)

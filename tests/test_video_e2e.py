@@ -79,3 +79,40 @@ def test_retrieve_stores_one_track_per_object_and_a_long_video_finishes_in_the_b
             assert [k["frame"] for k in sequence] == sorted({k["frame"] for k in sequence})
             assert sequence[-1]["enabled"] is False and 1 <= sequence[0]["frame"] <= seconds * 25
         assert region["value"]["framesCount"] == round(seconds * 25)  # the config's framerate, not the file's
+
+
+@pytest.fixture(scope="module")
+def tracking_service(label_studio, run, tmp_path_factory):
+    """A second service, with a video tracker (the tiny SAM 2.1 video model), for the editor's "track this box"."""
+    from serve_app.tiny_models.grounding_dino_sam import make_tiny_sam_family
+    from serve_app.tiny_models.null import make_null_models
+
+    models = tmp_path_factory.mktemp("tracking-models")
+    env = {"DETECTOR_MODEL": str(make_null_models(models / "null", boxes=1)["null_detector"]),
+           "TRACKER_MODEL": str(make_tiny_sam_family(models / "sam2.1-video", "sam2_video")),
+           "VIDEO_TRACK_FPS": str(TRACK_FPS), "VIDEO_BOX_TRACK_S": "1", "LABEL_STUDIO_URL": label_studio.url,
+           "LABEL_STUDIO_API_KEY": LEGACY_TOKEN}
+    service = ServeProcess(env, tmp_path_factory.mktemp("serve-tracking")).start()
+    yield service
+    service.stop()
+
+
+def test_a_box_drawn_in_the_editor_comes_back_tracked_as_that_region(run, tracking_service):
+    """The call the editor makes with Auto-Annotation on (Label Studio's interactive endpoint) with a box drawn on
+    frame 26 of the short video: the answer is that region, same id, tracked 1 s back and 1 s ahead."""
+    client, project, _, tasks = run
+    ml = client.ml.create(project=project.id, url=tracking_service.url, is_interactive=True, title="tracker")
+    task_id = tasks["short"][0]
+    drawn = {"id": "Yq3x_Ab12", "type": "videorectangle", "from_name": "box", "to_name": "video", "origin": "manual",
+             "value": {"framesCount": 50, "duration": 2.0, "labels": ["red"],
+                       "sequence": [{"frame": 26, "time": 1.0, "enabled": True, "rotation": 0,
+                                     "x": 21.9, "y": 20.8, "width": 12.5, "height": 16.7}]}}
+    response = client.ml.with_raw_response.predict_interactive(ml.id, task=task_id, context={"result": [drawn]})
+    body = response.response.json()
+    assert "errors" not in body, body
+    [region] = body["data"]["result"]
+    assert (region["id"], region["type"], region["value"]["labels"]) == ("Yq3x_Ab12", "videorectangle", ["red"])
+    frames = [k["frame"] for k in region["value"]["sequence"]]
+    assert frames[0] <= 26 <= frames[-1] and frames[-1] <= 51  # within 1 s each way of the drawn frame
+    assert LabelInterface(VIDEO_CONFIG).validate_prediction({"result": [region]})
+    assert len(client.predictions.list(task=task_id)) == 1  # interactive answers are not stored

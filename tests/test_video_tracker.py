@@ -172,3 +172,30 @@ def test_two_objects_the_tracker_puts_on_one_thing_are_merged_into_the_older():
 
 def test_box_iou_of_disjoint_touching_and_empty_boxes():
     assert box_iou([[0, 0, 1, 1]], [[1, 0, 2, 1], [0, 0, 1, 1], [0, 0, 0, 0]]).tolist() == [[0.0, 1.0, 0.0]]
+
+
+def test_tracking_back_in_time_as_a_reversed_stream_equals_transformers_reverse_propagation(tracker):
+    """The editor's "track this box" goes back from the box's frame by streaming the earlier frames last first;
+    transformers' own reverse propagation over the whole video (all frames in its session) gives the same masks.
+    The box is on frame 18 of 20: with 16 or more frames both read the same number of object pointers."""
+    processor, model = tracker.processor, tracker.model
+    frames, start, box = [frame(i) for i in range(FRAMES)], FRAMES - 2, (20, 20, 60, 50)
+    pixels = torch.stack([processor(images=f, return_tensors="pt")["pixel_values"][0] for f in frames])
+    session_class = type(processor.init_video_session(inference_device="cpu", dtype=torch.float32))
+    whole = session_class(video=pixels, video_height=HEIGHT, video_width=WIDTH, dtype=torch.float32)
+    processor.add_inputs_to_inference_session(whole, frame_idx=start, obj_ids=[1], input_boxes=[[list(box)]])
+    expected = {}
+    with torch.inference_mode():
+        for output in model.propagate_in_video_iterator(whole, start_frame_idx=start, reverse=True):
+            masks = processor.post_process_masks([output.pred_masks], original_sizes=[[HEIGHT, WIDTH]])[0]
+            expected[output.frame_idx] = masks[0, 0].numpy()
+    session = tracker.open(HEIGHT, WIDTH)
+    got = {}
+    for step, index in enumerate(range(start, -1, -1)):
+        tracked = session.track(frames[index], with_masks=True)
+        if step == 0:
+            tracked = session.add([1], np.array([box]), with_masks=True)
+        got[index] = tracked.masks[0]
+    assert sorted(got) == sorted(expected) == list(range(start + 1))
+    for index in expected:
+        assert np.array_equal(expected[index], got[index]), index

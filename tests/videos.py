@@ -161,6 +161,10 @@ class ColourTrackerSession:
         self.image: np.ndarray | None = None
         self.closed = False
 
+    @property
+    def object_ids(self) -> list[int]:
+        return list(self.colours)
+
     def track(self, image: np.ndarray):
         self.image = image.astype(np.int16)
         for object_id, colour in self.colours.items():

@@ -62,11 +62,28 @@ class Exemplar:
 
 
 @dataclass(frozen=True)
+class VideoBox:
+    """A box drawn on one frame of a video (a `videorectangle` region the editor sends with Auto-Annotation on):
+    "track this" forward and backward from that frame. The region's first keyframe is the box."""
+
+    region_id: str  # the editor's region id: the answer replaces that region
+    frame: int  # the editor's frame number (from 1)
+    box: tuple[float, float, float, float]  # x, y, width, height in percent of the frame
+    label: str | None = None  # value.labels[0], when the region has one
+
+    def in_pixels(self, width: int, height: int) -> tuple[float, float, float, float]:
+        x, y, w, h = self.box
+        left, top = x / 100 * width, y / 100 * height
+        return left, top, min(width, left + w / 100 * width), min(height, top + h / 100 * height)
+
+
+@dataclass(frozen=True)
 class LabellingContext:
     prompt_text: str | None = None  # None: no TextArea result, so the config's labels are the prompt
     thresholds: dict[str, float] = field(default_factory=dict)  # only those the context sets
     regions: DrawnRegions = DrawnRegions()
     exemplars: tuple[Exemplar, ...] = ()
+    video_box: VideoBox | None = None  # the last video region sent: track it
 
 
 def parse_context(context: Any, config: ProjectConfig, max_regions: int, max_exemplars: int = 32) -> LabellingContext:
@@ -86,6 +103,7 @@ def parse_context(context: Any, config: ProjectConfig, max_regions: int, max_exe
     texts: list[str] | None = None
     thresholds: dict[str, float] = {}
     points, labels, boxes, names = [], [], [], []
+    video_box = None
     exemplars: dict[Any, Exemplar] = {}  # by region id: one box drawn with two controls selected is one exemplar
     for item in results:
         if not isinstance(item, dict):
@@ -109,6 +127,8 @@ def parse_context(context: Any, config: ProjectConfig, max_regions: int, max_exe
                 thresholds[item["from_name"]] = unit_interval(number, item["from_name"])
             except ValueError as exc:
                 raise BadRequest(str(exc)) from None
+        elif kind == "videorectangle":
+            video_box = _video_box(item)
         elif kind in REGION_TYPES:
             value = item.get("value")
             if not isinstance(value, dict):
@@ -130,7 +150,25 @@ def parse_context(context: Any, config: ProjectConfig, max_regions: int, max_exe
     regions = DrawnRegions(points=tuple(points), point_labels=tuple(labels), box=boxes[-1] if boxes else None,
                            label=names[-1] if names else None)
     return LabellingContext(prompt_text=". ".join(texts) if texts is not None else None, thresholds=thresholds,
-                            regions=regions, exemplars=tuple(exemplars.values()))
+                            regions=regions, exemplars=tuple(exemplars.values()), video_box=video_box)
+
+
+def _video_box(item: dict) -> VideoBox:
+    value = item.get("value")
+    sequence = value.get("sequence") if isinstance(value, dict) else None
+    if not isinstance(sequence, list) or not sequence or not isinstance(sequence[0], dict):
+        raise BadRequest("a videorectangle region needs value.sequence with at least one keyframe")
+    first = sequence[0]
+    frame = first.get("frame")
+    if isinstance(frame, bool) or not isinstance(frame, int) or not 1 <= frame <= 10**9:
+        raise BadRequest("a videorectangle keyframe's frame must be a whole number from 1")
+    box = (_percent(first, "x"), _percent(first, "y"), _percent(first, "width"), _percent(first, "height"))
+    if min(box[2], 100 - box[0]) <= 0 or min(box[3], 100 - box[1]) <= 0:
+        raise BadRequest("the videorectangle's box has no area inside the frame")
+    chosen = value.get("labels")
+    label = chosen[0] if isinstance(chosen, list) and chosen and isinstance(chosen[0], str) else None
+    region_id = item.get("id") if isinstance(item.get("id"), str) and len(item["id"]) <= 64 else ""
+    return VideoBox(region_id=region_id, frame=frame, box=box, label=label)
 
 
 def _exemplar(item: dict) -> Exemplar:

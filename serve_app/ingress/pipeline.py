@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from serve_app import get_logger
-from serve_app.ingress.context import DrawnRegions, Exemplar, parse_context
+from serve_app.ingress.context import DrawnRegions, Exemplar, VideoBox, parse_context
 from serve_app.ingress.errors import BadRequest, ServiceUnavailable
 from serve_app.ingress.exemplars import NOT_SUPPORTED, exemplar_arrays, exemplar_prompt
 from serve_app.ingress.images import ImageFetcher, LoadedImage, decode_image, image_size
@@ -61,6 +61,7 @@ class LabellingRequest:
     fetcher: Any = None  # the ImageFetcher of the Label Studio instance that sent it; None: the pipeline's own
     exemplars: tuple[Exemplar, ...] = ()  # boxes drawn with the exemplar control (serve_app.ingress.exemplars)
     exemplar_phrases: tuple[int, ...] = ()  # the phrase each exemplar serves
+    video_box: VideoBox | None = None  # a box drawn on a video frame, to track (the editor, Auto-Annotation on)
 
 
 # The priority of the task this code runs for (an asyncio task copies it when created): the model requests
@@ -151,7 +152,8 @@ class LabellingPipeline:
                                                       thresholds["exemplar_threshold"]),
                                 regions=DrawnRegions() if context.exemplars else context.regions,
                                 interactive=raw_context is not None, project=project_name(body.get("project")),
-                                exemplars=context.exemplars, exemplar_phrases=exemplar_phrases)
+                                exemplars=context.exemplars, exemplar_phrases=exemplar_phrases,
+                                video_box=context.video_box if config.video else None)
 
     async def predict(self, body: Any) -> dict[str, Any]:
         """The `/predict` answer: one prediction per task, in order. Raises BadRequest for the request as a

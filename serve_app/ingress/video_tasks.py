@@ -67,6 +67,12 @@ async def label_video(pipeline, request, task: dict, url: str) -> dict[str, Any]
 
 
 async def _label_video(pipeline, request, task: dict, url: str) -> dict[str, Any]:
+    if request.video_box is not None:
+        return await _track_drawn_box(pipeline, request, task, url)
+    return await _search_video(pipeline, request, task, url)
+
+
+async def _search_video(pipeline, request, task: dict, url: str) -> dict[str, Any]:
     from serve_app.ingress.pipeline import task_priority
 
     progress = VIDEO_PROGRESS.get()
@@ -228,3 +234,118 @@ class TrackedLinker:
         """Every object's track (seen on two sampled frames or more, as the linker's), ordered by where it starts."""
         return sorted((t for t in self._tracks.values() if len(t.points) >= 2),
                       key=lambda t: (t.points[0].number, self._labels.index(t.label)))
+
+
+async def _track_drawn_box(pipeline, request, task: dict, url: str) -> dict[str, Any]:
+    """The editor's "track this box": the box drawn on one frame, carried by the Tracker VIDEO_BOX_TRACK_S seconds
+    forward and as many back, as that region's new sequence (the same region id, so the editor replaces it).
+
+    Backward, the frames before the box are decoded in order once into the task's temporary directory and fed to a
+    second session last first: the model tracks back in time as it tracks forward. Memory holds one frame at a time.
+    """
+    if pipeline.track is None:
+        raise BadRequest("tracking a box drawn on a video needs a video tracker: set TRACKER_MODEL to a SAM 2.1 or "
+                         "EdgeTAM video checkpoint (docs/video.md)")
+    drawn, config, s = request.video_box, request.config, pipeline.settings
+    framerate = config.video.framerate_of(task["data"])
+    limits = video_limits(s, framerate)
+    label = drawn.label if drawn.label in config.labels else (config.labels[0] if config.labels else "object")
+    fetcher = request.fetcher or pipeline.fetcher
+    with tempfile.TemporaryDirectory(prefix="grounded-serve-video-") as directory:
+        with pipeline.stage("fetch"):
+            path = await fetcher.fetch_file(fetcher.resolve(url, task.get("id")), Path(directory),
+                                            video_download_limit(s))
+        info = await pipeline.run_blocking(probe, path, limits)
+        at = min((drawn.frame - 1) / framerate, max(info.duration_s, 0.0))
+        window = s.video_box_track_s
+        size = (info.width, info.height)
+        async with pipeline.memory.hold(info.width * info.height * 3 * 2):
+            # back: [at - window, at], decoded in order to disk, then tracked last first
+            stored = await pipeline.run_blocking(_frames_to_disk, path, limits, at, max(0.0, at - window),
+                                                 Path(directory) / "frames")
+            if not stored:
+                raise VideoError(f"the video has no frame at frame {drawn.frame} ({at:.2f} s)")
+            box = drawn.in_pixels(*size)
+            back = await _track_from(pipeline, label, box, limits.track_fps,
+                                     (_load_frame(p) for p in reversed(stored)))
+            ahead_frames = sample_frames(path, limits, origin_s=at, start_s=at, end_s=at + window)
+            try:
+                ahead = await _track_from(pipeline, label, box, limits.track_fps,
+                                          _skip_first(ahead_frames))
+            finally:
+                with contextlib.suppress(ValueError):
+                    ahead_frames.close()
+        first = stored[-1]
+        prompt = TrackPoint(0, first.time_s, box, 1.0)
+        points = [TrackPoint(-i, t, b, sc) for i, (t, b, sc) in enumerate(back, start=1)][::-1] + [prompt] + \
+            [TrackPoint(i, t, b, sc) for i, (t, b, sc) in enumerate(ahead, start=1)]
+        offset = -points[0].number
+        track = Track(label, [TrackPoint(p.number + offset, p.time_s, p.box, p.score) for p in points])
+        prediction = await pipeline.run_blocking(functools.partial(
+            build_video_prediction, config, [track], width=size[0], height=size[1], framerate=framerate,
+            duration_s=max(info.duration_s, 0.0), tolerance=s.video_keyframe_tolerance,
+            model_version=pipeline.model_version))
+        for region in prediction["result"]:
+            region["id"] = drawn.region_id or region["id"]
+        return prediction
+
+
+@dataclass
+class _StoredFrame:
+    path: Path
+    time_s: float
+
+
+def _frames_to_disk(path: Path, limits: VideoLimits, at: float, start: float, directory: Path) -> list[_StoredFrame]:
+    """The sampled frames of [start, at] (on the grid through `at`), each saved as raw pixels: read back last first."""
+    directory.mkdir()
+    stored = []
+    frames = sample_frames(path, limits, origin_s=at, start_s=start, end_s=at)
+    try:
+        for frame in frames:
+            file = directory / f"{frame.number:06d}.npy"
+            np.save(file, frame.pixels, allow_pickle=False)
+            stored.append(_StoredFrame(file, frame.time_s))
+    finally:
+        frames.close()
+    return stored
+
+
+def _load_frame(stored: _StoredFrame):
+    return stored.time_s, lambda: np.load(stored.path, allow_pickle=False)
+
+
+def _skip_first(frames):
+    """The window ahead without its first frame (the box's own, which the backward pass starts from)."""
+    next(frames, None)
+    for frame in frames:
+        yield frame.time_s, (lambda pixels=frame.pixels: pixels)
+
+
+async def _track_from(pipeline, label: str, box, fps: float, frames) -> list[tuple[float, tuple, float]]:
+    """One session: the first frame of `frames` gets the box; then each next frame, until the object has left.
+    (time, box, score) per frame the object is seen, excluding the first. `frames` yields (time, pixels loader)."""
+    key = f"box-{uuid.uuid4().hex}"
+    seen: list[tuple[float, tuple, float]] = []
+    index = 0
+    try:
+        for time_s, pixels in frames:
+            image = await pipeline.run_blocking(pixels)
+            boxes = np.array([box], np.float32) if index == 0 else np.zeros((0, 4), np.float32)
+            try:
+                with pipeline.stage("track"):
+                    tracked = await pipeline.track(TrackStep(
+                        image_key=key, frame=index, fps=fps, image=image, boxes=boxes,
+                        scores=np.ones(len(boxes), np.float32), phrase_ids=np.zeros(len(boxes), np.int64)))
+            except TrackerUnavailable as exc:
+                raise BadRequest(str(getattr(exc, "cause", exc)), status_code=503) from None
+            if index > 0 and len(tracked.object_ids):
+                seen.append((time_s, tuple(float(v) for v in tracked.boxes[0]), 1.0))
+            index += 1
+            if not tracked.live:
+                break
+    finally:
+        if index:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pipeline.track(TrackStep(image_key=key, frame=index, close=True)))
+    return seen

@@ -123,12 +123,17 @@ def _upright(frame) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(pixels, k=turns)) if turns else pixels
 
 
-def sample_frames(path: Path, limits: VideoLimits) -> Iterator[SampledFrame]:
-    """The frames to track, in order: for each instant k / track_fps the first frame shown at or after it.
+def sample_frames(path: Path, limits: VideoLimits, *, origin_s: float = 0.0, start_s: float = 0.0,
+                  end_s: float = math.inf) -> Iterator[SampledFrame]:
+    """The frames to track, in order: for each instant origin_s + k / track_fps within [start_s, end_s] the first
+    frame shown at or after it (a window around a drawn box's frame, or the whole video); a window whose first
+    instant is past end_s is empty.
 
     Variable frame rates are handled by presentation time, not by counting frames. Raises VideoError when the
     stream holds more than MAX_VIDEO_FRAMES frames, runs past MAX_VIDEO_SECONDS, or has no frame at all."""
     step = Fraction(1) / Fraction(limits.track_fps).limit_denominator(1000)
+    origin = Fraction(origin_s).limit_denominator(10**6)
+    first = origin + math.ceil((Fraction(start_s).limit_denominator(10**6) - origin) / step) * step
     with _as_video_errors(), _open(path) as container:
         if not container.streams.video:
             raise VideoError("the file has no video stream")
@@ -136,7 +141,9 @@ def sample_frames(path: Path, limits: VideoLimits) -> Iterator[SampledFrame]:
         stream.thread_type = "AUTO"
         start = None
         decoded = sampled = 0
-        next_instant = Fraction(0)
+        next_instant = max(first, Fraction(0))
+        if next_instant > end_s:
+            return
         for frame in container.decode(stream):
             decoded += 1
             if decoded > limits.max_frames:
@@ -159,6 +166,8 @@ def sample_frames(path: Path, limits: VideoLimits) -> Iterator[SampledFrame]:
             yield SampledFrame(number=sampled, time_s=float(seconds), pixels=_upright(frame))
             sampled += 1
             # the next instant after this frame's time: a long gap (a variable-rate stream) skips instants
-            next_instant = (seconds // step + 1) * step
+            next_instant = origin + ((seconds - origin) // step + 1) * step
+            if next_instant > end_s:  # the window's last instant is served: decode no further
+                return
         if decoded == 0:
             raise VideoError("the video has no frames")

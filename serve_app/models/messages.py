@@ -153,3 +153,4 @@ class TrackedObjects:
     phrase_ids: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
     merged: dict[int, int] = field(default_factory=dict)  # object id -> the older object it turned out to be
     refused: int = 0  # detections that would have started an object beyond TRACKER_MAX_OBJECTS
+    live: int = 0  # objects the session still tracks, seen here or not (0: every object has left)

@@ -47,7 +47,8 @@ class TrackerSessions:
             object_ids=np.array([o.object_id for o in objects], np.int64),
             boxes=np.array([o.box for o in objects], np.float32).reshape(-1, 4),
             scores=np.array([o.score for o in objects], np.float32),
-            phrase_ids=np.array([o.label for o in objects], np.int64), merged=step.merged, refused=step.refused)
+            phrase_ids=np.array([o.label for o in objects], np.int64), merged=step.merged, refused=step.refused,
+            live=len(tracking.session.object_ids))
 
     def _session_for(self, request: TrackStep) -> DetectAndTrack:
         key, now = request.image_key, self._clock()
