@@ -1,6 +1,7 @@
 """Video tasks: memory flat with length, and frames per second searched, through the labelling pipeline in-process.
 
     python -m benchmarks.video [--short-s 60] [--long-s 600] [--full-size] [--device cuda] [--track-fps 10]
+                               [--tracker] [--tracker-long-s 600]
 
 Memory: the same 640x480 scene (tests/videos.py's moving squares) as a 1-minute and a 10-minute video, each
 labelled in a fresh process with the null detector (serve_app.models.null_models: instant, 20 boxes a frame), so
@@ -10,6 +11,10 @@ the 10-minute video's peak RSS within 10 % of the 1-minute one's.
 
 Speed: sampled frames per second end to end (decode, detect, link, keyframes) with the tiny random-weight
 Grounding DINO, and with --full-size the full-size Grounding DINO (Swin-T) architecture with random weights.
+With --tracker, `detect+track` too: the same two memory runs with the tiny random-weight SAM 2.1 video model as
+the tracker (serve_app.models.tracker_sessions, in-process) and a one-box null detector, so what grows or not is the
+tracker's session, and its frames per second.
+
 Writes benchmarks/results/video-<device>.json.
 """
 
@@ -44,7 +49,8 @@ def write_video(path: Path, seconds: float, fps: int = 25) -> Path:
     return path
 
 
-def label_once(video: Path, detector_dir: str, track_fps: float, in_flight: int = 8, device: str = "cpu") -> dict:
+def label_once(video: Path, detector_dir: str, track_fps: float, in_flight: int = 8, device: str = "cpu",
+               tracker_dir: str = "") -> dict:
     """Runs in a fresh process: one video task through LabellingPipeline, with its peak RSS."""
     from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
     from serve_app.ingress.pipeline import LabellingPipeline, in_thread
@@ -60,8 +66,18 @@ def label_once(video: Path, detector_dir: str, track_fps: float, in_flight: int 
     detector = load(ModelSpec(role=DETECTOR, checkpoint=detector_dir, setting="DETECTOR_MODEL", device=device))
     fetcher = ImageFetcher(ImageSourcePolicy(max_bytes=10**9, timeout_s=60, max_pixels=10**8,
                                              document_root=str(video.parent)))
+    track = None
+    if tracker_dir:
+        from serve_app.models.catalog import TRACKER
+        from serve_app.models.tracker_sessions import TrackerSessions
+
+        sessions = TrackerSessions(load(ModelSpec(TRACKER, tracker_dir, "TRACKER_MODEL", device=device)))
+
+        async def track(step):
+            return await asyncio.to_thread(sessions.step, step)
+
     pipeline = LabellingPipeline(settings=settings, model_version="bench", detect=in_thread(detector.detect),
-                                 segment=None, fetcher=fetcher)
+                                 segment=None, fetcher=fetcher, track=track)
     import gc
     import threading
 
@@ -96,12 +112,12 @@ def label_once(video: Path, detector_dir: str, track_fps: float, in_flight: int 
 
 
 def in_fresh_process(video: Path, detector_dir: str, track_fps: float, in_flight: int = 8,
-                     device: str = "cpu") -> dict:
+                     device: str = "cpu", tracker_dir: str = "") -> dict:
     code = ("import json, sys; from pathlib import Path; from benchmarks.video import label_once; "
             "print(json.dumps(label_once(Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), "
-            "sys.argv[5])))")
+            "sys.argv[5], sys.argv[6])))")
     out = subprocess.run([sys.executable, "-c", code, str(video), detector_dir, str(track_fps), str(in_flight),
-                          device], cwd=ROOT,
+                          device, tracker_dir], cwd=ROOT,
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -113,6 +129,8 @@ def main() -> None:
     parser.add_argument("--track-fps", type=float, default=2)
     parser.add_argument("--full-size", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where the detector of the speed runs runs")
+    parser.add_argument("--tracker", action="store_true", help="also detect+track with the tiny SAM 2.1 tracker")
+    parser.add_argument("--tracker-long-s", type=float, default=600)
     args = parser.parse_args()
 
     from serve_app.tiny_models.grounding_dino_sam import make_tiny_models
@@ -141,6 +159,18 @@ def main() -> None:
 
         results["speed"]["full-size Grounding DINO"] = in_fresh_process(
             write_video(work / "ten.mp4", 10), str(_full_size_dino()), args.track_fps, in_flight, args.device)
+    if args.tracker:
+        from serve_app.tiny_models.grounding_dino_sam import make_tiny_sam_family
+
+        one_box = str(make_null_models(work / "one-box", boxes=1)["null_detector"])
+        tracker = str(make_tiny_sam_family(work / "sam2.1-video", "sam2_video"))
+        tracker_long = write_video(work / "tracker-long.mp4", args.tracker_long_s)
+        short_run = in_fresh_process(short, one_box, args.track_fps, 1, args.device, tracker)
+        long_run = in_fresh_process(tracker_long, one_box, args.track_fps, 1, args.device, tracker)
+        results["detect+track"] = {
+            "tracker": "tiny random-weight SAM 2.1 video (512 px), null detector with one box a frame",
+            "short": short_run, "long": long_run, "long_s": args.tracker_long_s,
+            "long_over_short": round(long_run["peak_rss_mb"] / short_run["peak_rss_mb"] - 1, 4)}
     out = ROOT / "benchmarks" / "results" / f"video-{args.device}.json"
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

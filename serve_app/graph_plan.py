@@ -8,8 +8,9 @@ Pipelines (PIPELINE, or `auto` from the detector's family):
 - `concept`: SAM 3 as DETECTOR_MODEL finds every instance of each phrase with its mask in one model, and answers
   clicks from the same cached image features (its tracker, in the `sam3_video` checkpoint the hub ships).
 
-Videos (docs/video.md): `detect+track` when TRACKER_MODEL names a SAM 2.1 / EdgeTAM video checkpoint (a Tracker
-deployment carries each detected object through the frames), else `detect+link` (ByteTrack links the boxes).
+Videos (docs/video.md): `concept` when TRACKER_MODEL is SAM 3 (its video model, on a Tracker deployment, finds and
+tracks each phrase), `detect+track` when it names a SAM 2.1 / EdgeTAM video checkpoint (the Tracker carries each
+detected object through the frames), else `detect+link` (ByteTrack links the detector's boxes).
 
 Combinations that cannot mean what they say fail `serve run` with one message naming the settings.
 """
@@ -59,12 +60,15 @@ class GraphPlan:
     exemplars: bool = False  # the detector takes exemplar boxes as prompts (its catalog row says so)
     tracker: ModelSpec | None = None  # the Tracker deployment's video model; None: videos are `detect+link`
     tracker_limits: TrackerLimits = TrackerLimits()
+    tracker_detects: bool = False  # the tracker finds the phrases itself (SAM 3's video model)
 
     @property
     def video_pipeline(self) -> str:
-        """detect+track: the detector's boxes start objects the video model carries; detect+link: ByteTrack links
-        the detector's boxes."""
-        return "detect+track" if self.tracker is not None else "detect+link"
+        """concept: SAM 3's video model finds and tracks every phrase; detect+track: the detector's boxes start
+        objects the video model carries; detect+link: ByteTrack links the detector's boxes."""
+        if self.tracker is None:
+            return "detect+link"
+        return "concept" if self.tracker_detects else "detect+track"
 
     @property
     def concept(self) -> bool:
@@ -95,9 +99,10 @@ def plan_graph(settings: Settings, model_type_of: Callable[[str], str | None] = 
                               cache_bytes=settings.sam_embedding_cache_bytes,
                               sam_model_type=settings.segmenter_model_type, sha256=settings.segmenter_checkpoint_sha256,
                               cache_dir=settings.checkpoint_cache_dir)
-    tracker = None
+    tracker, tracker_detects = None, False
     if settings.tracker_model:
-        _check_tracker(settings.tracker_model, model_type_of)
+        tracker_found = _tracker_family(settings.tracker_model, model_type_of)
+        tracker_detects = bool(tracker_found and tracker_found.details.get("tracker_detects"))
         tracker = ModelSpec(catalog.TRACKER, settings.tracker_model, "TRACKER_MODEL", device=settings.device,
                             precision=settings.precision)
     limits = TrackerLimits(settings.tracker_max_sessions, settings.tracker_session_idle_s,
@@ -105,17 +110,21 @@ def plan_graph(settings: Settings, model_type_of: Callable[[str], str | None] = 
     return GraphPlan(pipeline=pipeline, detector=detector, segmenter=segmenter,
                      process=ReplicaProcess(settings.model_cpu_niceness, 2 if segmenter is not None else 1),
                      model_version=model_version_for(settings), exemplars=bool(found and found.exemplars),
-                     tracker=tracker, tracker_limits=limits)
+                     tracker=tracker, tracker_limits=limits, tracker_detects=tracker_detects)
 
 
-def _check_tracker(checkpoint: str, model_type_of: Callable[[str], str | None]) -> None:
-    """A TRACKER_MODEL that is readable here and not a video model fails `serve run` now, not each video later."""
+def _tracker_family(checkpoint: str, model_type_of: Callable[[str], str | None]) -> catalog.Family | None:
+    """TRACKER_MODEL's family. One readable here and not a video model fails `serve run` now, not each video
+    later; an unreadable one (offline, gated) is named by its hub id (facebook/sam3), else decided at load."""
     model_type = model_type_of(checkpoint)
-    found = catalog.family(model_type) if model_type else None
-    if model_type is not None and (found is None or catalog.TRACKER not in found.roles):
+    if model_type is None:
+        return catalog.family_by_name_hint(checkpoint, catalog.TRACKER)
+    found = catalog.family(model_type)
+    if found is None or catalog.TRACKER not in found.roles:
         raise SettingsError(f"TRACKER_MODEL={checkpoint!r} is a {model_type!r} checkpoint; it must be a video model: "
-                            f"{catalog.served((catalog.TRACKER,))} (the hub's facebook/sam2.1-hiera-* and "
-                            "yonigozlan/EdgeTAM-hf are)")
+                            f"{catalog.served((catalog.TRACKER,))} (the hub's facebook/sam2.1-hiera-*, "
+                            "yonigozlan/EdgeTAM-hf and facebook/sam3 are)")
+    return found
 
 
 def _detector_family(settings: Settings, model_type_of: Callable[[str], str | None]) -> catalog.Family | None:

@@ -47,8 +47,12 @@ def test_a_click_after_a_text_prompt_reuses_the_prompts_image_features(service, 
 @pytest.fixture(scope="module")
 def detector_only_service(image_dir, tmp_path_factory):
     sam3 = make_tiny_sam3(tmp_path_factory.mktemp("sam3-detector-only"), seed=1)  # model_type "sam3": no tracker
-    env = {"DETECTOR_MODEL": str(sam3), "IMAGE_HOST_ALLOWLIST": "127.0.0.1", "BOX_THRESHOLD": "0"}
+    # videos: SAM 3's video model (a sam3_video checkpoint wide enough for its tracker) on the Tracker deployment
+    video = make_tiny_sam3_video(tmp_path_factory.mktemp("sam3-video"), seed=2, width=128)
+    env = {"DETECTOR_MODEL": str(sam3), "IMAGE_HOST_ALLOWLIST": "127.0.0.1", "BOX_THRESHOLD": "0",
+           "TRACKER_MODEL": str(video), "TRACKER_MAX_OBJECTS": "4", "VIDEO_TRACK_FPS": "4"}
     process = ServeProcess(env, tmp_path_factory.mktemp("serve")).start()
+    process.video_model = video
     yield process
     process.stop()
 
@@ -116,3 +120,57 @@ def test_video_tasks_are_tracked_with_the_concept_model_as_the_frames_detector(s
     for region in prediction["result"]:
         assert region["type"] == "videorectangle" and region["value"]["labels"][0] in ("red", "blue")
         assert region["value"]["sequence"][-1]["enabled"] is False
+
+
+def test_video_tasks_are_found_and_tracked_by_sam3s_video_model_as_in_process(detector_only_service, image_dir,
+                                                                             image_server):
+    """TRACKER_MODEL=SAM 3: the `concept` pipeline on videos. Each sampled frame goes to the Tracker only (SAM 3's
+    video model detects the labels' phrases and tracks each instance with an identity), and the tracks equal the
+    in-process pipeline's with the same checkpoint."""
+    import asyncio
+
+    from label_studio_sdk.label_interface import LabelInterface
+
+    from serve_app.ingress.images import ImageFetcher, ImageSourcePolicy
+    from serve_app.ingress.pipeline import LabellingPipeline
+    from serve_app.models import catalog
+    from serve_app.models.loading import load
+    from serve_app.models.spec import ModelSpec
+    from serve_app.models.tracker_sessions import TrackerSessions
+    from serve_app.settings import Settings
+    from tests.test_video_tracks import CROSSING, VIDEO_CONFIG
+    from tests.videos import encode
+
+    (image_dir / "concept-tracked.mp4").write_bytes(encode(CROSSING, seconds=2))
+    body = {"tasks": [{"id": 6, "data": {"video": f"{image_server}/concept-tracked.mp4"}}],
+            "label_config": VIDEO_CONFIG}
+    response = httpx.post(f"{detector_only_service.url}/predict", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    assert "task_errors" not in payload
+    [prediction] = payload["results"]
+    assert prediction["result"] and LabelInterface(VIDEO_CONFIG).validate_prediction(prediction) is True
+    assert payload["model_version"].endswith("+track:" + detector_only_service.video_model.name)
+
+    settings = Settings.load(env={"DEVICE": "cpu", "VIDEO_TRACK_FPS": "4", "BOX_THRESHOLD": "0"})
+    sessions = TrackerSessions(load(ModelSpec(catalog.TRACKER, str(detector_only_service.video_model),
+                                              "TRACKER_MODEL", device="cpu")), max_objects=4)
+
+    async def no_detector(request):
+        raise AssertionError("the concept pipeline sends video frames to the Tracker only")
+
+    local = LabellingPipeline(settings=settings, model_version="v", detect=no_detector, segment=None,
+                              fetcher=ImageFetcher(ImageSourcePolicy(max_bytes=10**8, timeout_s=5, max_pixels=10**8,
+                                                                     host_allowlist=frozenset({"127.0.0.1"}))),
+                              track=lambda step: asyncio.to_thread(sessions.step, step), track_detects=True)
+    [expected] = asyncio.run(local.predict(body))["results"]
+
+    def tracks(prediction):
+        return sorted((r["value"]["labels"][0], [(k["frame"], k["enabled"], k["x"], k["y"], k["width"], k["height"])
+                                                 for k in r["value"]["sequence"]]) for r in prediction["result"])
+
+    for (label, got), (label_expected, want) in zip(tracks(prediction), tracks(expected), strict=True):
+        assert label == label_expected and len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a[:2] == b[:2] and a[2:] == pytest.approx(b[2:], abs=1e-3)
+    assert len(sessions) == 0

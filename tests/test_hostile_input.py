@@ -292,10 +292,14 @@ image_values = st.sampled_from(["", "data:,", "data:image/png;base64,@@", "http:
     st.text(max_size=40) | json_values
 tasks = st.lists(st.one_of(json_values, st.fixed_dictionaries({"id": json_values, "data": st.one_of(
     json_values, st.fixed_dictionaries({"image": image_values}))})), max_size=4)
+keyframes = st.lists(st.fixed_dictionaries({name: json_values for name in ("frame", "x", "y", "width", "height")}),
+                     max_size=2) | json_values
 contexts = st.one_of(json_values, st.fixed_dictionaries({"result": st.lists(st.fixed_dictionaries({
-    "type": st.sampled_from(["textarea", "number", "rectanglelabels"]) | st.text(max_size=8),
+    "type": st.sampled_from(["textarea", "number", "rectanglelabels", "videorectangle"]) | st.text(max_size=8),
     "from_name": st.sampled_from(["prompt", "box_threshold", "text_threshold"]) | st.text(max_size=8),
-    "value": st.fixed_dictionaries({"text": json_values, "number": json_values})}), max_size=3)}))
+    "id": json_values,
+    "value": st.fixed_dictionaries({"text": json_values, "number": json_values, "sequence": keyframes,
+                                    "labels": json_values})}), max_size=3)}))
 predict_bodies = st.one_of(json_values, st.fixed_dictionaries({
     "tasks": tasks,
     "label_config": st.sampled_from([SEED_CONFIG, "<View>", "", "<View><Image name='i' value='$i'/></View>"])

@@ -9,6 +9,8 @@ import asyncio
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from serve_app.ingress.pipeline import in_thread
 from serve_app.models import catalog
@@ -102,7 +104,13 @@ def test_a_tracker_model_that_is_not_a_video_model_fails_the_plan():
     from serve_app.graph_plan import plan_graph
     from serve_app.settings import Settings, SettingsError
 
-    types = {"dino": "grounding-dino", "sam2": "sam2", "video": "sam2_video"}
+    types = {"dino": "grounding-dino", "sam2": "sam2", "video": "sam2_video", "sam3": "sam3_video"}
+    concept = plan_graph(Settings.load(env={"DETECTOR_MODEL": "dino", "TRACKER_MODEL": "sam3"}), types.get)
+    assert (concept.video_pipeline, concept.tracker_detects) == ("concept", True)
+    # unreadable here (offline, gated): the hub id names SAM 3
+    gated = plan_graph(Settings.load(env={"DETECTOR_MODEL": "dino", "TRACKER_MODEL": "facebook/sam3"}),
+                       lambda checkpoint: types.get(checkpoint))
+    assert gated.video_pipeline == "concept"
     plan = plan_graph(Settings.load(env={"DETECTOR_MODEL": "dino", "TRACKER_MODEL": "video"}), types.get)
     assert plan.video_pipeline == "detect+track" and plan.tracker.checkpoint == "video"
     assert plan.model_version.endswith("+track:video")
@@ -173,3 +181,28 @@ def test_a_malformed_video_region_is_a_clear_400(sequence, message):
     context = {"result": [{"id": "a", "type": "videorectangle", "value": {"sequence": sequence}}]}
     with pytest.raises(BadRequest, match=message):
         parse_context(context, parse_label_config(VIDEO_CONFIG), 100)
+
+
+nasty = (st.none() | st.booleans() | st.integers() | st.integers(min_value=2**63, max_value=10**400) | st.floats()
+         | st.text(alphabet=st.characters(codec=None, categories=["Cs", "Lu", "Nd"]), max_size=6)
+         | st.lists(st.integers(), max_size=3))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(region_id=nasty, frame=nasty, x=nasty, width=nasty, labels=nasty)
+def test_a_video_region_of_nasty_values_is_a_400_or_a_box_inside_the_frame(region_id, frame, x, width, labels):
+    from serve_app.ingress.context import parse_context
+    from serve_app.ingress.errors import BadRequest
+    from serve_app.ingress.label_config import parse_label_config
+    from tests.test_video_tracks import VIDEO_CONFIG
+
+    context = {"result": [{"id": region_id, "type": "videorectangle", "value": {
+        "labels": labels, "sequence": [{"frame": frame, "x": x, "y": 10, "width": width, "height": 10}]}}]}
+    try:
+        drawn = parse_context(context, parse_label_config(VIDEO_CONFIG), 100).video_box
+    except BadRequest:
+        return
+    left, top, right, bottom = drawn.in_pixels(320, 240)
+    assert 0 <= left < right <= 320 and 0 <= top < bottom <= 240 and drawn.frame >= 1
+    assert drawn.region_id == "" or drawn.region_id.isascii()
+    assert drawn.label is None or isinstance(drawn.label, str)

@@ -100,7 +100,8 @@ class Ingress:
             detect=self._client(DETECTOR_DEPLOYMENT, detector, "detect"),
             segment=self._client(plan.clicks_deployment, detector if plan.concept else segmenter, "segment"),
             fetcher=make_fetcher("", ""), run_blocking=self._run_blocking, observe_stage=self.metrics.observe_stage,
-            exemplars=plan.exemplars, track=self._client(TRACKER_DEPLOYMENT, tracker, "step"))
+            exemplars=plan.exemplars, track=self._client(TRACKER_DEPLOYMENT, tracker, "step"),
+            track_detects=plan.tracker_detects)
         # batch /predicts become jobs that outlive their request (serve_app.ingress.jobs)
         shared = SharedClaims(claims, serve.get_replica_context().replica_tag, JOB_CLAIMS_LEASE_S) \
             if claims is not None else None

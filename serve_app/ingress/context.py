@@ -10,6 +10,7 @@ every task may have its own size. Batch "Retrieve predictions" sends no context.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from serve_app.ingress.label_config import NEGATIVE_EXEMPLAR_LABEL, THRESHOLD_NU
 from serve_app.unit_interval import unit_interval
 
 REGION_TYPES = ("keypointlabels", "rectanglelabels")
+_REGION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,8 @@ def _video_box(item: dict) -> VideoBox:
         raise BadRequest("the videorectangle's box has no area inside the frame")
     chosen = value.get("labels")
     label = chosen[0] if isinstance(chosen, list) and chosen and isinstance(chosen[0], str) else None
-    region_id = item.get("id") if isinstance(item.get("id"), str) and len(item["id"]) <= 64 else ""
+    # echoed back as the answer's region id: only an id shaped like the editor's (else the answer gets a new one)
+    region_id = item.get("id") if isinstance(item.get("id"), str) and _REGION_ID.fullmatch(item["id"]) else ""
     return VideoBox(region_id=region_id, frame=frame, box=box, label=label)
 
 

@@ -102,7 +102,8 @@ class LabellingPipeline:
     def __init__(self, *, settings: Settings, model_version: str, detect: Detect, segment: Segment | None,
                  fetcher: ImageFetcher, run_blocking: RunBlocking = _to_thread,
                  observe_stage: ObserveStage | None = None, memory: ByteBudget | None = None,
-                 exemplars: bool = False, detector_name: str = "", track: Callable[[Any], Awaitable[Any]] | None = None):
+                 exemplars: bool = False, detector_name: str = "", track: Callable[[Any], Awaitable[Any]] | None = None,
+                 track_detects: bool = False):
         self.settings = settings
         self.exemplars = exemplars  # the detector takes exemplar boxes (the graph plan, from the catalog)
         self.detector_name = detector_name or f"DETECTOR_MODEL={settings.detector_model!r}"
@@ -110,6 +111,7 @@ class LabellingPipeline:
         self.detect = detect
         self.segment = segment
         self.track = track  # the Tracker's step (detect+track on videos); None: ByteTrack links the boxes
+        self.track_detects = track_detects  # the Tracker finds the phrases itself (SAM 3): frames skip the Detector
         self.fetcher = fetcher  # for requests that carry none of their own (LabellingRequest.fetcher)
         self.run_blocking = run_blocking
         self.observe_stage = observe_stage

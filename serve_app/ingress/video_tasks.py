@@ -88,7 +88,10 @@ async def _search_video(pipeline, request, task: dict, url: str) -> dict[str, An
         phrases = request.prompt.phrases
         labels = tuple(dict.fromkeys(p.label for p in phrases))
         if pipeline.track is not None:
-            linker = TrackedLinker(pipeline.track, labels, fps=limits.track_fps)
+            # concept: SAM 3's video model gets the phrases and answers which phrase each object is
+            linker = TrackedLinker(pipeline.track, labels, fps=limits.track_fps,
+                                   phrases=tuple(p.text for p in phrases) if pipeline.track_detects else (),
+                                   phrase_labels=tuple(p.label for p in phrases))
         else:
             linker = TrackLinker(labels, track_fps=limits.track_fps, box_threshold=request.thresholds.box)
         frames = sample_frames(path, limits)
@@ -139,7 +142,12 @@ async def _search_video(pipeline, request, task: dict, url: str) -> dict[str, An
                     # the request holds the pixels now; the queue keeps them only for the tracker
                     pixels = frame.pixels if isinstance(linker, TrackedLinker) else None
                     frame.pixels = None
-                    in_flight.append((frame, pixels, asyncio.ensure_future(pipeline.detect(detection))))
+                    if pipeline.track_detects:  # the Tracker finds the phrases itself
+                        pending = asyncio.get_running_loop().create_future()
+                        pending.set_result(Detections())
+                    else:
+                        pending = asyncio.ensure_future(pipeline.detect(detection))
+                    in_flight.append((frame, pixels, pending))
                     if len(in_flight) >= s.video_frames_in_flight:
                         await link_oldest()
                 while in_flight:
@@ -190,8 +198,11 @@ class TrackedLinker:
     """`detect+track`: each sampled frame and its detections go to the Tracker deployment in order, one session per
     video (serve_app.models.tracker_sessions); its objects' boxes become the tracks."""
 
-    def __init__(self, track, labels: tuple[str, ...], *, fps: float):
+    def __init__(self, track, labels: tuple[str, ...], *, fps: float, phrases: tuple[str, ...] = (),
+                 phrase_labels: tuple[str, ...] = ()):
         self._track, self._labels, self._fps = track, labels, fps
+        self._phrases = phrases  # given: the tracker detects, and its objects' ids index these phrases
+        self._phrase_labels = phrase_labels
         self._key = f"video-{uuid.uuid4().hex}"  # one session per run of a task: a retry starts a fresh one
         self._tracks: dict[int, Track] = {}
         self._frames = 0
@@ -203,7 +214,7 @@ class TrackedLinker:
         try:
             tracked = await self._track(TrackStep(
                 image_key=self._key, frame=self._frames, fps=self._fps, image=pixels, boxes=detections.boxes,
-                scores=detections.scores, phrase_ids=label_ids))
+                scores=detections.scores, phrase_ids=label_ids, phrases=self._phrases))
         except TrackerUnavailable as exc:  # Ray re-raises the replica's exception as a subclass of it
             raise BadRequest(str(getattr(exc, "cause", exc)), status_code=503) from None
         self._frames += 1
@@ -212,10 +223,11 @@ class TrackedLinker:
             taken = {p.number for p in into.points}
             into.points = sorted(into.points + [p for p in self._tracks.pop(younger, Track("")).points
                                                 if p.number not in taken], key=lambda p: p.number)
-        for object_id, box, score, label in zip(tracked.object_ids, tracked.boxes, tracked.scores,
+        for object_id, box, score, index in zip(tracked.object_ids, tracked.boxes, tracked.scores,
                                                 tracked.phrase_ids):
-            track = self._tracks.setdefault(int(object_id), Track(self._labels[int(label)]))
-            track.label = self._labels[int(label)]
+            label = self._phrase_labels[int(index)] if self._phrases else self._labels[int(index)]
+            track = self._tracks.setdefault(int(object_id), Track(label))
+            track.label = label
             track.points.append(TrackPoint(number, time_s, tuple(float(v) for v in box), float(score)))
         if tracked.refused:
             self.refused += tracked.refused
@@ -243,9 +255,10 @@ async def _track_drawn_box(pipeline, request, task: dict, url: str) -> dict[str,
     Backward, the frames before the box are decoded in order once into the task's temporary directory and fed to a
     second session last first: the model tracks back in time as it tracks forward. Memory holds one frame at a time.
     """
-    if pipeline.track is None:
-        raise BadRequest("tracking a box drawn on a video needs a video tracker: set TRACKER_MODEL to a SAM 2.1 or "
-                         "EdgeTAM video checkpoint (docs/video.md)")
+    if pipeline.track is None or pipeline.track_detects:
+        raise BadRequest("tracking a box drawn on a video needs a box tracker: set TRACKER_MODEL to a SAM 2.1 or "
+                         "EdgeTAM video checkpoint (SAM 3's video model tracks phrases, not drawn boxes; "
+                         "docs/video.md)")
     drawn, config, s = request.video_box, request.config, pipeline.settings
     framerate = config.video.framerate_of(task["data"])
     limits = video_limits(s, framerate)

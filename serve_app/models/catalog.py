@@ -84,9 +84,11 @@ FAMILIES: tuple[Family, ...] = (
            "SAM License (Meta)", "facebook/sam3", details={"interactive": False}, name_hints=("sam3",), exemplars=True,
            settings={"TEXT_THRESHOLD": "ignored: each phrase is its own prompt",
                      "BOX_THRESHOLD": "SAM 3's score threshold (detection score x presence score)"}),
-    Family("sam3_video", "SAM 3 (detector and interactive tracker)", (CONCEPT,),
+    # as TRACKER_MODEL it is the video `concept` pipeline: SAM 3's video model detects and tracks each phrase
+    Family("sam3_video", "SAM 3 (detector and interactive tracker)", (CONCEPT, TRACKER),
            "serve_app.models.sam3_concept:Sam3Concept", "SAM License (Meta)", "facebook/sam3",
-           details={"interactive": True}, name_hints=("sam3",), exemplars=True,
+           details={"interactive": True, "tracker_detects": True}, name_hints=("sam3",), exemplars=True,
+           role_loaders={TRACKER: "serve_app.models.sam3_video_tracker:Sam3VideoTracker"},
            settings={"TEXT_THRESHOLD": "ignored: each phrase is its own prompt",
                      "BOX_THRESHOLD": "SAM 3's score threshold (detection score x presence score)"}),
     # The hub's SAM 2.1 and EdgeTAM checkpoints are saved as their video models (`sam2_video`, `edgetam_video`);
@@ -129,7 +131,9 @@ def served(roles: tuple[str, ...]) -> str:
     return ", ".join(f"{f.name} ({f.model_type})" for f in FAMILIES if set(roles) & set(f.roles))
 
 
-def family_by_name_hint(checkpoint: str) -> Family | None:
-    """The family a hub id names (facebook/sam3) when its config.json cannot be read here."""
+def family_by_name_hint(checkpoint: str, role: str = "") -> Family | None:
+    """The family a hub id names (facebook/sam3) when its config.json cannot be read here: the first that plays
+    `role`, when one is given."""
     last = checkpoint.rstrip("/").rsplit("/", 1)[-1].lower().replace("-", "").replace("_", "")
-    return next((f for f in FAMILIES if any(hint in last for hint in f.name_hints)), None)
+    return next((f for f in FAMILIES if any(hint in last for hint in f.name_hints) and (not role or role in f.roles)),
+                None)

@@ -130,8 +130,9 @@ class TrackerUnavailable(RuntimeError):
 
 @dataclass
 class TrackStep:
-    """One sampled frame of one video for the Tracker (`detect+track`), in order: the detector's boxes on it start
-    and confirm objects. `close=True` (and no image) ends the video's session."""
+    """One sampled frame of one video for the Tracker, in order: in `detect+track` the detector's boxes on it start
+    and confirm objects; in `concept` the tracker finds the phrases itself. `close=True` (and no image) ends the
+    video's session."""
 
     image_key: str  # the video's session; the affinity router sends every frame of a video to one replica
     frame: int  # 0, 1, 2, ... the video's sampled frames, without gaps
@@ -140,6 +141,9 @@ class TrackStep:
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # the detector's, xyxy pixels
     scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
     phrase_ids: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    # the prompt's phrases, for a tracker that detects (SAM 3's video model: the `concept` pipeline), which then
+    # gets no boxes; frame 0 starts its session with them
+    phrases: tuple[str, ...] = ()
     close: bool = False
 
 
@@ -150,7 +154,7 @@ class TrackedObjects:
     object_ids: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # xyxy pixels
     scores: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))  # their detections' scores
-    phrase_ids: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    phrase_ids: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))  # as TrackStep's (or phrases)
     merged: dict[int, int] = field(default_factory=dict)  # object id -> the older object it turned out to be
     refused: int = 0  # detections that would have started an object beyond TRACKER_MAX_OBJECTS
     live: int = 0  # objects the session still tracks, seen here or not (0: every object has left)

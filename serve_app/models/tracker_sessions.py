@@ -1,5 +1,6 @@
-"""The videos one tracker holds at once, each a `detect+track` session (serve_app.models.detect_and_track), Ray-free:
-the Tracker deployment, the benchmarks and the fast tests share it.
+"""The videos one tracker holds at once, Ray-free: the Tracker deployment, the benchmarks and the fast tests share it.
+Each is a `detect+track` session (serve_app.models.detect_and_track) over a SAM 2.1 / EdgeTAM video model, or a
+`concept` session of SAM 3's video model, which detects as well (serve_app.models.sam3_video_tracker).
 
 A session lives from a video's first frame to its `close`. A replica holds at most `max_sessions`; one not stepped
 for `idle_s` (its caller died or gave up) makes room for a new one. A step for a session this replica does not hold
@@ -38,10 +39,13 @@ class TrackerSessions:
             self.close(request.image_key)
             return TrackedObjects()
         tracking = self._session_for(request)
+        if self.detects:  # SAM 3: the tracker finds the phrases itself
+            found = tracking.step(request.image)
+            self._stepped(request)
+            return TrackedObjects(object_ids=found.object_ids, boxes=found.boxes, scores=found.scores,
+                                  phrase_ids=found.phrase_ids, live=found.live)
         step = tracking.step(request.image, request.boxes, request.phrase_ids, request.scores)
-        with self._lock:
-            if request.image_key in self._sessions:
-                self._sessions[request.image_key] = (tracking, request.frame)
+        self._stepped(request)
         objects = step.objects
         return TrackedObjects(
             object_ids=np.array([o.object_id for o in objects], np.int64),
@@ -50,7 +54,16 @@ class TrackerSessions:
             phrase_ids=np.array([o.label for o in objects], np.int64), merged=step.merged, refused=step.refused,
             live=len(tracking.session.object_ids))
 
-    def _session_for(self, request: TrackStep) -> DetectAndTrack:
+    @property
+    def detects(self) -> bool:
+        return bool(getattr(self.tracker, "detects", False))
+
+    def _stepped(self, request: TrackStep) -> None:
+        with self._lock:
+            if request.image_key in self._sessions:
+                self._sessions[request.image_key] = (self._sessions[request.image_key][0], request.frame)
+
+    def _session_for(self, request: TrackStep):
         key, now = request.image_key, self._clock()
         with self._lock:
             held = self._sessions.get(key)
@@ -73,8 +86,12 @@ class TrackerSessions:
                     "retryable, or add Tracker replicas")
             height, width = request.image.shape[:2]
             lost_after = max(1, round(self.lost_after_s * request.fps)) if request.fps > 0 else 4
-            tracking = DetectAndTrack(self.tracker.open(height, width), max_objects=self.max_objects,
-                                      lost_after=lost_after)
+            if self.detects:
+                tracking = self.tracker.open(height, width, list(request.phrases), lost_after=lost_after,
+                                             max_objects=self.max_objects)
+            else:
+                tracking = DetectAndTrack(self.tracker.open(height, width), max_objects=self.max_objects,
+                                          lost_after=lost_after)
             self._sessions[key] = (tracking, -1)
             self._used[key] = now
             return tracking
@@ -87,4 +104,4 @@ class TrackerSessions:
         held = self._sessions.pop(key, None)
         self._used.pop(key, None)
         if held is not None:
-            held[0].session.close()
+            (held[0] if self.detects else held[0].session).close()

@@ -28,11 +28,11 @@ def _clip_tokenizer():
     return make_tiny_clip_tokenizer(model_max_length=TEXT_LENGTH)
 
 
-def _layer(**extra) -> dict:
-    return {"hidden_size": HIDDEN, "num_attention_heads": 2, "intermediate_size": 2 * HIDDEN, **extra}
+def _layer(hidden: int = HIDDEN, **extra) -> dict:
+    return {"hidden_size": hidden, "num_attention_heads": 2, "intermediate_size": 2 * hidden, **extra}
 
 
-def tiny_sam3_config(tokenizer):
+def tiny_sam3_config(tokenizer, hidden: int = HIDDEN):
     from transformers import Sam3Config
 
     grid = IMAGE_SIZE // PATCH
@@ -43,7 +43,7 @@ def tiny_sam3_config(tokenizer):
                 "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": IMAGE_SIZE, "patch_size": PATCH,
                 "window_size": grid // 2, "global_attn_indexes": [1], "pretrain_image_size": IMAGE_SIZE // 2,
             },
-            "fpn_hidden_size": HIDDEN,
+            "fpn_hidden_size": hidden,
             "backbone_feature_sizes": [[grid * 4, grid * 4], [grid * 2, grid * 2], [grid, grid]],  # the tracker's
         },
         text_config={
@@ -52,10 +52,10 @@ def tiny_sam3_config(tokenizer):
             "num_attention_heads": 2, "max_position_embeddings": TEXT_LENGTH, "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
         },
-        geometry_encoder_config=_layer(num_layers=1),
-        detr_encoder_config=_layer(num_layers=1),
-        detr_decoder_config=_layer(num_layers=1, num_queries=NUM_QUERIES),
-        mask_decoder_config={"hidden_size": HIDDEN, "num_attention_heads": 2, "num_upsampling_stages": 3},
+        geometry_encoder_config=_layer(hidden, num_layers=1),
+        detr_encoder_config=_layer(hidden, num_layers=1),
+        detr_decoder_config=_layer(hidden, num_layers=1, num_queries=NUM_QUERIES),
+        mask_decoder_config={"hidden_size": hidden, "num_attention_heads": 2, "num_upsampling_stages": 3},
     )
 
 
@@ -81,31 +81,57 @@ def make_tiny_sam3(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def make_tiny_sam3_video(out_dir: str | Path, seed: int = 0) -> Path:
-    """A `"sam3_video"` checkpoint laid out as the hub's facebook/sam3: detector, tracker, tracker neck."""
+def make_tiny_sam3_video(out_dir: str | Path, seed: int = 0, width: int = HIDDEN) -> Path:
+    """A `"sam3_video"` checkpoint laid out as the hub's facebook/sam3: detector, tracker, tracker neck.
+
+    width=128 makes one whose video model tracks (`Sam3VideoModel`, serve_app.models.sam3_video_tracker): the
+    tracker's memory attention reads memories 64 wide whatever the config says, and an object pointer (the FPN's
+    width, shared with the detector) must split into two or more of them (transformers 5.25). The default 32 is
+    enough for images (the detector and the interactive tracker on one frame)."""
     from transformers import Sam3VideoConfig, Sam3VideoModel
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _clip_tokenizer()
-    detector = tiny_sam3_config(tokenizer)
+    detector = tiny_sam3_config(tokenizer, width)
     tracker = {
         "model_type": "sam3_tracker_video",
         "image_size": IMAGE_SIZE,  # sets the prompt encoder's and the vision config's (default 1008)
         "vision_config": detector.vision_config.to_dict(),
-        "prompt_encoder_config": {"hidden_size": HIDDEN, "image_size": IMAGE_SIZE, "patch_size": PATCH,
+        "prompt_encoder_config": {"hidden_size": width, "image_size": IMAGE_SIZE, "patch_size": PATCH,
                                   "mask_input_channels": 4},
-        "mask_decoder_config": {"hidden_size": HIDDEN, "mlp_dim": 2 * HIDDEN, "num_attention_heads": 2,
+        "mask_decoder_config": {"hidden_size": width, "mlp_dim": 2 * HIDDEN, "num_attention_heads": 2,
                                 "iou_head_hidden_dim": HIDDEN},
-        "memory_attention_hidden_size": HIDDEN, "memory_attention_num_layers": 1,
+        "memory_attention_hidden_size": width, "memory_attention_num_layers": 1,
         "memory_attention_feed_forward_hidden_size": 2 * HIDDEN,
         "memory_attention_rope_feat_sizes": [IMAGE_SIZE // PATCH] * 2,
-        "memory_encoder_hidden_size": HIDDEN, "memory_encoder_output_channels": 16,
-        "mask_downsampler_embed_dim": HIDDEN, "memory_fuser_num_layers": 1, "memory_fuser_embed_dim": HIDDEN,
+        "memory_encoder_hidden_size": width, "memory_encoder_output_channels": 64 if width > 64 else 16,
+        "mask_downsampler_embed_dim": width, "memory_fuser_num_layers": 1, "memory_fuser_embed_dim": width,
         "memory_fuser_intermediate_dim": 2 * HIDDEN,
     }
     torch.manual_seed(seed)
-    config = Sam3VideoConfig(detector_config=detector.to_dict(), tracker_config=tracker)
-    Sam3VideoModel(config).eval().save_pretrained(out_dir)
-    _processor(tokenizer).save_pretrained(out_dir)
+    # detection thresholds at 0 (the real model's: 0.5 to keep, 0.7 to start an object): random weights score
+    # about 0.5, and the video tests need objects to track
+    config = Sam3VideoConfig(detector_config=detector.to_dict(), tracker_config=tracker,
+                             score_threshold_detection=0.0, new_det_thresh=0.0)
+    model = Sam3VideoModel(config).eval()
+    if width > 64:
+        # random weights see no object after the first frame (a negative object score blanks the tracker's mask); a
+        # positive bias on its object-score head keeps tracked objects present, so the video tests have tracks
+        with torch.no_grad():
+            model.tracker_model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(10.0)
+    model.save_pretrained(out_dir)
+    _video_processor(tokenizer).save_pretrained(out_dir)  # the image processor's files too, as the hub's
     return out_dir
+
+
+def _video_processor(tokenizer):
+    """Sam3VideoProcessor: the image processor and tokenizer of Sam3Processor, and a video processor of the same
+    size (only whole-video sessions use it; streaming prepares each frame with the image processor)."""
+    from transformers import Sam2VideoVideoProcessor, Sam3VideoProcessor
+
+    image = _processor(tokenizer)
+    video = Sam2VideoVideoProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3,
+                                    image_std=[0.5] * 3)
+    return Sam3VideoProcessor(image_processor=image.image_processor, video_processor=video, tokenizer=tokenizer,
+                              target_size=IMAGE_SIZE)
