@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one command: serving efficiency, the seed comparison and a batching sweep, each in fp32
-# and fp16, plus the precision drift, with full-size architectures (random weights, built on the spot).
+# and fp16, plus the precision drift and video frames/s (detector, tracker), with full-size architectures (random
+# weights, built on the spot).
 # benchmarks/gpu_suite.py runs the first three, one service per precision and batch size (see its docstring).
 #
 #   benchmarks/gpu.sh                                   # one GPU, under 8 minutes; JSON in benchmarks/results/gpu
@@ -54,6 +55,11 @@ fi
 # efficiency, seed comparison and batching sweep per precision, sharing each service between them
 "$python" -m benchmarks.gpu_suite --models "$models" --device "$device" --precisions "$precisions" "${sizes[@]}" \
   --out "$out" 2>&1 | tee "$out/suite.log" || failed+=(suite)
+if [ "$device" = cuda ]; then  # last, as the least needed: video frames/s with the full-size detector and tracker
+  echo "== video"
+  "$python" -m benchmarks.video --device cuda --track-fps 10 --short-s 20 --long-s 60 --full-size --tracker \
+    --tracker-long-s 60 --out "$out/video.json" >"$out/video.log" 2>&1 || { tail -n 15 "$out/video.log"; failed+=(video); }
+fi
 echo "gpu.sh: $((SECONDS - started)) s in all"
 "$python" -m benchmarks.gpu_summary "$out"
 

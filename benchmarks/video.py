@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where the detector of the speed runs runs")
     parser.add_argument("--tracker", action="store_true", help="also detect+track with the tiny SAM 2.1 tracker")
     parser.add_argument("--tracker-long-s", type=float, default=600)
+    parser.add_argument("--out", default="", help="the JSON's path (default benchmarks/results/video-<device>.json)")
     args = parser.parse_args()
 
     from serve_app.tiny_models.grounding_dino_sam import make_tiny_models
@@ -188,7 +189,7 @@ def main() -> None:
             results["detect+track"]["full-size SAM 2.1 hiera-tiny video"] = in_fresh_process(
                 write_video(work / "ten-tracked.mp4", 10), one_box, args.track_fps, 1, args.device,
                 str(_full_size_sam2_video(work / "sam2.1-hiera-tiny-video")))
-    out = ROOT / "benchmarks" / "results" / f"video-{args.device}.json"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"video-{args.device}.json"
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
