@@ -1,6 +1,7 @@
 """One video task: fetch to disk -> decode sampled frames -> detect on each (batched with every other request's
 frames in the Detector) -> tracks -> Label Studio `videorectangle` regions. Tracks come from the Tracker's video
-model when TRACKER_MODEL is set (`detect+track`), else from ByteTrack linking the boxes (`detect+link`).
+model when TRACKER_MODEL is set (`detect+track`; `concept` with SAM 3, whose video model also detects, so the
+frames skip the Detector), else from ByteTrack linking the boxes (`detect+link`).
 
 Memory is bounded whatever the video's length: the file is on disk, frames are decoded as they are needed, at
 most VIDEO_FRAMES_IN_FLIGHT of them wait for the detector, and a track keeps a few numbers per sighting.
@@ -21,14 +22,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from serve_app import get_logger
+from serve_app.ingress.errors import BadRequest
 from serve_app.ingress.images import DownloadLimit
 from serve_app.ingress.keyframes import track_sequence
 from serve_app.ingress.tracks import Track, TrackLinker, TrackPoint
 from serve_app.ingress.videos import VideoError, VideoLimits, probe, sample_frames
-from serve_app.ingress.errors import BadRequest
 from serve_app.models.messages import DetectionRequest, Detections, TrackerUnavailable, TrackStep
 from serve_app.settings import AUTO_TRACK_FPS, Settings
-from serve_app import get_logger
 
 BRIDGED_SAMPLES = 2  # a track missed on one sampled frame is interpolated across it, not hidden
 
@@ -195,8 +196,9 @@ def build_video_prediction(config, tracks: list[Track], *, width: int, height: i
 
 
 class TrackedLinker:
-    """`detect+track`: each sampled frame and its detections go to the Tracker deployment in order, one session per
-    video (serve_app.models.tracker_sessions); its objects' boxes become the tracks."""
+    """`detect+track` and `concept`: each sampled frame (and its detections, in detect+track) goes to the Tracker
+    deployment in order, one session per video (serve_app.models.tracker_sessions); its objects' boxes become the
+    tracks."""
 
     def __init__(self, track, labels: tuple[str, ...], *, fps: float, phrases: tuple[str, ...] = (),
                  phrase_labels: tuple[str, ...] = ()):
