@@ -206,3 +206,24 @@ def test_a_video_region_of_nasty_values_is_a_400_or_a_box_inside_the_frame(regio
     assert 0 <= left < right <= 320 and 0 <= top < bottom <= 240 and drawn.frame >= 1
     assert drawn.region_id == "" or drawn.region_id.isascii()
     assert drawn.label is None or isinstance(drawn.label, str)
+
+
+def test_with_sam3_as_the_tracker_a_drawn_box_is_tracked_by_sam3s_tracker_alone(tmp_path, crossing_video):
+    """TRACKER_MODEL=SAM 3: Retrieve is the concept pipeline, and a box drawn in the editor goes to SAM 3's tracker
+    (loaded from the same checkpoint on the first drawn box)."""
+    from serve_app.tiny_models.sam3 import make_tiny_sam3_video
+
+    sam3 = load(ModelSpec(catalog.TRACKER, str(make_tiny_sam3_video(tmp_path / "sam3", width=128)), "TRACKER_MODEL",
+                          device="cpu"))
+
+    async def no_detector(request):
+        raise AssertionError("with SAM 3 as the tracker, video frames never go to the Detector")
+
+    pipeline, sessions = tracking_pipeline(ColourDetector(), sam3, video_track_fps=5, video_box_track_s=1)
+    pipeline.detect, pipeline.track_detects = no_detector, True
+    response = predict(pipeline, [{"id": 1, "data": {"video": data_url(crossing_video)}}],
+                       drawn_box(41, CROSSING[0], region_id="sam3box"))
+    assert "task_errors" not in response, response
+    [region] = response["results"][0]["result"]
+    assert region["id"] == "sam3box" and region["value"]["sequence"][0]["frame"] <= 41
+    assert sam3._box_tracker is not None and len(sessions) == 0

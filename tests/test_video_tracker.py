@@ -1,5 +1,6 @@
 """The video tracker (serve_app.models.video_tracker) against transformers' own streaming inference: tiny
-random-weight SAM 2.1 and EdgeTAM video models built from configs and loaded back through the catalog, real frames
+random-weight SAM 2.1, EdgeTAM and SAM 3 tracker video models built from configs and loaded back through the
+catalog, real frames
 of moving shapes. The service's session forgets what the model never reads again and drops objects lost for good;
 its masks must still equal an unpruned transformers session's on the same frames and prompts."""
 
@@ -29,8 +30,16 @@ def frame(index: int) -> np.ndarray:
     return image
 
 
-@pytest.fixture(scope="module", params=["sam2_video", "edgetam_video"])
+@pytest.fixture(scope="module", params=["sam2_video", "edgetam_video", "sam3 tracker"])
 def tracker(request, tmp_path_factory) -> VideoTracker:
+    if request.param == "sam3 tracker":  # SAM 3's tracker alone, from the same sam3_video checkpoint (drawn boxes)
+        from serve_app.models.sam3_video_tracker import Sam3VideoTracker
+        from serve_app.tiny_models.sam3 import make_tiny_sam3_video
+
+        directory = make_tiny_sam3_video(tmp_path_factory.mktemp("sam3-video"), width=128)
+        sam3 = load(ModelSpec(catalog.TRACKER, str(directory), "TRACKER_MODEL", device="cpu"))
+        assert isinstance(sam3, Sam3VideoTracker)
+        return sam3.box_tracker()
     directory = make_tiny_sam_family(tmp_path_factory.mktemp(request.param), request.param)
     loaded = load(ModelSpec(catalog.TRACKER, str(directory), "TRACKER_MODEL", device="cpu"))
     assert isinstance(loaded, VideoTracker)

@@ -257,10 +257,9 @@ async def _track_drawn_box(pipeline, request, task: dict, url: str) -> dict[str,
     Backward, the frames before the box are decoded in order once into the task's temporary directory and fed to a
     second session last first: the model tracks back in time as it tracks forward. Memory holds one frame at a time.
     """
-    if pipeline.track is None or pipeline.track_detects:
-        raise BadRequest("tracking a box drawn on a video needs a box tracker: set TRACKER_MODEL to a SAM 2.1 or "
-                         "EdgeTAM video checkpoint (SAM 3's video model tracks phrases, not drawn boxes; "
-                         "docs/video.md)")
+    if pipeline.track is None:
+        raise BadRequest("tracking a box drawn on a video needs a video tracker: set TRACKER_MODEL to a SAM 2.1, "
+                         "EdgeTAM or SAM 3 checkpoint (docs/video.md)")
     drawn, config, s = request.video_box, request.config, pipeline.settings
     framerate = config.video.framerate_of(task["data"])
     limits = video_limits(s, framerate)

@@ -59,12 +59,34 @@ class Sam3VideoTracker:
 
     detects = True
 
-    def __init__(self, model, processor, device: torch.device, *, precision: str = "fp32"):
+    def __init__(self, model, processor, device: torch.device, *, precision: str = "fp32", spec: ModelSpec | None = None,
+                 family: Family | None = None):
         self.model = model.to(device).eval()
         self.processor = processor
         self.device = device
         self.precision = effective_precision(device, precision)
         self._lock = threading.Lock()
+        self._spec, self._family = spec, family
+        self._box_tracker = None
+
+    def box_tracker(self):
+        """SAM 3's tracker alone (`Sam3TrackerVideoModel`, which transformers loads from the same checkpoint), for a
+        box drawn in the editor: loaded on the first such request, with its own copy of the image encoder."""
+        with self._lock:
+            if self._box_tracker is None:
+                import transformers
+
+                from serve_app.models.video_tracker import VideoTracker
+
+                if self._spec is None:
+                    raise ValueError("this SAM 3 video model was not loaded from a checkpoint: no box tracker")
+                checkpoint = self._spec.checkpoint
+                logger.info("loading SAM 3's tracker from %s for boxes drawn on videos", checkpoint)
+                model = transformers.Sam3TrackerVideoModel.from_pretrained(checkpoint)
+                processor = transformers.Sam3TrackerVideoProcessor.from_pretrained(checkpoint)
+                self._box_tracker = VideoTracker(model, processor, self._family, self.device,
+                                                 precision=self._spec.precision)
+            return self._box_tracker
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, family: Family) -> "Sam3VideoTracker":
@@ -82,7 +104,7 @@ class Sam3VideoTracker:
             raise ModelLoadError(f"{spec.setting}={spec.checkpoint!r}: the checkpoint lacks {len(missing)} of "
                                  f"Sam3VideoModel's weights (for example {', '.join(missing[:3])}); SAM 3 tracks "
                                  "videos from the hub's facebook/sam3 (a sam3_video checkpoint)")
-        return cls(model, processor, device, precision=spec.precision)
+        return cls(model, processor, device, precision=spec.precision, spec=spec, family=family)
 
     def open(self, height: int, width: int, phrases: list[str], *, lost_after: int = 4,
              max_objects: int = 32) -> "Sam3VideoSession":

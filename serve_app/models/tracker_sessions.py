@@ -39,7 +39,7 @@ class TrackerSessions:
             self.close(request.image_key)
             return TrackedObjects()
         tracking = self._session_for(request)
-        if self.detects:  # SAM 3: the tracker finds the phrases itself
+        if not isinstance(tracking, DetectAndTrack):  # SAM 3: the tracker finds the phrases itself
             found = tracking.step(request.image)
             self._stepped(request)
             return TrackedObjects(object_ids=found.object_ids, boxes=found.boxes, scores=found.scores,
@@ -86,11 +86,12 @@ class TrackerSessions:
                     "retryable, or add Tracker replicas")
             height, width = request.image.shape[:2]
             lost_after = max(1, round(self.lost_after_s * request.fps)) if request.fps > 0 else 4
-            if self.detects:
+            if self.detects and request.phrases:
                 tracking = self.tracker.open(height, width, list(request.phrases), lost_after=lost_after,
                                              max_objects=self.max_objects)
-            else:
-                tracking = DetectAndTrack(self.tracker.open(height, width), max_objects=self.max_objects,
+            else:  # boxes: the detector's, or one drawn in the editor (SAM 3: its tracker alone)
+                boxes = self.tracker.box_tracker() if self.detects else self.tracker
+                tracking = DetectAndTrack(boxes.open(height, width), max_objects=self.max_objects,
                                           lost_after=lost_after)
             self._sessions[key] = (tracking, -1)
             self._used[key] = now
@@ -104,4 +105,4 @@ class TrackerSessions:
         held = self._sessions.pop(key, None)
         self._used.pop(key, None)
         if held is not None:
-            (held[0] if self.detects else held[0].session).close()
+            (held[0].session if isinstance(held[0], DetectAndTrack) else held[0]).close()
