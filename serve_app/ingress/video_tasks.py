@@ -60,6 +60,21 @@ def video_download_limit(settings: Settings) -> DownloadLimit:
                          bytes_setting="MAX_VIDEO_BYTES", timeout_setting="VIDEO_DOWNLOAD_TIMEOUT_S")
 
 
+@contextlib.asynccontextmanager
+async def _fetched(pipeline, request, task: dict, url: str):
+    """The task's video on local disk for the block, probed against the caps: (its temporary directory, the file,
+    its header, the config's frame rate for it, the caps)."""
+    framerate = request.config.video.framerate_of(task["data"])
+    limits = video_limits(pipeline.settings, framerate)
+    fetcher = request.fetcher or pipeline.fetcher
+    with tempfile.TemporaryDirectory(prefix="grounded-serve-video-") as directory:
+        with pipeline.stage("fetch"):
+            path = await fetcher.fetch_file(fetcher.resolve(url, task.get("id")), Path(directory),
+                                            video_download_limit(pipeline.settings))
+        info = await pipeline.run_blocking(probe, path, limits)
+        yield Path(directory), path, info, framerate, limits
+
+
 async def label_video(pipeline, request, task: dict, url: str) -> dict[str, Any]:
     """The task's prediction: one videorectangle region per object, for every label the prompt names. At most
     VIDEO_TASK_CONCURRENCY videos at once: each holds its file on disk and a decoder's thread time."""
@@ -78,14 +93,7 @@ async def _search_video(pipeline, request, task: dict, url: str) -> dict[str, An
 
     progress = VIDEO_PROGRESS.get()
     config, s = request.config, pipeline.settings
-    framerate = config.video.framerate_of(task["data"])
-    limits = video_limits(s, framerate)
-    fetcher = request.fetcher or pipeline.fetcher
-    with tempfile.TemporaryDirectory(prefix="grounded-serve-video-") as directory:
-        with pipeline.stage("fetch"):
-            path = await fetcher.fetch_file(fetcher.resolve(url, task.get("id")), Path(directory),
-                                            video_download_limit(s))
-        info = await pipeline.run_blocking(probe, path, limits)
+    async with _fetched(pipeline, request, task, url) as (_, path, info, framerate, limits):
         phrases = request.prompt.phrases
         labels = tuple(dict.fromkeys(p.label for p in phrases))
         if pipeline.track is not None:
@@ -261,22 +269,15 @@ async def _track_drawn_box(pipeline, request, task: dict, url: str) -> dict[str,
         raise BadRequest("tracking a box drawn on a video needs a video tracker: set TRACKER_MODEL to a SAM 2.1, "
                          "EdgeTAM or SAM 3 checkpoint (docs/video.md)")
     drawn, config, s = request.video_box, request.config, pipeline.settings
-    framerate = config.video.framerate_of(task["data"])
-    limits = video_limits(s, framerate)
     label = drawn.label if drawn.label in config.labels else (config.labels[0] if config.labels else "object")
-    fetcher = request.fetcher or pipeline.fetcher
-    with tempfile.TemporaryDirectory(prefix="grounded-serve-video-") as directory:
-        with pipeline.stage("fetch"):
-            path = await fetcher.fetch_file(fetcher.resolve(url, task.get("id")), Path(directory),
-                                            video_download_limit(s))
-        info = await pipeline.run_blocking(probe, path, limits)
+    async with _fetched(pipeline, request, task, url) as (directory, path, info, framerate, limits):
         at = min((drawn.frame - 1) / framerate, max(info.duration_s, 0.0))
         window = s.video_box_track_s
         size = (info.width, info.height)
         async with pipeline.memory.hold(info.width * info.height * 3 * 2):
             # back: [at - window, at], decoded in order to disk, then tracked last first
             stored = await pipeline.run_blocking(_frames_to_disk, path, limits, at, max(0.0, at - window),
-                                                 Path(directory) / "frames")
+                                                 directory / "frames")
             if not stored:
                 raise VideoError(f"the video has no frame at frame {drawn.frame} ({at:.2f} s)")
             box = drawn.in_pixels(*size)

@@ -34,12 +34,12 @@ from serve_app.models.catalog import Family
 from serve_app.models.device import autocast_for, effective_precision, pick_device
 from serve_app.models.errors import ModelLoadError, describe_load_failure
 from serve_app.models.spec import ModelSpec
+from serve_app.models.video_tracker import VideoTracker, forget_object_history
 
 logger = get_logger(__name__)
 
 HISTORY_FRAMES = 16  # the tracker reads 6 frames of memory and 15 of object pointers back; one more for safety
 MAX_CONDITIONING_FRAMES = 8
-_KEPT_OUTPUTS = ("maskmem_features", "maskmem_pos_enc", "object_pointer", "object_score_logits")
 
 
 @dataclass
@@ -75,8 +75,6 @@ class Sam3VideoTracker:
         with self._lock:
             if self._box_tracker is None:
                 import transformers
-
-                from serve_app.models.video_tracker import VideoTracker
 
                 if self._spec is None:
                     raise ValueError("this SAM 3 video model was not loaded from a checkpoint: no box tracker")
@@ -182,24 +180,7 @@ class Sam3VideoSession:
             if index in frames:
                 frames[index] = None
         self._pixels_kept_from = max(self._pixels_kept_from, now)
-        for outputs in session.output_dict_per_obj.values():
-            past = outputs["non_cond_frame_outputs"]
-            for index in [i for i in past if i < oldest_read]:
-                del past[index]
-            conditioning = outputs["cond_frame_outputs"]
-            if len(conditioning) > MAX_CONDITIONING_FRAMES:
-                ordered = sorted(conditioning)
-                for index in ordered[1:len(ordered) - MAX_CONDITIONING_FRAMES + 1]:
-                    del conditioning[index]
-            for kind in ("non_cond_frame_outputs", "cond_frame_outputs"):
-                for index, output in outputs[kind].items():
-                    if index < now:
-                        for key in [k for k in output if k not in _KEPT_OUTPUTS]:
-                            del output[key]
-        for per_frame in (session.frames_tracked_per_obj, session.point_inputs_per_obj, session.mask_inputs_per_obj):
-            for frames in per_frame.values():
-                for index in [i for i in frames if i < now]:
-                    del frames[index]
+        forget_object_history(session, now, oldest_read, MAX_CONDITIONING_FRAMES)
         for by_frame in (session.obj_id_to_tracker_score_frame_wise, session.suppressed_obj_ids):
             for index in [i for i in by_frame if i < now]:
                 del by_frame[index]

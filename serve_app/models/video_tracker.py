@@ -54,6 +54,30 @@ def mask_boxes(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return boxes, present
 
 
+def forget_object_history(session, now: int, oldest_read: int, max_conditioning: int = 0) -> None:
+    """What a SAM 2-family tracker never reads again from its session (SAM 2.1, EdgeTAM, SAM 3's): each object's
+    outputs older than `oldest_read` that were not prompted, the masks of every past frame, and past frames'
+    inputs. `max_conditioning` > 0 also keeps an object's first conditioning frame and its latest ones only."""
+    for outputs in session.output_dict_per_obj.values():
+        past = outputs["non_cond_frame_outputs"]
+        for index in [i for i in past if i < oldest_read]:
+            del past[index]
+        conditioning = outputs["cond_frame_outputs"]
+        if max_conditioning and len(conditioning) > max_conditioning:
+            ordered = sorted(conditioning)
+            for index in ordered[1:len(ordered) - max_conditioning + 1]:
+                del conditioning[index]
+        for kind in ("non_cond_frame_outputs", "cond_frame_outputs"):
+            for index, output in outputs[kind].items():
+                if index < now:
+                    for key in [k for k in output if k not in _KEPT_OUTPUTS]:
+                        del output[key]
+    for per_frame in (session.frames_tracked_per_obj, session.point_inputs_per_obj, session.mask_inputs_per_obj):
+        for frames in per_frame.values():
+            for index in [i for i in frames if i < now]:
+                del frames[index]
+
+
 class VideoTracker:
     """One video model; sessions (one per video) hold each video's state, and one forward runs at a time."""
 
@@ -150,22 +174,9 @@ class TrackerSession:
     def forget_the_past(self) -> None:
         """Drop what the model will not read again (module docstring)."""
         session, now = self.session, self.frame_index
-        oldest_read = now - self.tracker.history_frames
         for index in [i for i in (session.processed_frames or {}) if i < now]:
             del session.processed_frames[index]
-        for outputs in session.output_dict_per_obj.values():
-            past = outputs["non_cond_frame_outputs"]
-            for index in [i for i in past if i < oldest_read]:
-                del past[index]
-            for kind in ("non_cond_frame_outputs", "cond_frame_outputs"):
-                for index, output in outputs[kind].items():
-                    if index < now:
-                        for key in [k for k in output if k not in _KEPT_OUTPUTS]:
-                            del output[key]
-        for per_frame in (session.frames_tracked_per_obj, session.point_inputs_per_obj, session.mask_inputs_per_obj):
-            for frames in per_frame.values():
-                for index in [i for i in frames if i < now]:
-                    del frames[index]
+        forget_object_history(session, now, now - self.tracker.history_frames)
 
     def drop(self, object_ids: list[int]) -> None:
         """Stop tracking these objects: the session keeps the others' state, re-indexed as transformers indexes it."""
