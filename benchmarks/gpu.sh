@@ -7,7 +7,8 @@
 #   benchmarks/gpu.sh                                   # one GPU, under 8 minutes; JSON in benchmarks/results/gpu
 #   benchmarks/gpu.sh --device cpu --models tiny --quick --out /tmp/smoke   # the CI smoke run: no GPU, tiny models
 #
-# On a fresh machine it installs the project from PyPI first (`pip install .`) unless it already imports.
+# What the environment lacks it installs first: from .gpu-bundle (scripts/gpu_bundle.py; a lent GPU machine
+# reaches no package index, so the device call carries it) or else from PyPI (`pip install .`).
 # Each step writes its JSON as soon as it ends, most important first, so a run cut short keeps what finished;
 # a failed step is reported and the others still run (the exit status says whether any failed).
 set -uo pipefail
@@ -25,14 +26,24 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-if ! "$python" -c "import serve_app, ray.serve, segment_anything, orjson" 2>/dev/null; then
-  "$python" -m pip install -q . || exit 1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ! "$python" -c "import ray.serve, segment_anything, orjson, label_studio_sdk" 2>/dev/null; then
+  if [ -f .gpu-bundle/wheels.tar.xz ]; then  # a lent GPU machine reaches no index: scripts/gpu_bundle.py made this
+    wheels=$(mktemp -d) && tar -xJf .gpu-bundle/wheels.tar.xz -C "$wheels" || exit 1
+    # into the image's environment; where that is read-only, beside it on PYTHONPATH
+    if ! "$python" -m pip install -q --no-index --no-deps --no-compile "$wheels"/*.whl; then
+      "$python" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-site "$wheels"/*.whl || exit 1
+      export PYTHONPATH="$PYTHONPATH:/tmp/gpu-site"
+    fi
+    rm -rf "$wheels"
+  else
+    "$python" -m pip install -q . || exit 1
+  fi
 fi
 if [ "$device" = cuda ] && ! "$python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   echo "no CUDA GPU visible: run with --device cpu" >&2; exit 1
 fi
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 if [ "$quick" = 1 ]; then  # the CPU smoke run: every phase runs, none measures anything
   sizes=(--quick) precisions=fp32

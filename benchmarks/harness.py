@@ -94,6 +94,12 @@ def user_config(max_batch_size: int | None = None,
 OUTER_TUNABLES = "BENCH_OUTER_GLIBC_TUNABLES"
 
 
+def python_path() -> str:
+    """PYTHONPATH for a child process: the repository first, then what this one was given (a GPU machine's
+    bundle installed with `pip --target`)."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
 def allocate_like_the_replicas(module: str, env: dict[str, str]) -> None:
     """Re-run this benchmark (`python -m module`) under the malloc tunables the service's model replicas start with
     (MODEL_MALLOC_REUSE, serve_app.deployments.replica_memory), so an in-process reference runs the same allocator as the
@@ -133,7 +139,7 @@ def seed_backend(env: dict[str, str]):
     port = free_port()
     outer = {"GLIBC_TUNABLES": os.environ[OUTER_TUNABLES]} if OUTER_TUNABLES in os.environ else {}
     process = subprocess.Popen([sys.executable, "-m", "benchmarks.seed_backend", "--port", str(port)], cwd=ROOT,
-                               env={**os.environ, **outer, **env, "PYTHONPATH": str(ROOT)},
+                               env={**os.environ, **outer, **env, "PYTHONPATH": python_path()},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -161,7 +167,7 @@ def run_load(url: str, body: dict[str, Any] | list[dict[str, Any]], requests: in
         out = subprocess.run(
             [sys.executable, "-m", "benchmarks.load", "--url", f"{url}/predict", "--body", handle.name,
              "--requests", str(requests), "--concurrency", str(concurrency), "--timeout-s", str(timeout_s)],
-            cwd=ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            cwd=ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": python_path()})
     finally:
         os.unlink(handle.name)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.harness import ROOT, ImageServer, distinct_images, machine, start_service, text_prompt_body
+from benchmarks.harness import (ROOT, ImageServer, distinct_images, machine, python_path, start_service,
+                                text_prompt_body)
 from benchmarks.models import MODEL_SETS, model_env
 
 
@@ -48,7 +49,7 @@ def main() -> None:
         load = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.load", "--url", f"{service.url}/predict", "--body", handle.name,
              "--requests", str(args.requests), "--concurrency", str(args.clients), "--timeout-s", "300"],
-            cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": python_path()},
             preexec_fn=lambda: os.nice(args.load_niceness))
         with httpx.Client(base_url=service.url, timeout=10) as client:
             while load.poll() is None:

@@ -32,6 +32,15 @@ def model_deployments(config: dict, segmenter: bool = True) -> list[dict]:
     return [by_name[name] for name in ("Detector", "Segmenter") if name in by_name]
 
 
+def serve_cli() -> list[str]:
+    """Ray Serve's CLI beside this Python, or run through it where Ray was installed without its scripts (a
+    bundle installed with `pip --target` on a lent GPU machine)."""
+    script = Path(sys.executable).parent / "serve"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from ray.serve.scripts import cli; sys.exit(cli())"]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -64,7 +73,7 @@ class ServeProcess:
             "HF_HUB_OFFLINE": "1",
             "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",  # as the README's command and the Docker image
             "RAY_metrics_report_interval_ms": "1000",  # /metrics (read from Prometheus) lags the work by this
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             **env,
             # its own, also when `env` is another ServeProcess's env (a restart): that one's dir is removed already
             "RAY_TMPDIR": self.ray_tmp,
@@ -80,7 +89,7 @@ class ServeProcess:
         started = time.monotonic()
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "serve"), "run", "--address", self.address, str(self.config_path)],
+            [*serve_cli(), "run", "--address", self.address, str(self.config_path)],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
@@ -118,7 +127,7 @@ class ServeProcess:
         config = yaml.safe_load(self.config_path.read_text())
         config_overrides(config)
         self.config_path.write_text(yaml.safe_dump(config))
-        subprocess.run([str(Path(sys.executable).parent / "serve"), "deploy", "--address", self.dashboard_url(),
+        subprocess.run([*serve_cli(), "deploy", "--address", self.dashboard_url(),
                         str(self.config_path)], cwd=ROOT, env={**self.env, "RAY_AUTH_MODE": "token"}, check=True,
                        capture_output=True, timeout=120)
 
