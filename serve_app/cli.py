@@ -82,7 +82,26 @@ examples:
     check.add_argument("config", nargs="?", default="configs/serve.yaml",
                        help="the Serve config to read args and request_timeout_s from (default: configs/serve.yaml; "
                             "'-' for none)")
+    plan = commands.add_parser(
+        "gpu-plan", help="how one replica of each model per GPU places on N GPUs, and the tasks/s it predicts",
+        description="Replays Ray's GPU placement (fractions auto: an equal share of one GPU among the model roles) "
+                    "for one set of model replicas per GPU, predicts tasks/s from the per-GPU rate measured on one "
+                    "H100, and prints the max_replicas and Ingress replicas that let autoscaling reach it "
+                    "(docs/gpu-placement.md).")
+    plan.add_argument("--gpus", type=int, nargs="+", default=[1], metavar="N",
+                      help="GPUs per node, one number a node (default: 1); e.g. --gpus 8, or --gpus 1 1 1 1")
+    plan.add_argument("--tracker", action="store_true", help="with TRACKER_MODEL's Tracker (videos)")
+    plan.add_argument("--concept", action="store_true", help="SAM 3 alone (no Segmenter)")
     args = parser.parse_args(argv)
+
+    if args.command == "gpu-plan":
+        from serve_app.gpu_placement import report
+
+        if not args.gpus or min(args.gpus) < 0 or max(args.gpus) > 64:
+            parser.error("--gpus: 0 to 64 GPUs a node")
+        roles = ["Detector"] + ([] if args.concept else ["Segmenter"]) + (["Tracker"] if args.tracker else [])
+        print("\n".join(report(args.gpus, roles)))
+        return 0
 
     if args.command == "check":
         from serve_app.startup_check import CheckFailed, run_check

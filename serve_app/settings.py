@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from serve_app.gpu_placement import fraction_problem
 from serve_app.models.catalog import DEFAULT_DETECTOR, OFFICIAL_CHECKPOINTS
 from serve_app.unit_interval import unit_interval
 
@@ -198,11 +199,14 @@ class PerformanceSettings:
 
     accelerator: str = "auto"  # ACCELERATOR: auto (GPU fractions if the cluster has GPUs at deploy time), gpu, cpu
     detector_cpus: float = 0.5  # DETECTOR_CPUS: logical CPUs per detector replica
-    detector_gpus: float = 0.5  # DETECTOR_GPUS: GPU fraction per detector replica, when GPUs are used
+    # DETECTOR_GPUS: GPU fraction per detector replica, when GPUs are used. auto (None): an equal share of one GPU
+    # among the graph's model roles, two at least (serve_app.gpu_placement): 0.5 with a segmenter, 1/3 each with a
+    # tracker too, so one GPU always holds one replica of each
+    detector_gpus: float | None = None
     segmenter_cpus: float = 0.4  # SEGMENTER_CPUS
-    segmenter_gpus: float = 0.5  # SEGMENTER_GPUS
+    segmenter_gpus: float | None = None  # SEGMENTER_GPUS (auto as DETECTOR_GPUS)
     tracker_cpus: float = 0.4  # TRACKER_CPUS
-    tracker_gpus: float = 0.25  # TRACKER_GPUS
+    tracker_gpus: float | None = None  # TRACKER_GPUS (auto as DETECTOR_GPUS)
     model_cpu_niceness: int = 5  # MODEL_CPU_NICENESS: nice value added to model replicas that run on CPU (0 = off)
     # MODEL_MALLOC_REUSE: model replicas keep the memory a forward pass freed for the next one (glibc tunables,
     # serve_app.deployments.replica_memory) instead of faulting it in afresh each pass; trimmed once the replica is idle
@@ -312,8 +316,13 @@ class Settings(ModelSettings, LabelStudioSettings, LimitSettings, JobSettings, V
             raise SettingsError(f"ACCELERATOR must be auto, gpu or cpu, got {self.accelerator!r}")
         for name in ("detector_cpus", "detector_gpus", "segmenter_cpus", "segmenter_gpus", "tracker_cpus",
                      "tracker_gpus"):
-            if not 0 <= getattr(self, name) <= MAX_RESOURCE:
-                raise SettingsError(f"{name.upper()} must be 0 to {MAX_RESOURCE}, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is None:  # auto
+                continue
+            if not 0 <= value <= MAX_RESOURCE:
+                raise SettingsError(f"{name.upper()} must be 0 to {MAX_RESOURCE}, got {value}")
+            if name.endswith("_gpus") and fraction_problem(name.upper(), value):
+                raise SettingsError(fraction_problem(name.upper(), value))
         if self.label_studio_url:
             problem = url_problem(self.label_studio_url)
             if problem:
@@ -348,7 +357,9 @@ def _parse(name: str, type_name: Any, raw: Any, source: str) -> Any:
             if text in _FALSE:
                 return False
             raise ValueError("expected true/false")
-        if type_name == "float":
+        if type_name == "float | None" and str(raw).strip().lower() == "auto":
+            return None
+        if type_name in ("float", "float | None"):
             value = float(raw)
             if not math.isfinite(value):  # NaN, inf, and 1e999 (which float() turns into inf)
                 raise ValueError("not a finite number")

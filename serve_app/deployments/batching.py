@@ -21,6 +21,7 @@ from serve_app import get_logger
 from serve_app.deployments.replica_cores import CoreShare
 from serve_app.models.device import set_cpu_threads, usable_cores
 from serve_app.deployments.replica_memory import release_free_memory
+from serve_app.deployments.replica_placement import log_placement
 from serve_app.models.messages import Priority
 
 logger = get_logger(__name__)
@@ -255,6 +256,7 @@ class BatchedModelDeployment:
         the first batch. With the replicas' malloc tunables glibc keeps it until trimmed (ViT-B: 1,393 MB after
         loading, 1,036 MB trimmed)."""
         release_free_memory()
+        log_placement(type(self).__name__, self.model.device)
 
     def reconfigure(self, user_config: dict) -> None:
         config = BatchConfig.from_user_config(user_config)

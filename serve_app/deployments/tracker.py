@@ -17,6 +17,7 @@ from ray.serve.config import RequestRouterConfig
 
 from serve_app.deployments.replica_cores import lower_cpu_priority
 from serve_app.deployments.replica_memory import release_free_memory
+from serve_app.deployments.replica_placement import log_placement
 from serve_app.deployments.routing import ImageAffinityRouter
 from serve_app.graph_plan import ReplicaProcess, TrackerLimits
 from serve_app.models.loading import load
@@ -41,6 +42,7 @@ class Tracker:
         self.sessions = TrackerSessions(model, max_sessions=limits.max_sessions, idle_s=limits.idle_s,
                                         max_objects=limits.max_objects, lost_after_s=limits.lost_after_s)
         release_free_memory()
+        log_placement(type(self).__name__, model.device)
 
     async def step(self, request: TrackStep) -> TrackedObjects:
         return await asyncio.to_thread(self.sessions.step, request)
