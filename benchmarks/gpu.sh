@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one command: serving efficiency, the seed comparison and a batching sweep, each in fp32
-# and fp16, plus the precision drift and video frames/s (detector, tracker), with full-size architectures (random
-# weights, built on the spot).
-# benchmarks/gpu_suite.py runs the first three, one service per precision and batch size (see its docstring).
+# The GPU benchmarks in one command, with full-size architectures (random weights, built on the spot):
+# - benchmarks/gpu_suite.py, one service per precision (fp32, fp16): serving efficiency (also against bare models
+#   doing the same output work), FLOP utilisation per model, GPU busy (NVML) through 500 Retrieved tasks (fp32),
+#   the seed comparison and a batching sweep (see its docstring);
+# - the precision drift, and video frames/s (detector, tracker).
 #
 #   benchmarks/gpu.sh                                   # one GPU, under 8 minutes; JSON in benchmarks/results/gpu
 #   benchmarks/gpu.sh --device cpu --models tiny --quick --out /tmp/smoke   # the CI smoke run: no GPU, tiny models
@@ -21,7 +22,7 @@ while [ $# -gt 0 ]; do
     --models) models=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --quick) quick=1; shift ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -48,7 +49,7 @@ mkdir -p "$out"
 if [ "$quick" = 1 ]; then  # the CPU smoke run: every phase runs, none measures anything
   sizes=(--quick) precisions=fp32
 elif [ "$device" = cpu ]; then
-  sizes=(--images 8 --tasks 8 --repeats 1 --levels 1,4) precisions=fp32
+  sizes=(--images 8 --tasks 8 --repeats 1 --levels 1,4 --busy-tasks 8) precisions=fp32
 else
   sizes=(--images 48 --tasks 32 --repeats 2 --levels 1,8,32) precisions=fp32,fp16
 fi

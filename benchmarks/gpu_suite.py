@@ -5,17 +5,21 @@
 
 For each precision, the three sides below load at once, then each is measured alone, in this order:
 1. the in-process reference (the bare models, batch 1, 8 and `--images`; batch 8 again on one torch thread, as
-   a GPU replica runs its CPU work);
+   a GPU replica runs its CPU work; each also with the service's output work, every mask RLE-encoded), then
+   each model's FLOPs per image and FLOP utilisation (benchmarks.flop_utilisation);
 2. the seed architecture (benchmarks.seed_backend): a warm-up and `--repeats` "Retrieve predictions" of `--tasks`;
 3. ONE service from configs/serve.yaml as shipped, which then serves, one after another: the efficiency load
-   (`--images` single-image requests at once, with masks, then boxes only), the same Retrieve as the seed, and
-   the batching sweep's concurrency levels; then `serve deploy` sets max_batch_size 1 (batching off) on the
+   (`--images` single-image requests at once, with masks, then boxes only), the same Retrieve as the seed,
+   `--busy-tasks` tasks in Retrieves of 10, 8 at once (first precision only), and the batching sweep's
+   concurrency levels; then `serve deploy` sets max_batch_size 1 (batching off) on the
    same replicas, in place, for the sweep's levels above 1.
 Every step does the same work: BOX_THRESHOLD=TEXT_THRESHOLD=0 and MAX_DETECTIONS=`--boxes`, so each image has
 exactly that many boxes and masks on both sides. Starting a service (a Ray cluster, replicas, model loading) costs
 more than most measurements, so the steps share one per precision.
 
-Writes efficiency-P.json, seed-compare-P.json and batching-sweep-P.json per precision P as soon as each is known
+NVML samples how busy the GPU was through each load (benchmarks.gpu_busy).
+Writes efficiency-P.json, flops-P.json, gpu-busy-P.json (first precision), seed-compare-P.json and
+batching-sweep-P.json per precision P as soon as each is known
 (the same fields as benchmarks.efficiency, benchmarks.seed_compare and benchmarks.batching_sweep), and
 suite-timings.json: seconds per phase, to show where the run's time goes. A failed phase is recorded and the
 others still run; the exit status says whether any failed.
@@ -39,6 +43,8 @@ from PIL import Image
 
 from benchmarks.batching_sweep import sweep
 from benchmarks.efficiency import free_gpu_memory, in_process_reference, service_load
+from benchmarks.flop_utilisation import report as flop_report, with_service as flops_with_service
+from benchmarks.gpu_busy import GpuBusy
 from benchmarks.harness import (BatchCounter, ImageServer, allocate_like_the_replicas, distinct_images, long_requests, machine, replica_rss_mb,
                                 retrieve_body, run_load, seed_backend, start_service, text_prompt_body, user_config,
                                 without_masks)
@@ -92,11 +98,14 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="seed comparison: timed Retrieves per side")
     parser.add_argument("--boxes", type=int, default=20, help="boxes (and masks) per image, on every side")
     parser.add_argument("--levels", default="1,8,32", help="batching sweep: concurrency levels")
+    parser.add_argument("--busy-tasks", type=int, default=500,
+                        help="GPU busy: tasks of the Retrieves sampled with NVML (10 a request, 8 at once), first "
+                             "precision only; 0: none")
     parser.add_argument("--quick", action="store_true", help="smallest sizes: every phase runs, none measures")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.quick:
-        args.images, args.tasks, args.repeats, args.levels = 2, 2, 1, "1,2"
+        args.images, args.tasks, args.repeats, args.levels, args.busy_tasks = 2, 2, 1, "1,2", 4
     levels = [int(x) for x in args.levels.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     phases = Phases(args.out)
@@ -114,6 +123,11 @@ def main() -> int:
     retrieve = retrieve_body([f"{images.url}/{name}" for name in names[:args.tasks]])
     retrieve_warmup = retrieve_body([f"{images.url}/{name}" for name in names[-4:]])
     sweep_requests = (lambda level: 2 * level) if args.quick else (lambda level: max(8, 2 * level))
+    busy_bodies = [retrieve_body([f"{images.url}/{names[(start + i) % len(names)]}"
+                                  for i in range(min(10, args.busy_tasks - start))])
+                   for start in range(0, args.busy_tasks, 10)]
+    for n, task in enumerate(task for body in busy_bodies for task in body["tasks"]):
+        task["id"] = 100_000 + n  # each task once: the jobs answer a task already in hand only once
 
     try:
         for precision in [p for p in args.precisions.split(",") if p]:
@@ -138,6 +152,8 @@ def main() -> int:
                 reference = models and phases.run(f"{precision} in-process",
                                                   lambda: in_process_reference(settings, pictures, batches, models,
                                                                                one_thread_batch=min(8, args.images)))
+                flops = models and phases.run(f"{precision} flops", lambda: flop_report(
+                    *models, settings, pictures[:16], batch=min(8, args.images), quick=args.quick))
                 models = None
                 free_gpu_memory()
 
@@ -153,10 +169,23 @@ def main() -> int:
                     measured["startup_s"] = round(service.startup_s, 1)
                     run_load(service.url, text_bodies[-4:], requests=4, concurrency=4)  # warm-up: batches of several
                     counter = BatchCounter(service)
-                    measured["masks"] = service_load(service, text_bodies[:args.images], counter)
-                    measured["boxes"] = service_load(service, boxes_bodies[:args.images], counter, ("Detector",))
-                    measured["retrieve"] = time_requests(service.url, retrieve, retrieve_warmup, args.repeats)
+                    with GpuBusy() as busy:
+                        measured["masks"] = service_load(service, text_bodies[:args.images], counter)
+                    measured["gpu_busy"] = {"masks": busy.result()}
+                    with GpuBusy() as busy:
+                        measured["boxes"] = service_load(service, boxes_bodies[:args.images], counter, ("Detector",))
+                    measured["gpu_busy"]["boxes only"] = busy.result()
+                    with GpuBusy() as busy:
+                        measured["retrieve"] = time_requests(service.url, retrieve, retrieve_warmup, args.repeats)
+                    measured["gpu_busy"]["retrieve"] = busy.result()
                     counter.since_last({name: 4 + args.repeats * args.tasks for name in ("Detector", "Segmenter")})
+                    if busy_bodies and precision == args.precisions.split(",")[0]:
+                        with GpuBusy() as busy:
+                            load = run_load(service.url, busy_bodies, requests=len(busy_bodies), concurrency=8)
+                        measured["busy"] = {"tasks": args.busy_tasks, "requests": len(busy_bodies), "concurrency": 8,
+                                            "tasks_per_s": round(args.busy_tasks / load["wall_s"], 3),
+                                            "failures": load["failures"], "gpu": busy.result()}
+                        counter.since_last({name: args.busy_tasks for name in ("Detector", "Segmenter")})
                     measured["sweep"] = sweep(service, text_bodies, levels, "as shipped", sweep_requests, counter)
                     measured["rss_mb"] = replica_rss_mb(service)
                     # batching off for the sweep's levels above 1: the same replicas, reconfigured in place
@@ -174,6 +203,13 @@ def main() -> int:
                     service_started.result().kill()  # a throw-away cluster: a graceful shutdown costs seconds
             if reference and "masks" in measured:
                 write(args.out, f"efficiency-{precision}", efficiency_result(args, about, reference, measured))
+            if flops:
+                if "masks" in measured:
+                    flops = flops_with_service(flops, args.images / measured["masks"][0]["wall_s"])
+                write(args.out, f"flops-{precision}", {"scenario": "flop utilisation", **about, **flops})
+            if "busy" in measured:
+                write(args.out, f"gpu-busy-{precision}", {"scenario": "GPU busy during Retrieves", **about,
+                                                         **measured["busy"], "during": measured["gpu_busy"]})
             if seed and "retrieve" in measured:
                 write(args.out, f"seed-compare-{precision}", seed_result(args, about, seed, measured))
             if "sweep" in measured:
@@ -203,6 +239,9 @@ def efficiency_result(args, about: dict, reference: dict, measured: dict) -> dic
         "in_process_one_torch_thread": reference["one_torch_thread"],
         "in_process_stage_s_per_image": {k: round(v / args.images, 4) for k, v in reference["stage_s"].items()},
         "graph_images_per_s": round(graph, 4), "graph_load": masks, "efficiency": round(graph / best, 3),
+        # against the bare models doing the service's output work too: every mask RLE-encoded
+        "in_process_equal_work_images_per_s": reference["equal_work_images_per_s"],
+        "efficiency_equal_work": round(graph / max(reference["equal_work_images_per_s"].values()), 3),
         "batch_sizes": masks_batches,
         "boxes_only": {"graph_images_per_s": round(graph_boxes, 4), "graph_load": boxes,
                        "efficiency": round(graph_boxes / best_boxes, 3), "batch_sizes": boxes_batches},

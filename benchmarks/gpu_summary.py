@@ -22,8 +22,9 @@ def summary(folder: Path) -> str:
         return f"no results in {folder}"
     lines.append(f"machine: {first.get('machine')}, GPU: {first.get('gpu')}; torch {first.get('torch')}, "
                  f"ray {first.get('ray')}, transformers {first.get('transformers')}")
-    lines += ["", "| precision | in-process best (img/s) | service (img/s) | efficiency | efficiency, boxes only | "
-              "seed (tasks/s) | service (tasks/s) | speedup |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| precision | in-process best (img/s) | service (img/s) | efficiency | efficiency, equal work | "
+              "efficiency, boxes only | seed (tasks/s) | service (tasks/s) | speedup |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for precision in ("fp32", "fp16", "bf16"):
         efficiency, seed = load(folder, f"efficiency-{precision}"), load(folder, f"seed-compare-{precision}")
         if not (efficiency or seed):
@@ -32,7 +33,8 @@ def summary(folder: Path) -> str:
         s = seed or {}
         best = max(e.get("in_process_images_per_s", {}).values(), default=None)
         boxes_only = e.get("boxes_only", {}).get("efficiency")
-        lines.append(f"| {precision} | {best} | {e.get('graph_images_per_s')} | {e.get('efficiency')} | {boxes_only} | "
+        lines.append(f"| {precision} | {best} | {e.get('graph_images_per_s')} | {e.get('efficiency')} | "
+                     f"{e.get('efficiency_equal_work')} | {boxes_only} | "
                      f"{s.get('seed_tasks_per_s')} | {s.get('graph_tasks_per_s')} | {s.get('speedup')} |")
     for precision in ("fp32", "fp16"):
         sweep = load(folder, f"batching-sweep-{precision}")
@@ -43,6 +45,29 @@ def summary(folder: Path) -> str:
         for row in sweep["rows"]:
             lines.append(f"| {row['max_batch_size']} | {row['concurrency']} | {row.get('requests_per_s')} | "
                          f"{row.get('p50_ms')} | {row.get('p95_ms')} | {row.get('mean_batch')} |")
+    for precision in ("fp32", "fp16", "bf16"):
+        flops = load(folder, f"flops-{precision}")
+        if not flops:
+            continue
+        rates = ", ".join(f"{p} {r} TFLOP/s" for p, r in flops["matmul_tflops"].items())
+        lines += ["", f"FLOP utilisation, {precision} (matmul rate measured: {rates}):", "",
+                  "| model | GFLOP/image | in-process img/s | in-process utilisation | service utilisation | "
+                  "GPU waiting in one in-process batch |", "| --- | --- | --- | --- | --- | --- |"]
+        for name, count in flops["flops_per_image"].items():
+            if name == "boxes":
+                continue
+            alone = flops["in_process"].get(name, {})
+            service = flops.get("service", {}).get("utilisation", {}).get(name)
+            split = alone.get("one_batch", {})
+            waiting = f"{split['gpu_waiting_ms']} of {split['wall_ms']} ms" if split else "-"
+            lines.append(f"| {name} | {count / 1e9:.1f} | {alone.get('images_per_s')} | {alone.get('utilisation')} | "
+                         f"{service} | {waiting} |")
+    busy = next((b for b in (load(folder, f"gpu-busy-{p}") for p in ("fp32", "fp16", "bf16")) if b), None)
+    if busy:
+        during = "; ".join(f"{name} {r.get('mean_percent', r.get('why'))}" for name, r in busy["during"].items())
+        lines += ["", f"GPU busy (NVML), {busy['precision']}: {busy['tasks']} tasks in {busy['requests']} Retrieves, "
+                  f"{busy['concurrency']} at once: {busy['tasks_per_s']} tasks/s, {busy['gpu']}; mean % during "
+                  f"the other loads: {during}"]
     drift = load(folder, "precision")
     if drift:
         lines += ["", "precision drift against fp32 (in-process):", ""]

@@ -33,6 +33,12 @@ def test_gpu_script_runs_every_benchmark_on_cpu(tmp_path):
         ("as shipped", 1), ("as shipped", 2), (1, 2)]
     assert all(r["failures"] == 0 for r in sweep["rows"])
     assert all(mean == 1.0 for mean in sweep["rows"][-1]["mean_batch"].values())
+    assert efficiency["efficiency_equal_work"] >= efficiency["efficiency"]  # encoding slows the reference only
+    flops = json.loads((out / "flops-fp32.json").read_text())
+    assert flops["flops_per_image"]["detector"] > 0 and flops["flops_per_image"]["segmenter"] > 0
+    assert flops["matmul_tflops"]["fp32"] > 0 and 0 < flops["service"]["utilisation"]["detector"]["fp32"] < 1
+    busy = json.loads((out / "gpu-busy-fp32.json").read_text())
+    assert busy["tasks"] == 4 and busy["failures"] == 0 and busy["gpu"]["available"] is False  # no GPU: says why
     timings = json.loads((out / "suite-timings.json").read_text())
     assert timings["failed"] == {} and timings["phases_s"]["fp32 service"] > 0
     assert "| fp32 |" in run.stdout  # the summary table for docs/performance-history.md
