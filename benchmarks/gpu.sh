@@ -6,6 +6,7 @@
 # - the precision drift, and video frames/s (detector, tracker).
 #
 #   benchmarks/gpu.sh                                   # one GPU, under 8 minutes; JSON in benchmarks/results/gpu
+#   benchmarks/gpu.sh --quick                           # one GPU, the headline figures (fp32 alone), about 4 minutes
 #   benchmarks/gpu.sh --device cpu --models tiny --quick --out /tmp/smoke   # the CI smoke run: no GPU, tiny models
 #
 # What the environment lacks it installs first: from .gpu-bundle (scripts/gpu_bundle.py; a lent GPU machine
@@ -46,8 +47,11 @@ if [ "$device" = cuda ] && ! "$python" -c "import torch, sys; sys.exit(not torch
 fi
 mkdir -p "$out"
 
-if [ "$quick" = 1 ]; then  # the CPU smoke run: every phase runs, none measures anything
-  sizes=(--quick) precisions=fp32
+full=1
+if [ "$quick" = 1 ] && [ "$device" = cpu ]; then  # the CPU smoke run: every phase runs, none measures anything
+  sizes=(--quick) precisions=fp32 full=0
+elif [ "$quick" = 1 ]; then  # the headline figures, fp32 alone: no fp16 service, drift, low levels or video
+  sizes=(--images 48 --tasks 32 --repeats 1 --levels 32 --busy-tasks 200) precisions=fp32 full=0
 elif [ "$device" = cpu ]; then
   sizes=(--images 8 --tasks 8 --repeats 1 --levels 1,4 --busy-tasks 8) precisions=fp32
 else
@@ -59,7 +63,7 @@ failed=()
 # build the models once, untimed; nothing else can run without them
 "$python" -c "from benchmarks.models import model_env; model_env('$models')" || exit 1
 echo "models built in $((SECONDS - started)) s"
-if [ "$device" = cuda ]; then  # in-process, cheap: fp16 and bf16 against fp32 on the same images
+if [ "$device" = cuda ] && [ "$full" = 1 ]; then  # in-process, cheap: fp16 and bf16 against fp32 on the same images
   echo "== precision drift"
   "$python" -m benchmarks.precision --models "$models" --images 6 --device cuda --precisions fp16,bf16 \
     --out "$out/precision.json" >"$out/precision.log" 2>&1 || { tail -n 15 "$out/precision.log"; failed+=(precision); }
@@ -67,7 +71,7 @@ fi
 # efficiency, seed comparison and batching sweep per precision, sharing each service between them
 "$python" -m benchmarks.gpu_suite --models "$models" --device "$device" --precisions "$precisions" "${sizes[@]}" \
   --out "$out" 2>&1 | tee "$out/suite.log" || failed+=(suite)
-if [ "$device" = cuda ]; then  # last, as the least needed: video frames/s with the full-size detector and tracker
+if [ "$device" = cuda ] && [ "$full" = 1 ]; then  # last, as the least needed: video frames/s, full-size models
   echo "== video"
   "$python" -m benchmarks.video --device cuda --track-fps 10 --short-s 20 --long-s 60 --full-size --tracker \
     --tracker-long-s 60 --out "$out/video.json" >"$out/video.log" 2>&1 || { tail -n 15 "$out/video.log"; failed+=(video); }
