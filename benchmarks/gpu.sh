@@ -31,7 +31,9 @@ done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if ! "$python" -c "import ray.serve, segment_anything, orjson, label_studio_sdk" 2>/dev/null; then
   if [ -f .gpu-bundle/wheels.tar.xz ]; then  # a lent GPU machine reaches no index: scripts/gpu_bundle.py made this
-    wheels=$(mktemp -d) && tar -xJf .gpu-bundle/wheels.tar.xz -C "$wheels" || exit 1
+    wheels=$(mktemp -d)  # Python's tarfile: the image may lack the xz tool
+    "$python" -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
+      .gpu-bundle/wheels.tar.xz "$wheels" || exit 1
     # into the image's environment; where that is read-only, beside it on PYTHONPATH
     if ! "$python" -m pip install -q --no-index --no-deps --no-compile "$wheels"/*.whl; then
       "$python" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-site "$wheels"/*.whl || exit 1
