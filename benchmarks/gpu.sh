@@ -51,13 +51,13 @@ mkdir -p "$out"
 
 full=1
 if [ "$quick" = 1 ] && [ "$device" = cpu ]; then  # the CPU smoke run: every phase runs, none measures anything
-  sizes=(--quick) precisions=fp32 full=0
+  sizes=(--quick) precisions=fp32,fp32-compact full=0
 elif [ "$quick" = 1 ]; then  # the headline figures, fp32 alone: no fp16 service, drift, low levels or video
-  sizes=(--images 48 --tasks 32 --repeats 1 --levels 32 --busy-tasks 200) precisions=fp32 full=0
+  sizes=(--images 48 --tasks 32 --repeats 1 --levels 32 --busy-tasks 200) precisions=fp32,fp32-compact full=0
 elif [ "$device" = cpu ]; then
   sizes=(--images 8 --tasks 8 --repeats 1 --levels 1,4 --busy-tasks 8) precisions=fp32
 else
-  sizes=(--images 48 --tasks 32 --repeats 2 --levels 1,8,32) precisions=fp32,fp16
+  sizes=(--images 48 --tasks 32 --repeats 2 --levels 1,8,32) precisions=fp32,fp32-compact,fp16
 fi
 
 started=$SECONDS

@@ -10,16 +10,18 @@ For each precision, the three sides below load at once, then each is measured al
 2. the seed architecture (benchmarks.seed_backend): a warm-up and `--repeats` "Retrieve predictions" of `--tasks`;
 3. ONE service from configs/serve.yaml as shipped, which then serves, one after another: the efficiency load
    (`--images` single-image requests at once, with masks, then boxes only), the same Retrieve as the seed,
-   `--busy-tasks` tasks in Retrieves of 10, 8 at once (first precision only), and the batching sweep's
-   concurrency levels; then `serve deploy` sets max_batch_size 1 (batching off) on the
+   `--busy-tasks` tasks in Retrieves of 10, 8 at once (the first -compact run, else the first), and the batching
+   sweep's concurrency levels (not in -compact runs); then `serve deploy` sets max_batch_size 1 (batching off) on the
    same replicas, in place, for the sweep's levels above 1.
 Every step does the same work: BOX_THRESHOLD=TEXT_THRESHOLD=0 and MAX_DETECTIONS=`--boxes`, so each image has
 exactly that many boxes and masks on both sides. Starting a service (a Ray cluster, replicas, model loading) costs
 more than most measurements, so the steps share one per precision.
 
 NVML samples how busy the GPU was through each load (benchmarks.gpu_busy).
-Writes efficiency-P.json, flops-P.json, gpu-busy-P.json (first precision), seed-compare-P.json and
-batching-sweep-P.json per precision P as soon as each is known
+A run is a precision P, or P-compact: the same with SAM's masks of a trained model's size (random weights give
+noise masks, about 50 times a trained model's RLE; benchmarks.models.compact_masks).
+Writes efficiency-R.json, flops-R.json, gpu-busy-R.json (one run), seed-compare-R.json and
+batching-sweep-R.json per run R as soon as each is known
 (the same fields as benchmarks.efficiency, benchmarks.seed_compare and benchmarks.batching_sweep), and
 suite-timings.json: seconds per phase, to show where the run's time goes. A failed phase is recorded and the
 others still run; the exit status says whether any failed.
@@ -92,7 +94,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", choices=MODEL_SETS, default="full-vit_t")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--precisions", default="fp32,fp16")
+    parser.add_argument("--precisions", default="fp32,fp16",
+                        help="runs, one service each: a precision, or PRECISION-compact for SAM with masks of a "
+                             "trained model's size (benchmarks.models.compact_masks)")
     parser.add_argument("--images", type=int, default=48, help="efficiency: single-image requests sent at once")
     parser.add_argument("--tasks", type=int, default=32, help="seed comparison: tasks in the Retrieve")
     parser.add_argument("--repeats", type=int, default=2, help="seed comparison: timed Retrieves per side")
@@ -113,6 +117,7 @@ def main() -> int:
     common = {**model_env(args.models), "SAM_EMBEDDING_CACHE_BYTES": "0", "DEVICE": args.device,
               "BOX_THRESHOLD": "0", "TEXT_THRESHOLD": "0", "MAX_DETECTIONS": str(args.boxes),
               "TASK_TIMEOUT_S": "3000", "PREDICT_DEADLINE_S": "3000"}  # every task in the answer, however slow
+    compact = {**common, **model_env(args.models, masks="compact")} if "-compact" in args.precisions else common
     allocate_like_the_replicas("benchmarks.gpu_suite", common)  # the in-process reference's allocator
     files = distinct_images(max(args.images, args.tasks) + 8)
     names = sorted(files)
@@ -129,11 +134,16 @@ def main() -> int:
     for n, task in enumerate(task for body in busy_bodies for task in body["tasks"]):
         task["id"] = 100_000 + n  # each task once: the jobs answer a task already in hand only once
 
+    runs = [p for p in args.precisions.split(",") if p]
+    # the GPU's busy share means most with masks of a trained model's size: noise masks' RLE keeps the CPU busy
+    busy_run = next((run for run in runs if run.endswith("-compact")), runs[0])
     try:
-        for precision in [p for p in args.precisions.split(",") if p]:
-            env = {**common, "PRECISION": precision}
+        for run in runs:
+            precision, _, mask_kind = run.partition("-")  # "fp32-compact": SAM with masks of a trained model's size
+            env = {**(compact if mask_kind == "compact" else common), "PRECISION": precision}
             settings = Settings.load(env=env)
-            about = {"models": args.models, "device": args.device, "precision": precision, **machine()}
+            about = {"models": args.models, "device": args.device, "precision": precision,
+                     "masks": mask_kind or "noise", **machine()}
             measured: dict = {}
 
             # The three sides load at once (seconds to a minute each); each is measured alone afterwards, while
@@ -144,15 +154,15 @@ def main() -> int:
             seed_started = pool.submit(seed_process.__enter__)
             pool.shutdown(wait=False)
             try:
-                models = phases.run(f"{precision} load in-process models", lambda: load_models(settings))
-                seed_ready = phases.run(f"{precision} wait for the seed", seed_started.result)
-                service = phases.run(f"{precision} wait for the service", service_started.result)
+                models = phases.run(f"{run} load in-process models", lambda: load_models(settings))
+                seed_ready = phases.run(f"{run} wait for the seed", seed_started.result)
+                service = phases.run(f"{run} wait for the service", service_started.result)
 
                 batches = sorted({1, min(8, args.images), args.images})
-                reference = models and phases.run(f"{precision} in-process",
+                reference = models and phases.run(f"{run} in-process",
                                                   lambda: in_process_reference(settings, pictures, batches, models,
                                                                                one_thread_batch=min(8, args.images)))
-                flops = models and phases.run(f"{precision} flops", lambda: flop_report(
+                flops = models and phases.run(f"{run} flops", lambda: flop_report(
                     *models, settings, pictures[:16], batch=min(8, args.images), quick=args.quick))
                 models = None
                 free_gpu_memory()
@@ -161,7 +171,7 @@ def main() -> int:
                     reports = time_requests(seed_ready[1], retrieve, retrieve_warmup, args.repeats)
                     return reports, round(psutil.Process(seed_ready[0]).memory_info().rss / 1e6)
 
-                seed = seed_ready and phases.run(f"{precision} seed", seed_phase)
+                seed = seed_ready and phases.run(f"{run} seed", seed_phase)
                 if seed_started.done() and not seed_started.exception():
                     seed_process.__exit__(None, None, None)  # gone before the service is measured
 
@@ -179,15 +189,17 @@ def main() -> int:
                         measured["retrieve"] = time_requests(service.url, retrieve, retrieve_warmup, args.repeats)
                     measured["gpu_busy"]["retrieve"] = busy.result()
                     counter.since_last({name: 4 + args.repeats * args.tasks for name in ("Detector", "Segmenter")})
-                    if busy_bodies and precision == args.precisions.split(",")[0]:
+                    if busy_bodies and run == busy_run:
                         with GpuBusy() as busy:
                             load = run_load(service.url, busy_bodies, requests=len(busy_bodies), concurrency=8)
                         measured["busy"] = {"tasks": args.busy_tasks, "requests": len(busy_bodies), "concurrency": 8,
                                             "tasks_per_s": round(args.busy_tasks / load["wall_s"], 3),
                                             "failures": load["failures"], "gpu": busy.result()}
                         counter.since_last({name: args.busy_tasks for name in ("Detector", "Segmenter")})
-                    measured["sweep"] = sweep(service, text_bodies, levels, "as shipped", sweep_requests, counter)
                     measured["rss_mb"] = replica_rss_mb(service)
+                    if mask_kind:  # a variant's efficiency and busy share only: the sweep is the plain run's
+                        return
+                    measured["sweep"] = sweep(service, text_bodies, levels, "as shipped", sweep_requests, counter)
                     # batching off for the sweep's levels above 1: the same replicas, reconfigured in place
                     service.update_config(user_config(max_batch_size=1))
                     if not all(service.wait_for_log(rf"{name}: max_batch_size 1\b", timeout_s=60)
@@ -197,23 +209,23 @@ def main() -> int:
                                                sweep_requests, counter)
 
                 if service:
-                    phases.run(f"{precision} service", service_phase)
+                    phases.run(f"{run} service", service_phase)
             finally:
                 if service_started.done() and not service_started.exception():
                     service_started.result().kill()  # a throw-away cluster: a graceful shutdown costs seconds
             if reference and "masks" in measured:
-                write(args.out, f"efficiency-{precision}", efficiency_result(args, about, reference, measured))
+                write(args.out, f"efficiency-{run}", efficiency_result(args, about, reference, measured))
             if flops:
                 if "masks" in measured:
                     flops = flops_with_service(flops, args.images / measured["masks"][0]["wall_s"])
-                write(args.out, f"flops-{precision}", {"scenario": "flop utilisation", **about, **flops})
+                write(args.out, f"flops-{run}", {"scenario": "flop utilisation", **about, **flops})
             if "busy" in measured:
-                write(args.out, f"gpu-busy-{precision}", {"scenario": "GPU busy during Retrieves", **about,
+                write(args.out, f"gpu-busy-{run}", {"scenario": "GPU busy during Retrieves", **about,
                                                          **measured["busy"], "during": measured["gpu_busy"]})
             if seed and "retrieve" in measured:
-                write(args.out, f"seed-compare-{precision}", seed_result(args, about, seed, measured))
+                write(args.out, f"seed-compare-{run}", seed_result(args, about, seed, measured))
             if "sweep" in measured:
-                write(args.out, f"batching-sweep-{precision}", {"scenario": "batching sweep", **about,
+                write(args.out, f"batching-sweep-{run}", {"scenario": "batching sweep", **about,
                                                                  "rows": measured["sweep"],
                                                                  "rss_mb": {"as shipped": measured.get("rss_mb")}})
     finally:

@@ -15,6 +15,12 @@ def load(folder: Path, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def runs(folder: Path, kind: str) -> list[str]:
+    """The runs (fp32, fp32-compact, fp16, ...) that wrote a `kind`-RUN.json, fp32 first."""
+    found = [path.stem[len(kind) + 1:] for path in folder.glob(f"{kind}-*.json")]
+    return sorted(found, key=lambda run: (not run.startswith("fp32"), run))
+
+
 def summary(folder: Path) -> str:
     lines = []
     first = next((json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))), None)
@@ -25,7 +31,7 @@ def summary(folder: Path) -> str:
     lines += ["", "| precision | in-process best (img/s) | service (img/s) | efficiency | efficiency, equal work | "
               "efficiency, boxes only | seed (tasks/s) | service (tasks/s) | speedup |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for precision in ("fp32", "fp16", "bf16"):
+    for precision in runs(folder, "efficiency"):
         efficiency, seed = load(folder, f"efficiency-{precision}"), load(folder, f"seed-compare-{precision}")
         if not (efficiency or seed):
             continue
@@ -36,7 +42,7 @@ def summary(folder: Path) -> str:
         lines.append(f"| {precision} | {best} | {e.get('graph_images_per_s')} | {e.get('efficiency')} | "
                      f"{e.get('efficiency_equal_work')} | {boxes_only} | "
                      f"{s.get('seed_tasks_per_s')} | {s.get('graph_tasks_per_s')} | {s.get('speedup')} |")
-    for precision in ("fp32", "fp16"):
+    for precision in runs(folder, "batching-sweep"):
         sweep = load(folder, f"batching-sweep-{precision}")
         if not sweep:
             continue
@@ -45,7 +51,7 @@ def summary(folder: Path) -> str:
         for row in sweep["rows"]:
             lines.append(f"| {row['max_batch_size']} | {row['concurrency']} | {row.get('requests_per_s')} | "
                          f"{row.get('p50_ms')} | {row.get('p95_ms')} | {row.get('mean_batch')} |")
-    for precision in ("fp32", "fp16", "bf16"):
+    for precision in runs(folder, "flops"):
         flops = load(folder, f"flops-{precision}")
         if not flops:
             continue
@@ -62,10 +68,10 @@ def summary(folder: Path) -> str:
             waiting = f"{split['gpu_waiting_ms']} of {split['wall_ms']} ms" if split else "-"
             lines.append(f"| {name} | {count / 1e9:.1f} | {alone.get('images_per_s')} | {alone.get('utilisation')} | "
                          f"{service} | {waiting} |")
-    busy = next((b for b in (load(folder, f"gpu-busy-{p}") for p in ("fp32", "fp16", "bf16")) if b), None)
+    busy = next((load(folder, f"gpu-busy-{run}") for run in runs(folder, "gpu-busy")), None)
     if busy:
         during = "; ".join(f"{name} {r.get('mean_percent', r.get('why'))}" for name, r in busy["during"].items())
-        lines += ["", f"GPU busy (NVML), {busy['precision']}: {busy['tasks']} tasks in {busy['requests']} Retrieves, "
+        lines += ["", f"GPU busy (NVML), {busy['precision']}, {busy.get('masks')} masks: {busy['tasks']} tasks in {busy['requests']} Retrieves, "
                   f"{busy['concurrency']} at once: {busy['tasks_per_s']} tasks/s, {busy['gpu']}; mean % during "
                   f"the other loads: {during}"]
     drift = load(folder, "precision")

@@ -57,7 +57,31 @@ def _sam_checkpoint(model_type: str) -> Path:
     return out
 
 
-def model_env(model_set: str) -> dict[str, str]:
+def compact_masks(checkpoint: Path) -> Path:
+    """The same random-weight SAM with masks of a trained model's size: each of the mask decoder's two up-sampling
+    layers gets one weight per channel pair for its 2x2 taps (their mean), so it up-samples without the
+    checkerboard noise random taps make. Compute per image is unchanged; on MobileSAM at 640x480 a mask's RLE
+    falls from about 79 KB to 1.7 KB (a trained model's: about 1.4 KB) and its encoding from 1.4 to 0.2 ms."""
+    out = checkpoint.with_name(checkpoint.stem + "-compact.pth")
+    if not out.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        for key in ("mask_decoder.output_upscaling.0.weight", "mask_decoder.output_upscaling.3.weight"):
+            weight = state[key]
+            state[key] = weight.mean(dim=(2, 3), keepdim=True).expand_as(weight).clone()
+        torch.save(state, out)
+    return out
+
+
+def model_env(model_set: str, masks: str = "noise") -> dict[str, str]:
+    """The model set's environment; `masks="compact"`: SAM's checkpoint through compact_masks()."""
+    env = _model_env(model_set)
+    if masks == "compact":
+        key = "MOBILESAM_CHECKPOINT" if "MOBILESAM_CHECKPOINT" in env else "SAM_CHECKPOINT"
+        env[key] = str(compact_masks(Path(env[key])))
+    return env
+
+
+def _model_env(model_set: str) -> dict[str, str]:
     if model_set == "tiny":
         models = make_tiny_models(CACHE / "tiny")
         return {"GROUNDING_DINO_MODEL": str(models["grounding_dino"]), "USE_SAM": "true",
