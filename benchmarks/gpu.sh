@@ -73,6 +73,14 @@ fi
 # efficiency, seed comparison and batching sweep per precision, sharing each service between them
 "$python" -m benchmarks.gpu_suite --models "$models" --device "$device" --precisions "$precisions" "${sizes[@]}" \
   --out "$out" 2>&1 | tee "$out/suite.log" || failed+=(suite)
+if [ "$device" = cuda ]; then  # the service's own ceiling on this node's cores: null models, one and two ingresses
+  for replicas in 1 2; do
+    echo "== null ceiling, $replicas ingress replica(s)"
+    "$python" -m benchmarks.null_ceiling --tasks 400 --concurrency 16 --ingress-replicas "$replicas" \
+      --out "$out/null-ceiling-$replicas.json" >"$out/null-ceiling-$replicas.log" 2>&1 \
+      || { tail -n 15 "$out/null-ceiling-$replicas.log"; failed+=(null-ceiling); }
+  done
+fi
 if [ "$device" = cuda ] && [ "$full" = 1 ]; then  # last, as the least needed: video frames/s, full-size models
   echo "== video"
   "$python" -m benchmarks.video --device cuda --track-fps 10 --short-s 20 --long-s 60 --full-size --tracker \

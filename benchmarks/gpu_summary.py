@@ -74,6 +74,11 @@ def summary(folder: Path) -> str:
         lines += ["", f"GPU busy (NVML), {busy['precision']}, {busy.get('masks')} masks: {busy['tasks']} tasks in {busy['requests']} Retrieves, "
                   f"{busy['concurrency']} at once: {busy['tasks_per_s']} tasks/s, {busy['gpu']}; mean % during "
                   f"the other loads: {during}"]
+    ceilings = [c for c in (load(folder, f"null-ceiling-{n}") for n in (1, 2)) if c]
+    if ceilings:
+        lines += ["", "the service's own ceiling on this node (null models, 20 boxes and compact masks a task): "
+                  + "; ".join(f"{c['ingress_replicas']} ingress replica(s) {c['tasks_per_s']} tasks/s, "
+                              f"{c['cpu_ms_per_task_total']} ms CPU a task" for c in ceilings)]
     drift = load(folder, "precision")
     if drift:
         lines += ["", "precision drift against fp32 (in-process):", ""]

@@ -50,6 +50,10 @@ def main() -> None:
     parser.add_argument("--tasks-per-request", type=int, default=10)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--boxes", type=int, default=20)
+    parser.add_argument("--ingress-replicas", type=int, default=1,
+                        help="Ingress num_replicas: on a node with more cores, the ceiling grows with them "
+                             "(docs/gpu-placement.md)")
+    parser.add_argument("--out", type=Path, help="the JSON's path (default benchmarks/results/null-ceiling-cpu.json)")
     args = parser.parse_args()
 
     models = make_null_models(Path(tempfile.mkdtemp(prefix="gs-null-")), boxes=args.boxes)
@@ -62,8 +66,13 @@ def main() -> None:
     warm_up = [retrieve_body([f"{images.url}/{name}"]) for name in names[:2]]
     for n, body in enumerate(warm_up):
         body["tasks"][0]["id"] = 100 + n
+    def ingress_replicas(config: dict) -> None:
+        ingress = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Ingress")
+        ingress["num_replicas"] = args.ingress_replicas
+
     service = start_service({"DETECTOR_MODEL": str(models["null_detector"]),
-                             "SEGMENTER_MODEL": str(models["null_segmenter"]), "MAX_DETECTIONS": str(args.boxes)})
+                             "SEGMENTER_MODEL": str(models["null_segmenter"]), "MAX_DETECTIONS": str(args.boxes)},
+                            ingress_replicas)
     try:
         warm = run_load(service.url, warm_up, requests=2, concurrency=2)  # the first requests pay for imports
         before, started = cpu_by_process(service), time.perf_counter()
@@ -79,7 +88,9 @@ def main() -> None:
     report = {
         "machine": machine(),
         "command": f"python -m benchmarks.null_ceiling --tasks {args.tasks} --tasks-per-request "
-                   f"{args.tasks_per_request} --concurrency {args.concurrency} --boxes {args.boxes}",
+                   f"{args.tasks_per_request} --concurrency {args.concurrency} --boxes {args.boxes} "
+                   f"--ingress-replicas {args.ingress_replicas}",
+        "ingress_replicas": args.ingress_replicas,
         "tasks": tasks, "boxes_and_masks_per_task": args.boxes, "image": "640x480 PNG over loopback",
         "tasks_per_s": round(tasks / wall, 2), "load": load, "warm_up": warm,
         "cpu_ms_per_task_by_process": dict(sorted(cpu.items(), key=lambda kv: -kv[1])),
@@ -89,7 +100,7 @@ def main() -> None:
         "batch_sizes": metrics.get("batch_sizes"),
         "tasks_answered": metrics.get("counters", {}).get("predict_tasks"),
     }
-    out = ROOT / "benchmarks" / "results" / "null-ceiling-cpu.json"
+    out = args.out or ROOT / "benchmarks" / "results" / "null-ceiling-cpu.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
