@@ -19,12 +19,14 @@ convolutions use by default).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from serve_app.models.messages import DetectionRequest, SegmentationRequest
@@ -201,9 +203,6 @@ def main() -> None:
     env = {**model_env(args.models), "DEVICE": args.device, "PRECISION": args.precision, "BOX_THRESHOLD": "0",
            "TEXT_THRESHOLD": "0", "MAX_DETECTIONS": str(args.boxes), "SAM_EMBEDDING_CACHE_BYTES": "0"}
     settings = Settings.load(env=env)
-    from PIL import Image
-    import io
-
     files = distinct_images(args.images)
     pictures = [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in files.values()]
     detector, segmenter = load_models(settings)
