@@ -112,7 +112,7 @@ def test_two_sets_on_two_logical_gpus_land_where_the_replay_says(tiny_models, tm
     from tests.serve_process import ServeProcess, model_deployments
     from tests.waiting import wait_until
 
-    sam2 = make_tiny_sam_family(tmp_path_factory.mktemp("sam2.1-tiny"), "sam2_video", seed=2)
+    sam2 = make_tiny_sam_family(tmp_path_factory.mktemp("placement-sam2"), "sam2_video", seed=2)
 
     def two_of_each(config):
         app = config["applications"][0]
