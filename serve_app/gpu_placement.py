@@ -52,11 +52,11 @@ def _fixed(value: float) -> Fraction:
     return Fraction(round(value * 10**RAY_DECIMALS), 10**RAY_DECIMALS)
 
 
-def place(replicas: Iterable[tuple[str, float]], gpus_per_node: list[int], spread: bool = True) -> Placement:
+def place(replicas: Iterable[tuple[str, float]], gpus_per_node: list[int]) -> Placement:
     """Place `replicas` ((role, GPU fraction) in the order Serve starts them) on nodes with `gpus_per_node` GPUs.
 
     Across nodes Serve spreads replicas (its default strategy, round robin over the nodes they fit on): modelled
-    as the node holding the fewest replicas so far (`spread=False`: the first node it fits on). Within a node,
+    as the node holding the fewest replicas so far, the lower index on a tie. Within a node,
     best fit, as Ray's raylet assigns GPU instances: that part is exact."""
     free = [[Fraction(1)] * count for count in gpus_per_node]
     placement = Placement(gpus=[[[] for _ in range(count)] for count in gpus_per_node])
@@ -67,7 +67,7 @@ def place(replicas: Iterable[tuple[str, float]], gpus_per_node: list[int], sprea
             chosen = _fit(instances, demand)
             if chosen is not None:
                 held = sum(len(roles) for roles in placement.gpus[node])
-                candidates.append((held if spread else 0, node, chosen))
+                candidates.append((held, node, chosen))
         if not candidates:
             placement.pending.append(role)
             continue
@@ -92,7 +92,6 @@ class Prediction:
     """Tasks/s a number of GPUs gives, from one GPU's measured service rate, and the ingress replicas it needs."""
 
     gpus: int
-    replicas_per_role: int
     gpu_tasks_per_s: float
     ingress_replicas: int
     tasks_per_s: float
@@ -107,7 +106,7 @@ def predict(gpus: int, per_gpu_tasks_per_s: float, ingress_cpu_s_per_task: float
     per_ingress = ingress_busy / ingress_cpu_s_per_task
     needed = max(1, math.ceil(gpu_rate / per_ingress))
     ingress = needed if ingress_replicas is None else ingress_replicas
-    return Prediction(gpus=gpus, replicas_per_role=gpus, gpu_tasks_per_s=round(gpu_rate, 1),
+    return Prediction(gpus=gpus, gpu_tasks_per_s=round(gpu_rate, 1),
                       ingress_replicas=ingress, tasks_per_s=round(min(gpu_rate, ingress * per_ingress), 1))
 
 
