@@ -88,33 +88,27 @@ def flops_per_image(detector, segmenter, settings: Settings, picture: np.ndarray
 
 
 def model_rates(detector, segmenter, settings: Settings, pictures: list[np.ndarray], batch: int) -> dict:
-    """Each model alone, batches of `batch`: images/s, and on a GPU the profile of one batch."""
+    """Each model alone, batches of `batch`, each warmed up first: images/s, and on a GPU the profile of one
+    batch. The segmenter gets the boxes the detector found."""
     device = detector.device
     requests = requests_for(settings, pictures)
-    detections = detector.detect(requests[:batch])  # warm-up, and the boxes the segmenter gets
-    boxes = {id(p): d.boxes for p, d in zip(pictures, detections)}
-    for chunk in _chunks(requests, batch):
-        for picture, found in zip(chunk, detector.detect(chunk)):
-            boxes[id(picture.image)] = found.boxes
-
-    def detect(chunk):
-        detector.detect(chunk)
-
-    def segment(chunk):
-        segmenter.segment([SegmentationRequest(image=r.image, boxes=boxes[id(r.image)]) for r in chunk])
-
+    detector.detect(requests[:batch])
+    steps = {"detector": (detector.detect, requests)}
+    if segmenter is not None:
+        found = [d.boxes for chunk in _chunks(requests, batch) for d in detector.detect(chunk)]
+        prompts = [SegmentationRequest(image=r.image, boxes=boxes) for r, boxes in zip(requests, found)]
+        segmenter.segment(prompts[:batch])
+        steps["segmenter"] = (segmenter.segment, prompts)
     result = {}
-    for name, step in (("detector", detect), ("segmenter", segment if segmenter is not None else None)):
-        if step is None:
-            continue
+    for name, (step, items) in steps.items():
         synchronize(device)
         started = time.perf_counter()
-        for chunk in _chunks(requests, batch):
+        for chunk in _chunks(items, batch):
             step(chunk)
         synchronize(device)
-        result[name] = {"images_per_s": round(len(requests) / (time.perf_counter() - started), 3), "batch": batch}
+        result[name] = {"images_per_s": round(len(items) / (time.perf_counter() - started), 3), "batch": batch}
         if device.type == "cuda":
-            result[name]["one_batch"] = gpu_time_split(lambda: step(requests[:batch]), device)
+            result[name]["one_batch"] = gpu_time_split(lambda: step(items[:batch]), device)
     return result
 
 
