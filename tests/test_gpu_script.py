@@ -39,8 +39,7 @@ def test_gpu_script_runs_every_benchmark_on_cpu(tmp_path):
     assert flops["matmul_tflops"]["fp32"] > 0 and 0 < flops["service"]["utilisation"]["detector"]["fp32"] < 1
     compact = json.loads((out / "efficiency-fp32-compact.json").read_text())
     assert compact["masks"] == "compact" and efficiency["masks"] == "noise" and compact["graph_load"]["failures"] == 0
-    # masks of a trained model's size: RLE-encoding them costs a fraction of the random weights' noise masks
-    assert compact["in_process_stage_s_per_image"]["encode"] < efficiency["in_process_stage_s_per_image"]["encode"]
+    # (the tiny SAM's masks are not compacted by it: tests/test_compact_masks.py checks MobileSAM's)
     assert not (out / "batching-sweep-fp32-compact.json").exists()
     busy = json.loads((out / "gpu-busy-fp32-compact.json").read_text())
     assert busy["tasks"] == 4 and busy["failures"] == 0 and busy["gpu"]["available"] is False  # no GPU: says why
