@@ -120,6 +120,30 @@ def test_clicks_alone_skip_the_detector(settings, models, image_server):
     assert calls == [] and [r["type"] for r in prediction["result"]] == ["brushlabels"]
 
 
+def test_masks_made_on_the_device_give_the_same_predictions(settings, models, image_server):
+    """A GPU segmenter's path (resize, masks and RLE runs on the device), run here on the CPU: the same body gives
+    the same regions and the same RLE bytes, clicks included."""
+    from serve_app.models.segmenter import SamSegmenter
+
+    detector, segmenter = models
+    on_device = SamSegmenter(segmenter.sam, segmenter.device, pixels_on_device=True)
+
+    def regions(response):  # the RLE is a uint8 array until the response is written as JSON
+        return [[{k: np.asarray(r["value"].get(k)).tolist() for k in ("rle", "x", "brushlabels", "rectanglelabels")}
+                 | {"score": r["score"]} for r in prediction["result"]] for prediction in response["results"]]
+
+    body = batch_body([f"{image_server}/img{i}.png" for i in range(3)])
+    host = asyncio.run(pipeline_for(settings, models).predict(body))
+    device = asyncio.run(pipeline_for(settings, (detector, on_device)).predict(body))
+    assert any(r["type"] == "brushlabels" for prediction in device["results"] for r in prediction["result"])
+    assert regions(device) == regions(host)
+    body["label_config"] = CLICK_CONFIG
+    body["params"]["context"] = {"result": [{"type": "keypointlabels", "from_name": "tag2", "to_name": "image",
+                                             "value": {"x": 40.0, "y": 60.0, "keypointlabels": ["cats"]}}]}
+    clicked = [asyncio.run(pipeline_for(settings, pair).predict(body)) for pair in (models, (detector, on_device))]
+    assert regions(clicked[0]) == regions(clicked[1]) and clicked[0]["results"][0]["result"]
+
+
 def test_the_benchmarks_in_process_reference_is_this_pipeline(settings, image_server):
     reference = InProcessPipeline.load(settings)
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from serve_app.masks.polygons import mask_to_polygons
-from serve_app.masks.rle import mask_to_rle
+from serve_app.masks.rle import mask_to_rle, runs_to_rle
 from serve_app.models.messages import Masks
 
 RLE = "rle"
@@ -20,22 +20,32 @@ ENCODINGS = frozenset({RLE, POLYGONS})
 
 
 def encode_masks(masks: Masks, encodings: tuple[str, ...], polygon_tolerance_px: float = 1.0) -> Masks:
-    """`masks` with the requested encodings filled in and the pixel masks dropped (only their shape kept)."""
+    """`masks` with the requested encodings filled in and the pixel masks dropped (only their count kept)."""
     unknown = set(encodings) - ENCODINGS
     if unknown:
         raise ValueError(f"unknown mask encodings {sorted(unknown)}")
-    pixels = np.asarray(masks.masks, bool)
-    return Masks(
-        masks=np.zeros((pixels.shape[0], 0, 0), bool), scores=masks.scores, cache_hit=masks.cache_hit,
-        rle=[mask_to_rle(mask) for mask in pixels] if RLE in encodings else None,
-        polygons=[mask_to_polygons(mask, polygon_tolerance_px) for mask in pixels] if POLYGONS in encodings else None)
+    count = len(masks.runs) if masks.runs is not None else len(masks.masks)
+    rle = polygons = None
+    if RLE in encodings:
+        rle = masks.rle if masks.rle is not None else [rle_of(masks, index) for index in range(count)]
+    if POLYGONS in encodings:
+        polygons = masks.polygons if masks.polygons is not None else \
+            [polygons_of(masks, index, polygon_tolerance_px) for index in range(count)]
+    return Masks(masks=np.zeros((count, 0, 0), bool), scores=masks.scores, cache_hit=masks.cache_hit, rle=rle,
+                 polygons=polygons)
 
 
 def rle_of(masks: Masks, index: int) -> np.ndarray:
-    return masks.rle[index] if masks.rle is not None else mask_to_rle(masks.masks[index])
+    if masks.rle is not None:
+        return masks.rle[index]
+    if masks.runs is not None:
+        return runs_to_rle(masks.runs[index])
+    return mask_to_rle(np.asarray(masks.masks[index], bool))
 
 
 def polygons_of(masks: Masks, index: int, polygon_tolerance_px: float) -> list:
     if masks.polygons is not None:
         return masks.polygons[index]
+    if masks.runs is not None:
+        raise ValueError("polygons need pixel masks; these masks came as runs (the request asked for RLE alone)")
     return mask_to_polygons(masks.masks[index], polygon_tolerance_px)

@@ -10,6 +10,8 @@ which matters for 12-megapixel masks.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 _WORD_BITS = 8
@@ -35,9 +37,32 @@ def mask_to_rle(mask: np.ndarray) -> np.ndarray:
 
     change = np.flatnonzero(values[1:] != values[:-1]) + 1
     starts = np.concatenate(([0], change))
-    lengths = np.diff(np.concatenate((starts, [values.size]))).astype(np.int64) * 4  # RGBA
-    run_values = values[starts].astype(np.int64)
+    return _encode_runs(header, starts, values[starts].astype(np.int64), values.size)
 
+
+@dataclass(frozen=True)
+class MaskRuns:
+    """A binary mask as where its runs start, row-major: all RLE needs, and a few KB where the pixels are 100s of
+    KB, so a GPU replica finds them on the GPU and copies only these (serve_app.models.device_masks)."""
+    changes: np.ndarray  # flat indices where the value flips, ascending (a run starts at 0 and at each)
+    first: bool  # the value of pixel 0
+    size: int  # pixels in the mask
+
+
+def runs_to_rle(runs: MaskRuns) -> np.ndarray:
+    """The same bytes as `mask_to_rle` of the mask `runs` describes."""
+    header = np.frombuffer(_header_bits(runs.size * 4).encode(), np.uint8) - ord("0")
+    if runs.size == 0:
+        return np.packbits(header)
+    starts = np.concatenate(([0], np.asarray(runs.changes, np.int64)))
+    on = (np.arange(starts.size) % 2 == 0) == bool(runs.first)
+    return _encode_runs(header, starts, np.where(on, 255, 0).astype(np.int64), runs.size)
+
+
+def _encode_runs(header: np.ndarray, starts: np.ndarray, run_values: np.ndarray, size: int) -> np.ndarray:
+    """Records for runs starting at `starts` (ascending, the first 0) with those 8-bit values, in a mask of `size`
+    pixels, after the header bits."""
+    lengths = np.diff(np.concatenate((starts, [size]))).astype(np.int64) * 4  # RGBA
     # A run longer than one record holds is written as full records plus a remainder.
     full = (lengths - 1) // _MAX_RUN
     if full.any():

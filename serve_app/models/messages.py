@@ -7,6 +7,9 @@ from enum import IntEnum
 
 import numpy as np
 
+from serve_app.masks.rle import MaskRuns
+
+
 class PromptUnsupported(ValueError):
     """The model cannot answer this kind of prompt (for example clicks to a SAM 3 checkpoint without its tracker):
     the caller's mistake, reported as such, never a replica failure."""
@@ -107,6 +110,9 @@ class Masks:
     cache_hit: bool = False  # the image embedding came from the cache: the encoder did not run for it
     rle: list[np.ndarray] | None = None  # per mask, Label Studio brush RLE bytes, when requested
     polygons: list[list] | None = None  # per mask, its polygons in percent of the image, when requested
+    # per mask, where its runs start, in place of the pixels (`masks` then N x 0 x 0): a GPU segmenter's answer
+    # when only RLE was asked for (serve_app.models.device_masks)
+    runs: list[MaskRuns] | None = None
 
     # Between processes masks travel packed, 8 pixels per byte: 25 masks of 640x480 are 0.96 MB, not 7.7 MB,
     # to write into and read from Ray's object store.

@@ -1,8 +1,11 @@
 """Boxes to masks with SAM, with one image-encoder pass over a batch of images of any sizes.
 
 The per-image steps (resize of the longest side, normalisation and padding, box transform) are
-segment-anything's own, and the mask post-processing computes SAM's exactly, in each mask's window
-(serve_app.models.mask_upsampling), so results match `SamPredictor`.
+segment-anything's own, and the mask post-processing computes SAM's exactly, so results match `SamPredictor`.
+Where the pixel work runs depends on the device:
+- on a CPU, Pillow resizes and each mask is up-sampled in its window (serve_app.models.mask_upsampling);
+- on a GPU, the same resize (serve_app.models.pil_resize), SAM's up-sampling and, when only RLE is wanted, the
+  runs' search (serve_app.models.device_masks) run on the GPU, so the replica's one CPU thread mostly launches.
 """
 
 from __future__ import annotations
@@ -11,13 +14,16 @@ import numpy as np
 import torch
 
 from serve_app import get_logger
+from serve_app.masks.encode import POLYGONS, RLE
 from serve_app.models.catalog import SEGMENTER, Family
 from serve_app.models.checkpoints import resolve_checkpoint
 from serve_app.models.device import autocast_for, effective_precision, pick_device
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
 from serve_app.models.errors import CheckpointError
+from serve_app.models.device_masks import HOST_COPY_PIXELS, DeviceMasks, to_host, upsample_on_device
 from serve_app.models.mask_upsampling import upsample_masks
 from serve_app.models.messages import Masks, SegmentationRequest
+from serve_app.models.pil_resize import resize_like_pil
 from serve_app.models.prompt_decoding import has_points
 from serve_app.models.sam_decoder import SharedImageDecoder
 from serve_app.models.sam_loading import load_sam
@@ -30,7 +36,7 @@ class SamSegmenter:
     """Wraps a segment-anything `Sam` (any size) for batched box prompts."""
 
     def __init__(self, sam, device: torch.device, *, encoder_batch_size: int = 8, decoder_chunk: int = 0,
-                 precision: str = "fp32", cache_bytes: int = 0):
+                 precision: str = "fp32", cache_bytes: int = 0, pixels_on_device: bool | None = None):
         from segment_anything.utils.transforms import ResizeLongestSide
 
         self.precision = effective_precision(device, precision)
@@ -44,6 +50,9 @@ class SamSegmenter:
         # cache and decoded 20 boxes faster than 1, 4, 8 or 20 at a time (docs/performance.md); a GPU wants wide
         # batches.
         self.decoder_chunk = decoder_chunk if decoder_chunk > 0 else (2 if device.type == "cpu" else 64)
+        # Resize and mask pixels on the model's device (default: off a CPU, where Pillow and the windowed
+        # up-sampling are faster); the results are the same either way.
+        self.pixels_on_device = device.type != "cpu" if pixels_on_device is None else pixels_on_device
 
     @classmethod
     def load(cls, checkpoint: str, *, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
@@ -66,8 +75,13 @@ class SamSegmenter:
         return cls(sam, pick_device(spec.device), precision=spec.precision, cache_bytes=spec.cache_bytes)
 
     def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
-        resized = self.transform.apply_image(image)
-        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        if self.pixels_on_device:  # only the original crosses to the device
+            size = self.transform.get_preprocess_shape(image.shape[0], image.shape[1], self.transform.target_length)
+            pixels = np.require(image, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])  # torch wraps writable arrays only
+            resized = resize_like_pil(torch.as_tensor(pixels, device=self.device), size)
+        else:
+            resized = torch.as_tensor(self.transform.apply_image(image), device=self.device)
+        tensor = resized.permute(2, 0, 1).contiguous()[None]
         return self.sam.preprocess(tensor), tuple(resized.shape[:2])
 
     @torch.inference_mode()
@@ -90,16 +104,31 @@ class SamSegmenter:
         active = [i for i, r in enumerate(requests) if len(r.boxes) or has_points(r)]
         entries, encoded_now = self.cache.lookup_or_encode(
             [requests[i].image for i in active], [requests[i].image_key for i in active], self._entries)
-        for n, (i, entry) in enumerate(zip(active, entries)):
-            results[i] = self._decode(entry, requests[i])
+        on_device: list[tuple[int, DeviceMasks]] = []  # copied to the host together (device_masks.to_host)
+        for i, entry in zip(active, entries):
+            decoded = self._decode(entry, requests[i])
+            if isinstance(decoded, Masks):
+                results[i] = decoded
+                continue
+            on_device.append((i, decoded))
+            if sum(pending.masks.numel() for _, pending in on_device) >= HOST_COPY_PIXELS:
+                self._copy_to_host(on_device, results)
+        self._copy_to_host(on_device, results)
+        for n, i in enumerate(active):
             results[i].cache_hit = n not in encoded_now
         return results
+
+    @staticmethod
+    def _copy_to_host(on_device: list[tuple[int, DeviceMasks]], results: list[Masks]) -> None:
+        for (i, _), masks in zip(on_device, to_host([pending for _, pending in on_device])):
+            results[i] = masks
+        on_device.clear()
 
     def _entries(self, images: list[np.ndarray]) -> list[CachedEmbedding]:
         encoded, input_sizes = self.embed(images)
         return [CachedEmbedding(encoded[row:row + 1].clone(), input_sizes[row]) for row in range(len(images))]
 
-    def _decode(self, cached: CachedEmbedding, request: SegmentationRequest) -> Masks:
+    def _decode(self, cached: CachedEmbedding, request: SegmentationRequest) -> Masks | DeviceMasks:
         if has_points(request):
             return self._decode_points(cached, request)
         original_size = request.image.shape[:2]
@@ -108,14 +137,16 @@ class SamSegmenter:
         sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes, masks=None)
         decoder = SharedImageDecoder(self.sam.mask_decoder, cached.embedding, self.sam.prompt_encoder.get_dense_pe(),
                                      dense[:1])  # the image-side work every box shares, done once
-        masks, scores = [], []
+        chunks, scores = [], []  # per chunk of boxes: logits (on the device) or, on a CPU, masks up-sampled
         for start in range(0, len(boxes), self.decoder_chunk):
-            low_res, iou = decoder(sparse[start:start + self.decoder_chunk])
-            masks.append(self._upsample(low_res[:, 0], cached, original_size))
-            scores.append(iou[:, 0].float().cpu().numpy())
-        return Masks(masks=np.concatenate(masks), scores=np.concatenate(scores).astype(np.float32))
+            logits, iou = decoder(sparse[start:start + self.decoder_chunk])
+            chunks.append(logits[:, 0] if self.pixels_on_device else self._upsample(logits[:, 0], cached, original_size))
+            scores.append(iou[:, 0])
+        if not self.pixels_on_device:
+            return Masks(masks=np.concatenate(chunks), scores=torch.cat(scores).float().cpu().numpy())
+        return self._on_device(torch.cat(chunks), torch.cat(scores), cached, original_size, request)
 
-    def _decode_points(self, cached: CachedEmbedding, request: SegmentationRequest) -> Masks:
+    def _decode_points(self, cached: CachedEmbedding, request: SegmentationRequest) -> Masks | DeviceMasks:
         """All clicks (and the first box, if any) refine one mask. A lone click is ambiguous, so as SAM
         recommends, three candidates are decoded and the one with the best predicted IoU is kept."""
         original_size = request.image.shape[:2]
@@ -129,12 +160,22 @@ class SamSegmenter:
         multimask = box is None and coords.shape[1] == 1
         low_res, iou = self._run_decoder(cached, points=(coords, labels), boxes=box, multimask=multimask)
         best = int(iou[0].argmax())  # only the kept candidate is up-sampled
+        if self.pixels_on_device:
+            return self._on_device(low_res[0, best:best + 1], iou[0, best:best + 1], cached, original_size, request)
         return Masks(masks=self._upsample(low_res[0, best:best + 1], cached, original_size),
-                     scores=iou[0, best:best + 1].float().cpu().numpy().astype(np.float32))
+                     scores=iou[0, best:best + 1].float().cpu().numpy())
 
     def _upsample(self, low_res: torch.Tensor, cached: CachedEmbedding, original_size) -> np.ndarray:
         return upsample_masks(low_res, cached.input_size, original_size, self.sam.image_encoder.img_size,
                               self.sam.mask_threshold)
+
+    def _on_device(self, low_res: torch.Tensor, scores: torch.Tensor, cached: CachedEmbedding, original_size,
+                   request: SegmentationRequest) -> DeviceMasks:
+        """Masks up-sampled on the device, to be copied to the host as run starts when RLE is all the request
+        wants."""
+        masks = upsample_on_device(low_res, cached.input_size, original_size, self.sam.image_encoder.img_size,
+                                   self.sam.mask_threshold)
+        return DeviceMasks(masks, scores, as_runs=RLE in request.encodings and POLYGONS not in request.encodings)
 
     def _run_decoder(self, cached: CachedEmbedding, points=None, boxes=None, multimask=False):
         sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
