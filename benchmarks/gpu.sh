@@ -3,6 +3,7 @@
 # - benchmarks/gpu_suite.py, one service per precision (fp32, fp16): serving efficiency (also against bare models
 #   doing the same output work), FLOP utilisation per model, GPU busy (NVML) through 500 Retrieved tasks (fp32),
 #   the seed comparison and a batching sweep (see its docstring);
+# - the service's own ceiling on the node's cores (null models), the segmenter's pixel work on host and GPU;
 # - the precision drift, and video frames/s (detector, tracker).
 #
 #   benchmarks/gpu.sh                                   # one GPU, under 8 minutes; JSON in benchmarks/results/gpu
@@ -80,6 +81,12 @@ if [ "$device" = cuda ]; then  # the service's own ceiling on this node's cores:
       --out "$out/null-ceiling-$replicas.json" >"$out/null-ceiling-$replicas.log" 2>&1 \
       || { tail -n 15 "$out/null-ceiling-$replicas.log"; failed+=(null-ceiling); }
   done
+fi
+if [ "$device" = cuda ]; then  # in-process: the segmenter's pixel work on the host's one thread against the GPU
+  echo "== segmenter pixels"
+  "$python" -m benchmarks.segmenter_pixels --device cuda $([ "$full" = 1 ] || echo --quick) \
+    --out "$out/segmenter-pixels.json" >"$out/segmenter-pixels.log" 2>&1 \
+    || { tail -n 15 "$out/segmenter-pixels.log"; failed+=(segmenter-pixels); }
 fi
 if [ "$device" = cuda ] && [ "$full" = 1 ]; then  # last, as the least needed: video frames/s, full-size models
   echo "== video"

@@ -59,10 +59,8 @@ def summary(folder: Path) -> str:
         lines += ["", f"FLOP utilisation, {precision} (matmul rate measured: {rates}):", "",
                   "| model | GFLOP/image | in-process img/s | in-process utilisation | service utilisation | "
                   "GPU waiting in one in-process batch |", "| --- | --- | --- | --- | --- | --- |"]
-        for name, count in flops["flops_per_image"].items():
-            if name == "boxes":
-                continue
-            alone = flops["in_process"].get(name, {})
+        for name, alone in flops["in_process"].items():  # segmenter_pixels_on_host: the segmenter, as before
+            count = flops["flops_per_image"].get(name.split("_")[0], 0)
             service = flops.get("service", {}).get("utilisation", {}).get(name)
             split = alone.get("one_batch", {})
             waiting = f"{split['gpu_waiting_ms']} of {split['wall_ms']} ms" if split else "-"
@@ -79,6 +77,14 @@ def summary(folder: Path) -> str:
         lines += ["", "the service's own ceiling on this node (null models, 20 boxes and compact masks a task): "
                   + "; ".join(f"{c['ingress_replicas']} ingress replica(s) {c['tasks_per_s']} tasks/s, "
                               f"{c['cpu_ms_per_task_total']} ms CPU a task" for c in ceilings)]
+    pixels = load(folder, "segmenter-pixels")
+    if pixels:
+        lines += ["", f"the segmenter's pixel work per image (resize, up-sampling, RLE), ms: host on one thread / "
+                      f"{pixels['device']} / host CPU left beside it:", ""]
+        for row in pixels["rows"]:
+            lines.append(f"- {row['masks']} masks, {row['boxes']} at {row['image'][1]}×{row['image'][0]}: "
+                         f"{row['host_total_ms']} / {row['device_total_ms']} / {row['host_cpu_ms_left']} "
+                         f"(host {row['host_one_thread']}; device {row['device']})")
     drift = load(folder, "precision")
     if drift:
         lines += ["", "precision drift against fp32 (in-process):", ""]
