@@ -4,6 +4,7 @@
 #
 #   run(command="bash benchmarks/gpu-device.sh --quick", carry=[".gpu-bundle"], timeout_s=420)   # headline figures
 #   run(command="bash benchmarks/gpu-device.sh", carry=[".gpu-bundle"], timeout_s=600)           # everything
+#   run(command="bash benchmarks/gpu-device.sh --quick --models full-vit_h", ...)                 # with SAM ViT-H
 #
 # Returns $OUT/gpu.log (the run's output and the summary tables), $OUT/gpu-results.tar.gz (every JSON and log)
 # and $OUT/device.txt (card, driver, CUDA, Python and package versions, for the figures' provenance).

@@ -1,10 +1,10 @@
 """Model sets for the benchmarks, as environment variables for the service and the in-process pipeline.
 
 - `tiny`: the tests' tiny random-weight models (milliseconds per image: the service's own costs show).
-- `full-vit_t` / `full-vit_b`: full-size architectures with random weights, saved in the official formats:
-  Grounding DINO's default configuration (grounding-dino-tiny's layout, 800-1333 px input) plus MobileSAM
-  (the shared fixture's synthetic weights) or SAM ViT-B. Compute per image is the real models'; outputs
-  are noise. Built once and cached in .cache/bench-models (about 1.2 GB).
+- `full-vit_t` / `full-vit_b` / `full-vit_h`: full-size architectures with random weights, saved in the official
+  formats: Grounding DINO's default configuration (grounding-dino-tiny's layout, 800-1333 px input) plus MobileSAM
+  (the shared fixture's synthetic weights), SAM ViT-B or SAM ViT-H. Compute per image is the real models';
+  outputs are noise. Built once and cached in .cache/bench-models (about 1.2 GB; ViT-H adds 2.6 GB).
 - `full400-vit_t` / `full400-vit_b`: the same, with Grounding DINO's images resized to a 400 px short side.
 """
 
@@ -19,7 +19,7 @@ from serve_app.tiny_models.grounding_dino_sam import make_tiny_grounding_dino, m
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench-models"
-MODEL_SETS = ("tiny", "full-vit_t", "full-vit_b", "full400-vit_t", "full400-vit_b")
+MODEL_SETS = ("tiny", "full-vit_t", "full-vit_b", "full-vit_h", "full400-vit_t", "full400-vit_b")
 
 
 def _full_size_dino(short_side: int = 800) -> Path:
