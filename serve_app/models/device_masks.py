@@ -1,8 +1,8 @@
 """SAM's masks finished where the model runs: SAM's own up-sampling, the threshold, and where each mask's runs start.
 
 On a GPU replica the mask decoder takes a few milliseconds an image; what used to follow ran on the replica's one
-CPU thread: copy the logits to the host, up-sample them, scan every pixel for RLE (about 50 ms an image for 20
-masks at 640×480 on the development VM's core). Here the GPU does all of it and only the run starts cross to the
+CPU thread: copy the logits to the host, up-sample them, scan every pixel for RLE (67 ms an image for 20 masks
+at 640×480 on the development VM's core, 1.4 s for a 12-megapixel photo: benchmarks.segmenter_pixels). Here the GPU does all of it and only the run starts cross to the
 host: a few KB a mask for a trained model, where its pixels are 300 KB. The up-sampling is
 `Sam.postprocess_masks` itself, so masks equal `SamPredictor`'s on the same device.
 
@@ -62,16 +62,16 @@ def to_host(pending: list[DeviceMasks]) -> list[Masks]:
     wanted, else as pixels."""
     if not pending:
         return []
-    scores = torch.cat([p.scores.float().reshape(-1) for p in pending]).cpu().numpy()  # waits for the device once
-    runs = _runs([p.masks for p in pending if p.as_runs])
+    runs = iter(_runs([p.masks for p in pending if p.as_runs]))  # its nonzero is the wait for the device
+    scores = torch.cat([p.scores.float().reshape(-1) for p in pending]).cpu().numpy()
     results, first_score = [], 0
     for p in pending:
         count = p.masks.shape[0]
         mine = scores[first_score:first_score + count]
         first_score += count
         if p.as_runs:
-            results.append(Masks(masks=np.zeros((count, 0, 0), bool), scores=mine, runs=runs[:count]))
-            runs = runs[count:]
+            results.append(Masks(masks=np.zeros((count, 0, 0), bool), scores=mine,
+                                 runs=[next(runs) for _ in range(count)]))
         else:
             results.append(Masks(masks=p.masks.cpu().numpy(), scores=mine))
     return results
@@ -87,13 +87,14 @@ def _runs(stacks: list[torch.Tensor]) -> list[MaskRuns]:
     starts = np.concatenate(([0], np.cumsum(sizes, dtype=np.int64)))
     if flat.numel() == 0:
         return [MaskRuns(np.zeros(0, np.int64), False, size) for size in sizes]
-    flips = (flat[1:] != flat[:-1]).nonzero().view(-1)  # a flip between pixel g and g + 1
-    flips = (flips.to(torch.int32) if flat.numel() < 2**31 else flips).cpu().numpy().astype(np.int64)
     nonempty = [n for n, size in enumerate(sizes) if size]
-    firsts = np.zeros(len(sizes), bool)
-    firsts[nonempty] = flat[torch.as_tensor(starts[nonempty], device=flat.device)].cpu().numpy()
+    firsts = flat[torch.as_tensor(starts[nonempty], device=flat.device)]  # queued before nonzero's wait
+    flips = (flat[1:] != flat[:-1]).nonzero().view(-1)  # a flip between pixel g and g + 1; waits for the device
+    flips = (flips.to(torch.int32) if flat.numel() < 2**31 else flips).cpu().numpy().astype(np.int64)
+    first_values = np.zeros(len(sizes), bool)
+    first_values[nonempty] = firsts.cpu().numpy()
     lows = np.searchsorted(flips, starts[:-1])  # a mask's own flips: g in [start, end - 1)
     highs = np.searchsorted(flips, np.maximum(starts[1:] - 1, starts[:-1]))
     index_type = np.int32 if max(sizes) < 2**31 else np.int64
-    return [MaskRuns((flips[lows[n]:highs[n]] - starts[n] + 1).astype(index_type), bool(firsts[n]), size)
+    return [MaskRuns((flips[lows[n]:highs[n]] - starts[n] + 1).astype(index_type), bool(first_values[n]), size)
             for n, size in enumerate(sizes)]

@@ -52,12 +52,17 @@ def axis_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarr
     return index, fixed
 
 
+@functools.lru_cache(maxsize=32)
+def _on_device(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`axis_coefficients` on `device`, kept there: a replica sees few distinct image sizes."""
+    index, fixed = axis_coefficients(in_size, out_size)
+    return torch.as_tensor(index, device=device), torch.as_tensor(fixed.astype(np.int32), device=device)
+
+
 def _resample(image: torch.Tensor, axis: int, out_size: int) -> torch.Tensor:
     """One pass along `axis` (0: rows, 1: columns) of an (H, W, C) uint8 image. The sums fit int32: the weights
     are non-negative and add up to about 2^22, so a sum stays below 255 × 2^22 + 2^21 + 255 × taps."""
-    index, fixed = axis_coefficients(image.shape[axis], out_size)
-    index = torch.as_tensor(index, device=image.device)
-    fixed = torch.as_tensor(fixed.astype(np.int32), device=image.device)
+    index, fixed = _on_device(image.shape[axis], out_size, image.device)
     shape = (-1, 1, 1) if axis == 0 else (1, -1, 1)
     total = torch.full((), 1 << (_PRECISION_BITS - 1), dtype=torch.int32, device=image.device)
     for tap in range(index.shape[1]):  # one tap at a time: memory stays at two output-sized images
