@@ -145,9 +145,7 @@ def test_rle_alone_comes_back_as_runs_and_encodes_to_the_same_bytes(on_device):
 
 @pytest.mark.parametrize("copy_every_pixels", [1 << 27, 1])  # one copy for the batch; a copy after every image
 def test_a_batch_of_images_comes_back_in_order_whenever_it_is_copied(on_device, monkeypatch, copy_every_pixels):
-    import serve_app.models.segmenter as segmenter_module
-
-    monkeypatch.setattr(segmenter_module, "HOST_COPY_PIXELS", copy_every_pixels)
+    monkeypatch.setattr(device_masks, "HOST_COPY_PIXELS", copy_every_pixels)
     _, device = on_device
     images = [pattern(240, 320, seed=6), pattern(31, 17, seed=7), pattern(320, 180, seed=8), pattern(50, 60, seed=9)]
     boxes = [np.array([[10, 20, 200, 180], [0, 0, 320, 240], [5, 5, 6, 6]], np.float32), np.zeros((0, 4), np.float32),

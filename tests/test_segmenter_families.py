@@ -70,6 +70,31 @@ def test_boxes_in_one_batch_of_mixed_sizes_match_the_reference(family_model, ref
         assert not found.cache_hit
 
 
+def test_masks_made_on_the_device_equal_the_host_path(family_model, monkeypatch):
+    """A GPU replica's path (the processor on the device where it is torchvision-based, masks up-sampled there,
+    RLE from run starts), run here on the CPU: the same masks, scores and RLE bytes as the host path."""
+    from serve_app.masks.encode import RLE, encode_masks
+    from serve_app.masks.rle import mask_to_rle
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    host = HfSamSegmenter.load(str(family_model[1]), device="cpu")
+    device = HfSamSegmenter(host.model, host.processor, host.family, host.device, pixels_on_device=True)
+    images = [pattern(480, 640, seed=1), pattern(97, 1203, seed=3)]
+    boxes = [np.array([[10, 20, 300, 400], [0, 0, 640, 480]], np.float32), np.array([[100, 10, 900, 90]], np.float32)]
+    click = dict(points=np.array([[120.0, 50.0]], np.float32), point_labels=np.array([1]))
+    requests = [SegmentationRequest(image=i, boxes=b) for i, b in zip(images, boxes)] + \
+        [SegmentationRequest(image=images[0], boxes=np.zeros((0, 4), np.float32), **click)]
+    expected = host.segment(requests)
+    pixels = device.segment(requests)
+    runs = device.segment([SegmentationRequest(image=r.image, boxes=r.boxes, points=r.points,
+                                               point_labels=r.point_labels, encodings=(RLE,)) for r in requests])
+    for want, got, as_runs in zip(expected, pixels, runs):
+        assert np.array_equal(got.masks, want.masks)
+        np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
+        assert as_runs.runs is not None and as_runs.masks.shape == (len(want.masks), 0, 0)
+        assert [r.tolist() for r in encode_masks(as_runs, (RLE,)).rle] == [mask_to_rle(m).tolist() for m in want.masks]
+
+
 def test_clicks_and_a_box_with_clicks_match_the_reference(family_model, reference):
     segmenter = HfSamSegmenter.load(str(family_model[1]), device="cpu", cache_bytes=1 << 30)
     image = pattern(360, 500, seed=7)

@@ -17,6 +17,11 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def takes_tensors(image_processor) -> bool:
+    """Whether a transformers image processor is torchvision-based (tensor input, a `device` to work on)."""
+    return getattr(image_processor, "backend", None) == "torchvision" or bool(getattr(image_processor, "is_fast", False))
+
+
 def set_cpu_threads(num_threads: int | None) -> None:
     """Ray pins OMP_NUM_THREADS=1 in replicas; let the config give a replica more cores."""
     if num_threads and num_threads > 0:

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from serve_app.masks.encode import POLYGONS, RLE
 from serve_app.masks.rle import MaskRuns
-from serve_app.models.messages import Masks
+from serve_app.models.messages import Masks, SegmentationRequest
 
 # floats of up-sampled logits held at once (256 MB): a chunk of masks at a time, however large the image
 _CHUNK_FLOATS = 1 << 26
@@ -34,6 +35,33 @@ class DeviceMasks:
     masks: torch.Tensor  # (N, H, W) bool
     scores: torch.Tensor  # (N,) predicted IoU
     as_runs: bool  # only RLE is wanted: copy the run starts, not the pixels
+
+
+def wants_runs(request: SegmentationRequest) -> bool:
+    """Whether the request's masks may come to the host as run starts: RLE is all it asked for."""
+    return RLE in request.encodings and POLYGONS not in request.encodings
+
+
+class HostCopies:
+    """A batch's answers into `results` by request index: those on the host as they come, those still on the device
+    together (`to_host`), whenever HOST_COPY_PIXELS of their mask pixels wait, and at `finish`."""
+
+    def __init__(self, results: list[Masks]):
+        self.results = results
+        self.waiting: list[tuple[int, DeviceMasks]] = []
+
+    def put(self, index: int, masks: Masks | DeviceMasks) -> None:
+        if isinstance(masks, Masks):
+            self.results[index] = masks
+            return
+        self.waiting.append((index, masks))
+        if sum(pending.masks.numel() for _, pending in self.waiting) >= HOST_COPY_PIXELS:
+            self.finish()
+
+    def finish(self) -> None:
+        for (index, _), masks in zip(self.waiting, to_host([pending for _, pending in self.waiting])):
+            self.results[index] = masks
+        self.waiting.clear()
 
 
 def upsample_on_device(low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int],

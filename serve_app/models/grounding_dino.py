@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from serve_app import get_logger
-from serve_app.models.device import autocast_for, effective_precision, pick_device
+from serve_app.models.device import autocast_for, effective_precision, pick_device, takes_tensors
 from serve_app.models.catalog import DEFAULT_DETECTOR, DETECTOR, Family
 from serve_app.models.errors import ModelLoadError, describe_load_failure
 from serve_app.models.messages import DetectionRequest, Detections
@@ -49,11 +49,6 @@ def phrase_token_masks(offsets: list[tuple[int, int]], spans: list[tuple[int, in
                 masks[phrase_index, token_index] = True
                 break
     return masks
-
-
-def takes_tensors(image_processor) -> bool:
-    """Whether a transformers image processor is torchvision-based (tensor input, a `device` to work on)."""
-    return getattr(image_processor, "backend", None) == "torchvision" or bool(getattr(image_processor, "is_fast", False))
 
 
 class GroundingDinoDetector:

@@ -4,7 +4,9 @@ The family is read from the checkpoint's `config.json`. Each image is prepared b
 processor and encoded once (in batches, cached by content); prompts are scaled to the encoder's input the way
 the family's processor scales them, and the low-resolution masks are up-sampled as its `post_process_masks`
 does, in each mask's window (serve_app.models.mask_upsampling), so results match the model card's
-processor → model → post-processing path.
+processor → model → post-processing path. On a GPU, as SamSegmenter does, a torchvision-based processor prepares
+images there and the masks are up-sampled there, coming to the host as run starts when only RLE is wanted
+(serve_app.models.device_masks).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import numpy as np
 import torch
 
 from serve_app import get_logger
-from serve_app.models.device import autocast_for, effective_precision, pick_device
+from serve_app.models.device import autocast_for, effective_precision, pick_device, takes_tensors
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache, own_row
 from serve_app.models.catalog import SEGMENTER, Family
+from serve_app.models.device_masks import HostCopies, upsample_on_device
 from serve_app.models.errors import ModelLoadError, describe_load_failure
 from serve_app.models.mask_upsampling import upsample_masks
 from serve_app.models.messages import Masks, SegmentationRequest
@@ -29,7 +32,8 @@ class HfSamSegmenter:
     """One transformers SAM-family model for batched box prompts and clicks, with an embedding cache."""
 
     def __init__(self, model, processor, family: Family, device: torch.device, *, encoder_batch_size: int = 8,
-                 decoder_chunk: int = 0, precision: str = "fp32", cache_bytes: int = 0):
+                 decoder_chunk: int = 0, precision: str = "fp32", cache_bytes: int = 0,
+                 pixels_on_device: bool | None = None):
         self.model = model.to(device).eval()
         self.processor = processor
         self.image_processor = processor.image_processor
@@ -42,6 +46,8 @@ class HfSamSegmenter:
         self.encoder_batch_size = max(1, encoder_batch_size)
         # as SamSegmenter: on CPU a few boxes at a time keep the decoder's activations in cache
         self.decoder_chunk = decoder_chunk if decoder_chunk > 0 else (4 if device.type == "cpu" else 64)
+        # as SamSegmenter: pixel work on the model's device off a CPU (the same results either way)
+        self.pixels_on_device = device.type != "cpu" if pixels_on_device is None else pixels_on_device
 
     @classmethod
     def load(cls, model_id_or_path: str, *, device: str = "auto", precision: str = "fp32",
@@ -73,7 +79,11 @@ class HfSamSegmenter:
 
     def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """Pixel values and the size of the image inside them (before padding, where the family pads)."""
-        prepared = self.image_processor(images=[image], return_tensors="pt")
+        if self.pixels_on_device and takes_tensors(self.image_processor):  # only the original crosses to the device
+            chw = torch.from_numpy(np.require(image, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])).permute(2, 0, 1)
+            prepared = self.image_processor(images=[chw], return_tensors="pt", device=self.device)
+        else:
+            prepared = self.image_processor(images=[image], return_tensors="pt")
         pixels = prepared["pixel_values"]
         if self.padded:
             return pixels, tuple(int(v) for v in prepared["reshaped_input_sizes"][0])
@@ -101,9 +111,13 @@ class HfSamSegmenter:
         active = [i for i, r in enumerate(requests) if len(r.boxes) or has_points(r)]
         entries, encoded_now = self.cache.lookup_or_encode(
             [requests[i].image for i in active], [requests[i].image_key for i in active], self.embed)
-        for n, (i, entry) in enumerate(zip(active, entries)):
-            results[i] = decode_prompts(requests[i], entry, self._run_decoder, self._upsample,
-                                        chunk=self.decoder_chunk, device=self.device)
+        copies = HostCopies(results)  # masks made on the device come to the host together
+        for i, entry in zip(active, entries):
+            copies.put(i, decode_prompts(requests[i], entry, self._run_decoder, self._upsample,
+                                         chunk=self.decoder_chunk, device=self.device,
+                                         on_device=self.pixels_on_device))
+        copies.finish()
+        for n, i in enumerate(active):
             results[i].cache_hit = n not in encoded_now
         return results
 
@@ -114,11 +128,12 @@ class HfSamSegmenter:
                              multimask_output=multimask)
         return out.pred_masks, out.iou_scores
 
-    def _upsample(self, low_res: torch.Tensor, cached: CachedEmbedding, original_size) -> np.ndarray:
+    def _upsample(self, low_res: torch.Tensor, cached: CachedEmbedding, original_size) -> np.ndarray | torch.Tensor:
+        upsample = upsample_on_device if self.pixels_on_device else upsample_masks
         if self.padded:  # resize to the padded square, crop the padding, resize to the image
-            return upsample_masks(low_res.float(), cached.input_size, original_size, cached.encoder_size)
+            return upsample(low_res.float(), cached.input_size, original_size, cached.encoder_size)
         side = low_res.shape[-1]  # one resize straight to the image: the identity first step of the same map
-        return upsample_masks(low_res.float(), (side, side), original_size, side)
+        return upsample(low_res.float(), (side, side), original_size, side)
 
 
 def _decoder_inputs(encoded, row: int) -> dict:

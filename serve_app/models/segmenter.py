@@ -14,13 +14,12 @@ import numpy as np
 import torch
 
 from serve_app import get_logger
-from serve_app.masks.encode import POLYGONS, RLE
 from serve_app.models.catalog import SEGMENTER, Family
 from serve_app.models.checkpoints import resolve_checkpoint
 from serve_app.models.device import autocast_for, effective_precision, pick_device
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
 from serve_app.models.errors import CheckpointError
-from serve_app.models.device_masks import HOST_COPY_PIXELS, DeviceMasks, to_host, upsample_on_device
+from serve_app.models.device_masks import DeviceMasks, HostCopies, upsample_on_device, wants_runs
 from serve_app.models.mask_upsampling import upsample_masks
 from serve_app.models.messages import Masks, SegmentationRequest
 from serve_app.models.pil_resize import resize_like_pil
@@ -104,25 +103,13 @@ class SamSegmenter:
         active = [i for i, r in enumerate(requests) if len(r.boxes) or has_points(r)]
         entries, encoded_now = self.cache.lookup_or_encode(
             [requests[i].image for i in active], [requests[i].image_key for i in active], self._entries)
-        on_device: list[tuple[int, DeviceMasks]] = []  # copied to the host together (device_masks.to_host)
+        copies = HostCopies(results)  # masks made on the device come to the host together
         for i, entry in zip(active, entries):
-            decoded = self._decode(entry, requests[i])
-            if isinstance(decoded, Masks):
-                results[i] = decoded
-                continue
-            on_device.append((i, decoded))
-            if sum(pending.masks.numel() for _, pending in on_device) >= HOST_COPY_PIXELS:
-                self._copy_to_host(on_device, results)
-        self._copy_to_host(on_device, results)
+            copies.put(i, self._decode(entry, requests[i]))
+        copies.finish()
         for n, i in enumerate(active):
             results[i].cache_hit = n not in encoded_now
         return results
-
-    @staticmethod
-    def _copy_to_host(on_device: list[tuple[int, DeviceMasks]], results: list[Masks]) -> None:
-        for (i, _), masks in zip(on_device, to_host([pending for _, pending in on_device])):
-            results[i] = masks
-        on_device.clear()
 
     def _entries(self, images: list[np.ndarray]) -> list[CachedEmbedding]:
         encoded, input_sizes = self.embed(images)
@@ -175,7 +162,7 @@ class SamSegmenter:
         wants."""
         masks = upsample_on_device(low_res, cached.input_size, original_size, self.sam.image_encoder.img_size,
                                    self.sam.mask_threshold)
-        return DeviceMasks(masks, scores, as_runs=RLE in request.encodings and POLYGONS not in request.encodings)
+        return DeviceMasks(masks, scores, as_runs=wants_runs(request))
 
     def _run_decoder(self, cached: CachedEmbedding, points=None, boxes=None, multimask=False):
         sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
