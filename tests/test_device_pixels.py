@@ -51,6 +51,17 @@ def test_resize_is_pillows_for_any_sizes():
         assert np.array_equal(resize_like_pil(torch.as_tensor(image), target).numpy(), expected), (image.shape, target)
 
 
+@pytest.mark.parametrize("version, expected", [((11, 3), [False, False, False]), ((12, 2), [False, True, False]),
+                                               ((13, 0), [True, True, False])])
+def test_the_pass_order_follows_pillows_version(monkeypatch, version, expected):
+    from serve_app.models import pil_resize
+
+    monkeypatch.setattr(pil_resize, "_pillow_version", lambda: version)
+    # much shorter, narrower; 200 times taller than wide, shrinking; the width shrinking most
+    cases = [(1000, 800, 300, 700), (2000, 10, 1024, 5), (500, 900, 480, 400)]
+    assert [pil_resize._vertical_first(*case) for case in cases] == expected
+
+
 def test_resize_is_segment_anythings_for_its_longest_side():
     transform = ResizeLongestSide(1024)
     for height, width in [(480, 640), (333, 517), (1200, 90), (1, 3)]:

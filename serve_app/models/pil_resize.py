@@ -7,8 +7,8 @@ image crosses to the GPU and SAM's masks stay what `SamPredictor` gives.
 
 Pillow's algorithm (libImaging/Resample.c): per axis, each output pixel is a weighted sum of a window of input
 pixels, the triangle filter widened by the scale when shrinking (which is what anti-aliases), the weights
-normalised, then rounded to 22-bit fixed point. One pass rounds to 8 bits and the other reads that, horizontal
-first unless the height shrinks far more than the width (Pillow 13). Integer sums make it exact anywhere: the weights are computed here in float64 in Pillow's order.
+normalised, then rounded to 22-bit fixed point. One pass rounds to 8 bits and the other reads that: horizontal
+first, except where the installed Pillow's version runs the vertical one first (`_vertical_first`). Integer sums make it exact anywhere: the weights are computed here in float64 in Pillow's order.
 """
 
 from __future__ import annotations
@@ -89,15 +89,22 @@ def resize_like_pil(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _vertical_first(height: int, width: int, height_out: int, width_out: int) -> bool:
-    """Pillow 13 runs the vertical pass first when the height shrinks by more than twice as many pixels as the
-    width (Resample.c, `horizontal_first`); earlier versions always ran the horizontal one first. The order
-    changes the 8-bit rounding between the passes, so it follows the Pillow installed beside segment-anything."""
+    """Which pass Pillow runs first; the order changes the 8-bit rounding between them, so this follows the Pillow
+    installed beside segment-anything. Pillow 13 (Resample.c, `horizontal_first`): vertical first when the height
+    shrinks by more than twice as many pixels as the width; 12.2 and 12.3 (Image.resize): when the image is over
+    100 times taller than wide and its height shrinks; before 12.2: always horizontal first."""
+    version = _pillow_version()
     shrink = height - height_out
-    return _pillow_major() >= 13 and shrink > 0 and shrink > (width - width_out) * 2
+    if version >= (13, 0):
+        return shrink > 0 and shrink > (width - width_out) * 2
+    if version >= (12, 2):
+        return shrink > 0 and height > width * 100
+    return False
 
 
 @functools.lru_cache(maxsize=1)
-def _pillow_major() -> int:
+def _pillow_version() -> tuple[int, int]:
     import PIL
 
-    return int(PIL.__version__.split(".")[0])
+    major, minor = PIL.__version__.split(".")[:2]
+    return int(major), int(minor)
