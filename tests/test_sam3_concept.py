@@ -264,3 +264,31 @@ def test_detections_with_masks_pickle_packed():
     back = pickle.loads(data)
     np.testing.assert_array_equal(back.masks, masks)
     assert pickle.loads(pickle.dumps(Detections())).masks is None
+
+
+def test_masks_made_on_the_device_equal_the_host_path(load, images):
+    """A GPU replica's path (masks up-sampled there; RLE alone comes back as run starts), run here on the CPU: the
+    same detections, masks and RLE bytes for text prompts, and the same masks for clicks."""
+    from serve_app.masks.encode import RLE, encode_masks
+    from serve_app.masks.rle import mask_to_rle
+    from serve_app.models.sam3_concept import Sam3Concept
+
+    host = load()
+    device = Sam3Concept(host.model, host.processor, host.device, tracker=host.tracker, pixels_on_device=True)
+    requests = [DetectionRequest(image=image, phrases=phrases, box_threshold=0.0, text_threshold=0.0,
+                                 max_detections=5, image_key=f"i{n}")
+                for n, (image, phrases) in enumerate(zip(images, PROMPTS))]
+    expected = host.detect(requests)
+    assert all(len(found) and found.masks.any() and not found.masks.all() for found in expected)
+    for want, got in zip(expected, device.detect(requests)):
+        assert np.array_equal(got.boxes, want.boxes) and np.array_equal(got.masks, want.masks)
+    for request in requests:
+        request.encodings = (RLE,)
+    for want, got in zip(expected, device.detect(requests)):
+        assert got.masks is None and got.encoded.runs is not None and np.array_equal(got.scores, want.scores)
+        assert [r.tolist() for r in encode_masks(got.encoded, (RLE,)).rle] == \
+            [mask_to_rle(mask).tolist() for mask in want.masks]
+    click = SegmentationRequest(image=images[0], boxes=np.array([[10, 10, 80, 60]], np.float32), image_key="i0",
+                                points=np.array([[40.0, 30.0]], np.float32), point_labels=np.array([1]))
+    [want], [got] = host.segment([click]), device.segment([click])
+    assert np.array_equal(got.masks, want.masks)

@@ -41,12 +41,15 @@ class Detector(BatchedModelDeployment):
     async def detect(self, request: DetectionRequest) -> Detections:
         detections = await self.batcher.submit(request)
         if request.boxes_only:
-            detections.masks = None  # not sent back: megabytes per frame the caller would drop
+            detections.masks = detections.encoded = None  # not sent back: megabytes per frame the caller would drop
         elif request.encodings and detections.masks is not None:  # beside the next batch, as segment() does
             detections.encoded = await asyncio.to_thread(
                 encode_masks, Masks(masks=detections.masks, scores=detections.scores), request.encodings,
                 request.polygon_tolerance_px)
             detections.masks = None
+        elif request.encodings and detections.encoded is not None:  # run starts found on a GPU: RLE from them
+            detections.encoded = await asyncio.to_thread(
+                encode_masks, detections.encoded, request.encodings, request.polygon_tolerance_px)
         return detections
 
     async def segment(self, request: SegmentationRequest) -> Masks:

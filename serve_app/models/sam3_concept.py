@@ -5,7 +5,8 @@ distinct image (in batches, cached by `image_key`), all phrases of a request in 
 broadcast to one row per phrase). Scores, boxes and masks are what `Sam3Processor.post_process_instance_segmentation`
 gives (score = sigmoid(logit) * sigmoid(presence), masks = the bilinear resize of sigmoid(mask logits) to the
 image, above MASK_THRESHOLD), computed only for the detections kept and one mask window at a time
-(serve_app.models.mask_upsampling), never as full-size int64 maps for every query.
+(serve_app.models.mask_upsampling), never as full-size int64 maps for every query. On a GPU the kept masks are
+up-sampled there instead, and come to the host as run starts when only RLE is wanted (serve_app.models.device_masks).
 
 - BOX_THRESHOLD is SAM 3's score threshold (`DetectionRequest.box_threshold`), EXEMPLAR_THRESHOLD that of a phrase
   prompted with exemplar boxes (`exemplar_threshold`); TEXT_THRESHOLD does not apply
@@ -34,6 +35,7 @@ from serve_app import get_logger
 from serve_app.models.device import autocast_for, effective_precision, pick_device
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache, own_row
 from serve_app.models.catalog import CONCEPT, Family
+from serve_app.models.device_masks import DeviceMasks, HostCopies, to_host, upsample_on_device, wants_runs
 from serve_app.models.errors import ModelLoadError, describe_load_failure
 from serve_app.models.mask_upsampling import upsample_masks
 from serve_app.models.prompt_decoding import decode_prompts, has_points
@@ -59,7 +61,8 @@ class Sam3Concept:
     """A SAM 3 detector (text -> boxes + masks) with, where the checkpoint has it, its interactive tracker."""
 
     def __init__(self, model, processor, device: torch.device, *, tracker=None, precision: str = "fp32",
-                 cache_bytes: int = 0, encoder_batch_size: int = 4, phrase_chunk: int = 0, decoder_chunk: int = 0):
+                 cache_bytes: int = 0, encoder_batch_size: int = 4, phrase_chunk: int = 0, decoder_chunk: int = 0,
+                 pixels_on_device: bool | None = None):
         self.model = model.to(device).eval()
         self.tracker = tracker.to(device).eval() if tracker is not None else None
         self.processor = processor
@@ -73,6 +76,8 @@ class Sam3Concept:
         # Phrases decoded at once: each holds its queries' mask logits (200 x 288² floats, 66 MB, on the real model)
         self.phrase_chunk = phrase_chunk if phrase_chunk > 0 else (4 if device.type == "cpu" else 16)
         self.decoder_chunk = decoder_chunk if decoder_chunk > 0 else (4 if device.type == "cpu" else 64)
+        # as the SAM segmenters: masks up-sampled on the model's device off a CPU (the same masks either way)
+        self.pixels_on_device = device.type != "cpu" if pixels_on_device is None else pixels_on_device
         # The detector's position encodings depend only on the feature maps' shape, the same for every image (all
         # are resized to one square): one batch-1 copy per model, not one per cached image.
         self._position_encoding: tuple[torch.Tensor, ...] | None = None
@@ -206,11 +211,23 @@ class Sam3Concept:
         scores, boxes, phrase_ids, low_res = kept
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-        low_res = low_res.sigmoid() if low_res is not None else torch.zeros(0, 1, 1)
-        masks = (upsample_masks(low_res, low_res.shape[-2:], (height, width), low_res.shape[-1],
-                                threshold=MASK_THRESHOLD) if len(low_res) else np.zeros((0, height, width), bool))
-        return Detections(boxes=boxes.numpy().astype(np.float32), scores=scores.numpy().astype(np.float32),
-                          phrase_ids=phrase_ids.numpy().astype(np.int64), masks=masks)
+        found = Detections(boxes=boxes.numpy().astype(np.float32), scores=scores.numpy().astype(np.float32),
+                           phrase_ids=phrase_ids.numpy().astype(np.int64), masks=np.zeros((0, height, width), bool))
+        if low_res is None or not len(low_res):
+            return found
+        low_res = low_res.sigmoid()
+        if not self.pixels_on_device:
+            found.masks = upsample_masks(low_res, low_res.shape[-2:], (height, width), low_res.shape[-1],
+                                         threshold=MASK_THRESHOLD)
+            return found
+        masks = upsample_on_device(low_res, low_res.shape[-2:], (height, width), low_res.shape[-1],
+                                   threshold=MASK_THRESHOLD)
+        [copied] = to_host([DeviceMasks(masks, torch.as_tensor(found.scores), as_runs=wants_runs(request))])
+        if copied.runs is None:
+            found.masks = copied.masks
+        else:  # the replica writes the RLE from them (serve_app.deployments.detector), as from pixels
+            found.masks, found.encoded = None, copied
+        return found
 
     def _prompt_rows(self, request: DetectionRequest, entry: CachedEmbedding, rows: list[int]):
         """One forward for phrases `rows` of the request on its cached image features: each phrase's text and, where
@@ -261,9 +278,13 @@ class Sam3Concept:
                 "set DETECTOR_MODEL to that")
         entries, encoded_now = self.cache.lookup_or_encode(
             [requests[i].image for i in active], [requests[i].image_key for i in active], self.embed)
-        for n, (i, entry) in enumerate(zip(active, entries)):
-            results[i] = decode_prompts(requests[i], entry, self._run_tracker, self._upsample,
-                                        chunk=self.decoder_chunk, device=self.device)
+        copies = HostCopies(results)  # masks made on the device come to the host together
+        for i, entry in zip(active, entries):
+            copies.put(i, decode_prompts(requests[i], entry, self._run_tracker, self._upsample,
+                                         chunk=self.decoder_chunk, device=self.device,
+                                         on_device=self.pixels_on_device))
+        copies.finish()
+        for n, i in enumerate(active):
             results[i].cache_hit = n not in encoded_now
         return results
 
@@ -273,10 +294,10 @@ class Sam3Concept:
                                input_labels=labels, input_boxes=boxes, multimask_output=multimask)
         return out.pred_masks, out.iou_scores
 
-    @staticmethod
-    def _upsample(low_res: torch.Tensor, entry: CachedEmbedding, original_size) -> np.ndarray:
+    def _upsample(self, low_res: torch.Tensor, entry: CachedEmbedding, original_size) -> np.ndarray | torch.Tensor:
         side = low_res.shape[-1]  # the tracker's processor resizes the logits straight to the image, above 0
-        return upsample_masks(low_res.float(), (side, side), original_size, side)
+        upsample = upsample_on_device if self.pixels_on_device else upsample_masks
+        return upsample(low_res.float(), (side, side), original_size, side)
 
 
 def _tracker_from_video_model(video):
