@@ -106,7 +106,8 @@ def main() -> None:
     images = [picture] if args.quick else [picture, photo]
     repeats = args.repeats
     rows = []
-    for masks, checkpoint in (("noise", _sam_checkpoint("vit_t")), ("compact", compact_masks(_sam_checkpoint("vit_t")))):
+    mobile_sam = _sam_checkpoint("vit_t")
+    for masks, checkpoint in (("noise", mobile_sam), ("compact", compact_masks(mobile_sam))):
         segmenter = SamSegmenter.load(str(checkpoint), device="cpu")
         for image in images:
             corners = np.random.default_rng(0).uniform(0, 0.85, (args.boxes, 2)) * image.shape[1::-1]

@@ -180,7 +180,8 @@ def test_polygons_keep_the_pixels_and_clicks_work_on_the_device(on_device):
     assert encoded.rle[0].tolist() == mask_to_rle(both.masks[0]).tolist() and encoded.polygons is not None
     click = dict(points=np.array([[100, 90]], np.float32), point_labels=np.array([1]))
     for encodings in ((), (RLE,)):
-        [mine] = device.segment([SegmentationRequest(image, np.zeros((0, 4), np.float32), encodings=encodings, **click)])
+        no_boxes = np.zeros((0, 4), np.float32)
+        [mine] = device.segment([SegmentationRequest(image, no_boxes, encodings=encodings, **click)])
         [theirs] = host.segment([SegmentationRequest(image, np.zeros((0, 4), np.float32), **click)])
         assert np.array_equal(rle_of(mine, 0), mask_to_rle(theirs.masks[0]))
 

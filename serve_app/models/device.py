@@ -19,7 +19,8 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 def takes_tensors(image_processor) -> bool:
     """Whether a transformers image processor is torchvision-based (tensor input, a `device` to work on)."""
-    return getattr(image_processor, "backend", None) == "torchvision" or bool(getattr(image_processor, "is_fast", False))
+    backend = getattr(image_processor, "backend", None)
+    return backend == "torchvision" or bool(getattr(image_processor, "is_fast", False))
 
 
 def set_cpu_threads(num_threads: int | None) -> None:

@@ -1,10 +1,10 @@
 """SAM's masks finished where the model runs: SAM's own up-sampling, the threshold, and where each mask's runs start.
 
-On a GPU replica the mask decoder takes a few milliseconds an image; what used to follow ran on the replica's one
-CPU thread: copy the logits to the host, up-sample them, scan every pixel for RLE (67 ms an image for 20 masks
-at 640×480 on the development VM's core, 1.4 s for a 12-megapixel photo: benchmarks.segmenter_pixels). Here the GPU does all of it and only the run starts cross to the
-host: a few KB a mask for a trained model, where its pixels are 300 KB. The up-sampling is
-`Sam.postprocess_masks` itself, so masks equal `SamPredictor`'s on the same device.
+On a GPU replica, what followed the mask decoder ran on the replica's one CPU thread: copy the logits to the host,
+up-sample them, scan every pixel for RLE (with the resize, 67 ms an image for 20 masks at 640×480 on the
+development VM's core, 1.4 s for a 12-megapixel photo: benchmarks.segmenter_pixels). Here the GPU does all of it
+and only the run starts cross to the host: a few KB a mask for a trained model, where its pixels are 300 KB.
+The up-sampling is `Sam.postprocess_masks` itself, so masks equal `SamPredictor`'s on the same device.
 
 A batch's masks stay on the device until `to_host` copies them all after one wait, so the CPU queues the next
 image's kernels while the GPU runs the last one's instead of draining the GPU once per image.
@@ -13,6 +13,7 @@ image's kernels while the GPU runs the last one's instead of draining the GPU on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -62,6 +63,20 @@ class HostCopies:
         for (index, _), masks in zip(self.waiting, to_host([pending for _, pending in self.waiting])):
             self.results[index] = masks
         self.waiting.clear()
+
+
+def decode_each(requests: list[SegmentationRequest], active: list[int], entries: list, encoded_now: set[int],
+                decode: Callable[[SegmentationRequest, Any], Masks | DeviceMasks]) -> list[Masks]:
+    """Every segmenter's last step: each active request's masks (`decode(request, its cache entry)`), those made on
+    the device brought to the host together, and each marked a cache hit unless its image was encoded now."""
+    results = [Masks(masks=np.zeros((0, *r.image.shape[:2]), bool)) for r in requests]
+    copies = HostCopies(results)
+    for i, entry in zip(active, entries):
+        copies.put(i, decode(requests[i], entry))
+    copies.finish()
+    for n, i in enumerate(active):
+        results[i].cache_hit = n not in encoded_now
+    return results
 
 
 def upsample_on_device(low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int],

@@ -18,7 +18,7 @@ from serve_app import get_logger
 from serve_app.models.device import autocast_for, effective_precision, pick_device, takes_tensors
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache, own_row
 from serve_app.models.catalog import SEGMENTER, Family
-from serve_app.models.device_masks import HostCopies, upsample_on_device
+from serve_app.models.device_masks import decode_each, upsample_on_device
 from serve_app.models.errors import ModelLoadError, describe_load_failure
 from serve_app.models.mask_upsampling import upsample_masks
 from serve_app.models.messages import Masks, SegmentationRequest
@@ -107,19 +107,12 @@ class HfSamSegmenter:
 
     @torch.inference_mode()
     def segment(self, requests: list[SegmentationRequest]) -> list[Masks]:
-        results = [Masks(masks=np.zeros((0, *r.image.shape[:2]), bool)) for r in requests]
         active = [i for i, r in enumerate(requests) if len(r.boxes) or has_points(r)]
         entries, encoded_now = self.cache.lookup_or_encode(
             [requests[i].image for i in active], [requests[i].image_key for i in active], self.embed)
-        copies = HostCopies(results)  # masks made on the device come to the host together
-        for i, entry in zip(active, entries):
-            copies.put(i, decode_prompts(requests[i], entry, self._run_decoder, self._upsample,
-                                         chunk=self.decoder_chunk, device=self.device,
-                                         on_device=self.pixels_on_device))
-        copies.finish()
-        for n, i in enumerate(active):
-            results[i].cache_hit = n not in encoded_now
-        return results
+        return decode_each(requests, active, entries, encoded_now, lambda request, entry: decode_prompts(
+            request, entry, self._run_decoder, self._upsample, chunk=self.decoder_chunk, device=self.device,
+            on_device=self.pixels_on_device))
 
     def _run_decoder(self, cached: CachedEmbedding, *, points=None, labels=None, boxes=None, multimask=False):
         """(pred_masks (1, prompts, candidates, h, w), iou_scores (1, prompts, candidates))."""

@@ -35,7 +35,7 @@ from serve_app import get_logger
 from serve_app.models.device import autocast_for, effective_precision, pick_device
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache, own_row
 from serve_app.models.catalog import CONCEPT, Family
-from serve_app.models.device_masks import DeviceMasks, HostCopies, to_host, upsample_on_device, wants_runs
+from serve_app.models.device_masks import DeviceMasks, decode_each, to_host, upsample_on_device, wants_runs
 from serve_app.models.errors import ModelLoadError, describe_load_failure
 from serve_app.models.mask_upsampling import upsample_masks
 from serve_app.models.prompt_decoding import decode_prompts, has_points
@@ -278,15 +278,9 @@ class Sam3Concept:
                 "set DETECTOR_MODEL to that")
         entries, encoded_now = self.cache.lookup_or_encode(
             [requests[i].image for i in active], [requests[i].image_key for i in active], self.embed)
-        copies = HostCopies(results)  # masks made on the device come to the host together
-        for i, entry in zip(active, entries):
-            copies.put(i, decode_prompts(requests[i], entry, self._run_tracker, self._upsample,
-                                         chunk=self.decoder_chunk, device=self.device,
-                                         on_device=self.pixels_on_device))
-        copies.finish()
-        for n, i in enumerate(active):
-            results[i].cache_hit = n not in encoded_now
-        return results
+        return decode_each(requests, active, entries, encoded_now, lambda request, entry: decode_prompts(
+            request, entry, self._run_tracker, self._upsample, chunk=self.decoder_chunk, device=self.device,
+            on_device=self.pixels_on_device))
 
     def _run_tracker(self, entry: CachedEmbedding, *, points=None, labels=None, boxes=None, multimask=False):
         with autocast_for(self.device, self.precision):

@@ -19,7 +19,7 @@ from serve_app.models.checkpoints import resolve_checkpoint
 from serve_app.models.device import autocast_for, effective_precision, pick_device
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
 from serve_app.models.errors import CheckpointError
-from serve_app.models.device_masks import DeviceMasks, HostCopies, upsample_on_device, wants_runs
+from serve_app.models.device_masks import DeviceMasks, decode_each, upsample_on_device, wants_runs
 from serve_app.models.mask_upsampling import upsample_masks
 from serve_app.models.messages import Masks, SegmentationRequest
 from serve_app.models.pil_resize import resize_like_pil
@@ -99,17 +99,10 @@ class SamSegmenter:
     @torch.inference_mode()
     def segment(self, requests: list[SegmentationRequest]) -> list[Masks]:
         """Encode each distinct uncached image once (in batches), then decode every request's prompts."""
-        results = [Masks(masks=np.zeros((0, *r.image.shape[:2]), bool)) for r in requests]
         active = [i for i, r in enumerate(requests) if len(r.boxes) or has_points(r)]
         entries, encoded_now = self.cache.lookup_or_encode(
             [requests[i].image for i in active], [requests[i].image_key for i in active], self._entries)
-        copies = HostCopies(results)  # masks made on the device come to the host together
-        for i, entry in zip(active, entries):
-            copies.put(i, self._decode(entry, requests[i]))
-        copies.finish()
-        for n, i in enumerate(active):
-            results[i].cache_hit = n not in encoded_now
-        return results
+        return decode_each(requests, active, entries, encoded_now, lambda request, entry: self._decode(entry, request))
 
     def _entries(self, images: list[np.ndarray]) -> list[CachedEmbedding]:
         encoded, input_sizes = self.embed(images)
@@ -127,7 +120,8 @@ class SamSegmenter:
         chunks, scores = [], []  # per chunk of boxes: logits (on the device) or, on a CPU, masks up-sampled
         for start in range(0, len(boxes), self.decoder_chunk):
             logits, iou = decoder(sparse[start:start + self.decoder_chunk])
-            chunks.append(logits[:, 0] if self.pixels_on_device else self._upsample(logits[:, 0], cached, original_size))
+            logits = logits[:, 0]
+            chunks.append(logits if self.pixels_on_device else self._upsample(logits, cached, original_size))
             scores.append(iou[:, 0])
         if not self.pixels_on_device:
             return Masks(masks=np.concatenate(chunks), scores=torch.cat(scores).float().cpu().numpy())
