@@ -282,3 +282,37 @@ class JobBoardMachine(RuleBasedStateMachine):
 JobBoardMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None,
                                              suppress_health_check=[HealthCheck.too_slow])
 test_job_board = JobBoardMachine.TestCase
+
+
+class _OneAtATime(JobBoardMachine):
+    """One task computed and one prediction written at a time."""
+
+    async def _make_board(self):
+        return ControlledBoard(pipeline=self.pipeline, settings=Settings.load(env={}, args={
+            "task_concurrency": 1, "background_task_concurrency": 1, "max_pending_writes": 1}))
+
+
+def test_deleting_a_job_whose_writes_hold_back_another_lets_that_one_go_on():
+    """The case hypothesis found: a background job's queued task waits while another job's predictions are being
+    written (MAX_PENDING_WRITES); DELETE the writing job, and the waiting task must start, not wait forever."""
+    machine = _OneAtATime()
+    machine.retrieve([1])
+    [writing] = machine.board.jobs.values()
+    machine.board.deadlines.setdefault(writing.id, asyncio.Event()).set()
+    machine.settle()
+    [(_, answer)] = machine.pipeline.calls
+    answer.set_result(TaskOutcome(PREDICTION))
+    machine.settle()
+    assert writing.states[TaskState.WRITING] == 1 and machine.label_studio.writes  # the write waits on Label Studio
+    machine.retrieve([2, 3])
+    held = next(job for job in machine.board.jobs.values() if job is not writing)
+    machine.board.deadlines.setdefault(held.id, asyncio.Event()).set()
+    machine.settle()
+    [(task_id, answer)] = machine.pipeline.calls
+    answer.set_result(TaskOutcome(list(NO_PREDICTION), "HTTP 404"))  # task 2 fails: nothing to write
+    machine.settle()
+    assert task_id == 2 and held.states[TaskState.QUEUED] == 1 and not machine.pipeline.calls  # held back
+    assert machine.board.cancel(writing.id)
+    machine.settle()
+    assert [task_id for task_id, _ in machine.pipeline.calls] == [3]
+    machine.teardown()

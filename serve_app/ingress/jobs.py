@@ -475,13 +475,16 @@ class JobBoard:
                             f"(JOB_WRITE_FAILURE_LIMIT); the last: {redact_urls(error)}")
 
     def _flusher_done(self, job: Job, flusher: asyncio.Task) -> None:
-        """A flusher cancelled before its first step sent nothing: what it was to store is free again."""
+        """A flusher cancelled before its first step sent nothing: what it was to store is free again. However it
+        ended, its writes no longer count against MAX_PENDING_WRITES: background work held back by them starts (a
+        DELETE of a job with writes in flight left another job's queued tasks waiting forever)."""
         if flusher.cancelled() and job.to_write and not job.writing_now:
             while job.to_write:
                 task, _, _ = job.to_write.popleft()
                 self._move(job, task, TaskState.CANCELLED)
                 self._release(job, task)
             self._maybe_finish(job)
+        self._pump()
 
     async def _flush_cancelled(self, job: Job) -> None:
         """The batch in flight may be stored or not: ask. What waited for a batch was never sent: free again."""
