@@ -91,12 +91,13 @@ def plan_graph(settings: Settings, model_type_of: Callable[[str], str | None] = 
     caches = concept or bool(found and found.exemplars)
     detector = ModelSpec(catalog.CONCEPT if concept else catalog.DETECTOR, settings.detector_model, "DETECTOR_MODEL",
                          device=settings.device, precision=settings.precision,
-                         cache_bytes=settings.sam_embedding_cache_bytes if caches else 0)
+                         cache_bytes=settings.sam_embedding_cache_bytes if caches else 0,
+                         compile=settings.compile_encoders if concept else "off")
     segmenter = None
     if settings.sam_enabled:
         segmenter = ModelSpec(catalog.SEGMENTER, settings.segmenter_checkpoint, settings.segmenter_checkpoint_setting,
                               device=settings.device, precision=settings.precision,
-                              cache_bytes=settings.sam_embedding_cache_bytes,
+                              cache_bytes=settings.sam_embedding_cache_bytes, compile=settings.compile_encoders,
                               sam_model_type=settings.segmenter_model_type, sha256=settings.segmenter_checkpoint_sha256,
                               cache_dir=settings.checkpoint_cache_dir)
     tracker, tracker_detects = None, False

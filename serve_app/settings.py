@@ -73,6 +73,9 @@ class ModelSettings:
     mobilesam_checkpoint_sha256: str = ""  # MOBILESAM_CHECKPOINT_SHA256
     checkpoint_cache_dir: str = ""  # CHECKPOINT_CACHE_DIR: where URL checkpoints are kept (~/.cache/grounded-serve)
     precision: str = "fp32"  # PRECISION: fp32; fp16/bf16 autocast on GPU; bf16 on CPUs with AMX/AVX-512 BF16
+    # COMPILE_ENCODERS: off; on (torch.compile the segmenter's image encoder before serving); cudagraphs (also
+    # CUDA graphs, on a GPU)
+    compile_encoders: str = "off"
     sam_embedding_cache_bytes: int = 1 << 30  # SAM_EMBEDDING_CACHE_BYTES: per segmenter replica (4 MiB/image)
     sam_model_type: str = "auto"  # SAM_MODEL_TYPE: vit_h, vit_l, vit_b, tiny or auto (from the checkpoint)
     device: str = "auto"  # DEVICE: auto (cuda if the replica has a GPU), cpu, cuda
@@ -312,6 +315,8 @@ class Settings(ModelSettings, LabelStudioSettings, LimitSettings, JobSettings, V
             raise SettingsError(f"PIPELINE must be one of {', '.join(PIPELINES)}, got {self.pipeline!r}")
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise SettingsError(f"PRECISION must be fp32, fp16 or bf16, got {self.precision!r}")
+        if self.compile_encoders not in ("off", "on", "cudagraphs"):
+            raise SettingsError(f"COMPILE_ENCODERS must be off, on or cudagraphs, got {self.compile_encoders!r}")
         if self.accelerator not in ("auto", "gpu", "cpu"):
             raise SettingsError(f"ACCELERATOR must be auto, gpu or cpu, got {self.accelerator!r}")
         for name in ("detector_cpus", "detector_gpus", "segmenter_cpus", "segmenter_gpus", "tracker_cpus",

@@ -25,8 +25,9 @@ def service(image_dir, tmp_path_factory):
         (image_dir / name).write_bytes(png_bytes(pattern(height, width, seed=40 + seed)))
     sam2 = make_tiny_sam_family(tmp_path_factory.mktemp("sam2.1-tiny"), "sam2_video", seed=2)
     owlv2 = make_tiny_owlv2(tmp_path_factory.mktemp("owlv2-tiny"), seed=2)
+    # COMPILE_ENCODERS: the segmenter's encoder compiled inside a real replica, and every answer below through it
     env = {"DETECTOR_MODEL": str(owlv2), "SEGMENTER_MODEL": str(sam2), "TRACKER_MODEL": str(sam2),
-           "IMAGE_HOST_ALLOWLIST": "127.0.0.1", "BOX_THRESHOLD": "0", "TEXT_THRESHOLD": "0", "MAX_DETECTIONS": "5"}
+           "COMPILE_ENCODERS": "on", "IMAGE_HOST_ALLOWLIST": "127.0.0.1", "BOX_THRESHOLD": "0", "TEXT_THRESHOLD": "0", "MAX_DETECTIONS": "5"}
     process = ServeProcess(env, tmp_path_factory.mktemp("serve")).start()
     process.models = {"owlv2": owlv2, "sam2": sam2}
     yield process
@@ -43,6 +44,12 @@ def test_retrieve_predictions_gives_valid_boxes_and_masks(service, image_server)
 
 def test_a_click_after_a_text_prompt_on_the_same_image_reuses_its_embedding(service, image_server):
     click_after_text_is_a_cache_hit(service, f"{image_server}/fam-b.png", SIZES["fam-b.png"])
+
+
+def test_the_segmenter_replica_compiled_its_encoder_before_serving(service):
+    log = service.log_path.read_text(errors="replace")
+    assert "SAM 2 / 2.1 image encoder: compiled (torch.compile mode default)" in log
+    assert "torch.compile failed" not in log
 
 
 def test_video_tasks_are_tracked_by_the_tracker_deployment_as_in_process(service, image_dir, image_server):

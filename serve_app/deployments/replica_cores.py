@@ -124,6 +124,8 @@ def _install_hook() -> None:
 
 
 def _before_forward(module, inputs) -> None:
+    if torch.compiler.is_compiling():  # a compiled graph's threads are fixed (serve_app.models.compiled)
+        return
     lane = getattr(_working, "lane", None)
     if lane is not None:
         lane.recheck()

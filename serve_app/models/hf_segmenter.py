@@ -18,6 +18,7 @@ from serve_app import get_logger
 from serve_app.models.device import autocast_for, effective_precision, pick_device, takes_tensors
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache, own_row
 from serve_app.models.catalog import SEGMENTER, Family
+from serve_app.models.compiled import compiled_encoder
 from serve_app.models.device_masks import decode_each, upsample_on_device
 from serve_app.models.errors import ModelLoadError, describe_load_failure
 from serve_app.models.mask_upsampling import upsample_masks
@@ -33,7 +34,7 @@ class HfSamSegmenter:
 
     def __init__(self, model, processor, family: Family, device: torch.device, *, encoder_batch_size: int = 8,
                  decoder_chunk: int = 0, precision: str = "fp32", cache_bytes: int = 0,
-                 pixels_on_device: bool | None = None):
+                 pixels_on_device: bool | None = None, compile: str = "off"):
         self.model = model.to(device).eval()
         self.processor = processor
         self.image_processor = processor.image_processor
@@ -48,6 +49,15 @@ class HfSamSegmenter:
         self.decoder_chunk = decoder_chunk if decoder_chunk > 0 else (4 if device.type == "cpu" else 64)
         # as SamSegmenter: pixel work on the model's device off a CPU (the same results either way)
         self.pixels_on_device = device.type != "cpu" if pixels_on_device is None else pixels_on_device
+        self.encoder = compiled_encoder(self.model.get_image_embeddings, compile, device, f"{family.name} image encoder")
+        self.encoder_batch_size = self.encoder.batch_size(self.encoder_batch_size)
+        # the encoder's input shape, whatever the image
+        self.encoder.warm_up_on(lambda: self._prepare(np.zeros((64, 64, 3), np.uint8))[0].to(device), self._encode,
+                                self.encoder_batch_size)
+
+    def _encode(self, pixels: torch.Tensor):
+        with autocast_for(self.device, self.precision):
+            return self.encoder(pixels)
 
     @classmethod
     def load(cls, model_id_or_path: str, *, device: str = "auto", precision: str = "fp32",
@@ -75,7 +85,8 @@ class HfSamSegmenter:
             missing = sorted(loading["missing_keys"])
             raise ModelLoadError(f"{spec.setting}={spec.checkpoint!r}: the checkpoint lacks {len(missing)} of "
                                  f"{model_class}'s weights (for example {', '.join(missing[:3])})")
-        return cls(model, processor, family, torch_device, precision=spec.precision, cache_bytes=spec.cache_bytes)
+        return cls(model, processor, family, torch_device, precision=spec.precision, cache_bytes=spec.cache_bytes,
+                   compile=spec.compile)
 
     def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """Pixel values and the size of the image inside them (before padding, where the family pads)."""
@@ -97,9 +108,7 @@ class HfSamSegmenter:
         entries = []
         for start in range(0, len(prepared), self.encoder_batch_size):
             chunk = prepared[start:start + self.encoder_batch_size]
-            pixels = torch.cat([p for p, _ in chunk]).to(self.device)
-            with autocast_for(self.device, self.precision):
-                encoded = self.model.get_image_embeddings(pixels)
+            encoded = self._encode(torch.cat([p for p, _ in chunk]).to(self.device))
             for row, (p, input_size) in enumerate(chunk):
                 entries.append(CachedEmbedding(_decoder_inputs(encoded, row), input_size,
                                                encoder_size=int(p.shape[-1])))

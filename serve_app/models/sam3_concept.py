@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from serve_app import get_logger
+from serve_app.models.compiled import compiled_encoder
 from serve_app.models.device import autocast_for, effective_precision, pick_device
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache, own_row
 from serve_app.models.catalog import CONCEPT, Family
@@ -62,7 +63,7 @@ class Sam3Concept:
 
     def __init__(self, model, processor, device: torch.device, *, tracker=None, precision: str = "fp32",
                  cache_bytes: int = 0, encoder_batch_size: int = 4, phrase_chunk: int = 0, decoder_chunk: int = 0,
-                 pixels_on_device: bool | None = None):
+                 pixels_on_device: bool | None = None, compile: str = "off"):
         self.model = model.to(device).eval()
         self.tracker = tracker.to(device).eval() if tracker is not None else None
         self.processor = processor
@@ -81,6 +82,18 @@ class Sam3Concept:
         # The detector's position encodings depend only on the feature maps' shape, the same for every image (all
         # are resized to one square): one batch-1 copy per model, not one per cached image.
         self._position_encoding: tuple[torch.Tensor, ...] | None = None
+        self.encoder = compiled_encoder(self._vision_features, compile, device, "SAM 3 vision encoder")
+        self.encoder_batch_size = self.encoder.batch_size(self.encoder_batch_size)
+        self.encoder.warm_up_on(lambda: self.image_processor(images=[np.zeros((64, 64, 3), np.uint8)],
+                                                             return_tensors="pt")["pixel_values"].to(device),
+                                self._encode, self.encoder_batch_size)
+
+    def _vision_features(self, pixels: torch.Tensor):
+        return self.model.get_vision_features(pixel_values=pixels)
+
+    def _encode(self, pixels: torch.Tensor):
+        with autocast_for(self.device, self.precision):
+            return self.encoder(pixels)
 
     @property
     def interactive(self) -> bool:
@@ -121,7 +134,7 @@ class Sam3Concept:
                         "need the sam3_video checkpoint (facebook/sam3), which holds the interactive tracker",
                         model_id_or_path)
         return cls(model, processor, torch_device, tracker=tracker, precision=spec.precision,
-                   cache_bytes=spec.cache_bytes)
+                   cache_bytes=spec.cache_bytes, compile=spec.compile)
 
     # ---- vision features, once per image ----
 
@@ -134,8 +147,8 @@ class Sam3Concept:
         for start in range(0, len(images), self.encoder_batch_size):
             chunk = images[start:start + self.encoder_batch_size]
             pixels = self.image_processor(images=list(chunk), return_tensors="pt")["pixel_values"].to(self.device)
+            vision = self._encode(pixels)
             with autocast_for(self.device, self.precision):
-                vision = self.model.get_vision_features(pixel_values=pixels)
                 tracker_maps = self._tracker_features(vision.last_hidden_state) if self.tracker is not None else None
             if self._position_encoding is None:
                 self._position_encoding = tuple(own_row(t, 0) for t in vision.fpn_position_encoding[:-1])

@@ -16,6 +16,7 @@ import torch
 from serve_app import get_logger
 from serve_app.models.catalog import SEGMENTER, Family
 from serve_app.models.checkpoints import resolve_checkpoint
+from serve_app.models.compiled import compiled_encoder
 from serve_app.models.device import autocast_for, effective_precision, pick_device
 from serve_app.models.embedding_cache import CachedEmbedding, EmbeddingCache
 from serve_app.models.errors import CheckpointError
@@ -35,7 +36,8 @@ class SamSegmenter:
     """Wraps a segment-anything `Sam` (any size) for batched box prompts."""
 
     def __init__(self, sam, device: torch.device, *, encoder_batch_size: int = 8, decoder_chunk: int = 0,
-                 precision: str = "fp32", cache_bytes: int = 0, pixels_on_device: bool | None = None):
+                 precision: str = "fp32", cache_bytes: int = 0, pixels_on_device: bool | None = None,
+                 compile: str = "off"):
         from segment_anything.utils.transforms import ResizeLongestSide
 
         self.precision = effective_precision(device, precision)
@@ -52,6 +54,15 @@ class SamSegmenter:
         # Resize and mask pixels on the model's device (default: off a CPU, where Pillow and the windowed
         # up-sampling are faster); the results are the same either way.
         self.pixels_on_device = device.type != "cpu" if pixels_on_device is None else pixels_on_device
+        self.encoder = compiled_encoder(self.sam.image_encoder.forward, compile, device, "SAM image encoder")
+        self.encoder_batch_size = self.encoder.batch_size(self.encoder_batch_size)
+        size = self.sam.image_encoder.img_size
+        self.encoder.warm_up_on(lambda: torch.zeros(1, 3, size, size, device=device), self._encode,
+                                self.encoder_batch_size)
+
+    def _encode(self, batch: torch.Tensor) -> torch.Tensor:
+        with autocast_for(self.device, self.precision):
+            return self.encoder(batch).float()
 
     @classmethod
     def load(cls, checkpoint: str, *, model_type: str = "auto", device: str = "auto", precision: str = "fp32",
@@ -71,7 +82,8 @@ class SamSegmenter:
             sam, _ = load_sam(path, spec.sam_model_type)
         except CheckpointError as exc:
             raise CheckpointError(f"{spec.setting}: {exc}") from None
-        return cls(sam, pick_device(spec.device), precision=spec.precision, cache_bytes=spec.cache_bytes)
+        return cls(sam, pick_device(spec.device), precision=spec.precision, cache_bytes=spec.cache_bytes,
+                   compile=spec.compile)
 
     def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         if self.pixels_on_device:  # only the original crosses to the device
@@ -91,9 +103,7 @@ class SamSegmenter:
         input_sizes = [size for _, size in prepared]
         chunks = []
         for start in range(0, len(prepared), self.encoder_batch_size):
-            batch = torch.cat([t for t, _ in prepared[start:start + self.encoder_batch_size]])
-            with autocast_for(self.device, self.precision):
-                chunks.append(self.sam.image_encoder(batch).float())
+            chunks.append(self._encode(torch.cat([t for t, _ in prepared[start:start + self.encoder_batch_size]])))
         return torch.cat(chunks), input_sizes
 
     @torch.inference_mode()

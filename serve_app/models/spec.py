@@ -14,6 +14,7 @@ class ModelSpec:
     device: str = "auto"
     precision: str = "fp32"
     cache_bytes: int = 0  # image features kept for clicks on the same image (segmenters, SAM 3)
+    compile: str = "off"  # COMPILE_ENCODERS: off, on or cudagraphs (serve_app.models.compiled)
     # segment-anything .pth files only
     sam_model_type: str = "auto"  # vit_h, vit_l, vit_b, vit_t (MobileSAM) or auto (from the weights)
     sha256: str = ""  # expected digest of the file
