@@ -2,7 +2,7 @@
 # benchmarks/gpu.sh on a lent device machine, its results packed for the trip back (a call returns at most 8
 # files from $OUT). From the development machine, once `scripts/gpu_bundle.py` has written .gpu-bundle:
 #
-#   run(command="bash benchmarks/gpu-device.sh --quick", carry=[".gpu-bundle"], timeout_s=420)   # headline figures
+#   run(command="bash benchmarks/gpu-device.sh --quick", carry=[".gpu-bundle"], timeout_s=540)   # headline figures
 #   run(command="bash benchmarks/gpu-device.sh", carry=[".gpu-bundle"], timeout_s=600)           # everything
 #   run(command="bash benchmarks/gpu-device.sh --quick --models full-vit_h", ...)                 # with SAM ViT-H
 #

@@ -3,7 +3,8 @@
 # - benchmarks/gpu_suite.py, one service per precision (fp32, fp16): serving efficiency (also against bare models
 #   doing the same output work), FLOP utilisation per model, GPU busy (NVML) through 500 Retrieved tasks (fp32),
 #   the seed comparison and a batching sweep (see its docstring);
-# - the service's own ceiling on the node's cores (null models), the segmenter's pixel work on host and GPU;
+# - the service's own ceiling on the node's cores (null models), the segmenter's pixel work on host and GPU, its
+#   image encoder eager against torch.compile (COMPILE_ENCODERS);
 # - the precision drift, and video frames/s (detector, tracker).
 #
 #   benchmarks/gpu.sh                                   # one GPU, under 8 minutes; JSON in benchmarks/results/gpu
@@ -88,6 +89,15 @@ if [ "$device" = cuda ]; then  # in-process: the segmenter's pixel work on the h
     --out "$out/segmenter-pixels.json" >"$out/segmenter-pixels.log" 2>&1 \
     || { tail -n 15 "$out/segmenter-pixels.log"; failed+=(segmenter-pixels); }
 fi
+# in-process: the segmenter's image encoder eager against torch.compile (COMPILE_ENCODERS), the set's SAM
+case "$models" in *vit_h) sam=vit_h ;; *vit_b) sam=vit_b ;; tiny) sam=tiny ;; *) sam=vit_t ;; esac
+if [ "$device" = cuda ] && [ "$full" = 1 ]; then compile_args=(--precisions fp32,fp16 --modes on,cudagraphs --images 8 --repeats 2)
+elif [ "$device" = cuda ]; then compile_args=(--precisions fp32 --modes on --images 8 --repeats 2)
+else compile_args=(--precisions fp32 --modes on --images 1); fi
+echo "== compiled encoders"
+"$python" -m benchmarks.compiled_encoders --device "$device" --models "$sam" "${compile_args[@]}" \
+  --out "$out/compiled-encoders.json" >"$out/compiled-encoders.log" 2>&1 \
+  || { tail -n 15 "$out/compiled-encoders.log"; failed+=(compiled-encoders); }
 if [ "$device" = cuda ] && [ "$full" = 1 ]; then  # last, as the least needed: video frames/s, full-size models
   echo "== video"
   "$python" -m benchmarks.video --device cuda --track-fps 10 --short-s 20 --long-s 60 --full-size --tracker \

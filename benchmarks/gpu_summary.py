@@ -85,6 +85,14 @@ def summary(folder: Path) -> str:
             lines.append(f"- {row['masks']} masks, {row['boxes']} at {row['image'][1]}×{row['image'][0]}: "
                          f"{row['host_total_ms']} / {row['device_total_ms']} / {row['host_cpu_ms_left']} "
                          f"(host {row['host_one_thread']}; device {row['device']})")
+    compiled = load(folder, "compiled-encoders")
+    if compiled:
+        lines += ["", f"the segmenter's image encoder per image on {compiled['device']}, eager / torch.compile "
+                      f"(COMPILE_ENCODERS), ms:", ""]
+        for row in compiled["rows"]:
+            lines.append(f"- {row['model']} {row['precision']} {row.get('mode', 'on')}: {row['eager_ms_per_image']} / "
+                         f"{row['compiled_ms_per_image']} ({row['speed_up']}×; compiled at start-up in "
+                         f"{row['start_up_compile_s']} s; mask pixels differing {row['mask_pixels_differing']:.2g})")
     drift = load(folder, "precision")
     if drift:
         lines += ["", "precision drift against fp32 (in-process):", ""]

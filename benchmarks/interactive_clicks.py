@@ -1,6 +1,6 @@
 """First click versus next click on an image, through the real service with MobileSAM at 1024 px.
 
-    python -m benchmarks.interactive_clicks [--images 4] [--clicks 4]
+    python -m benchmarks.interactive_clicks [--images 4] [--clicks 4] [--env COMPILE_ENCODERS=on] [--out F]
 
 MobileSAM runs with the shared fixture's synthetic weights (same architecture and cost as the official
 mobile_sam.pt, which cannot be downloaded here). For each of N fresh 1024x768 images: one first click
@@ -45,11 +45,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--clicks", type=int, default=4, help="further clicks per image")
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the service")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="gs-clicks-"))
     env = {"GROUNDING_DINO_MODEL": str(make_tiny_grounding_dino(work / "dino")), "USE_MOBILE_SAM": "true",
-           "MOBILESAM_CHECKPOINT": str(save_mobile_sam_checkpoint(work / "mobile_sam.pt"))}
+           "MOBILESAM_CHECKPOINT": str(save_mobile_sam_checkpoint(work / "mobile_sam.pt")),
+           **dict(item.split("=", 1) for item in args.env)}
     service = ServeProcess(env, work).start()
     first, following = [], []
     try:
@@ -69,6 +72,7 @@ def main() -> None:
     finally:
         service.stop()
     report = {
+        "service_env": args.env,
         "first_click_median_ms": round(statistics.median(first) * 1000),
         "first_click_ms": [round(x * 1000) for x in first],
         "next_click_median_ms": round(statistics.median(following) * 1000),
@@ -77,6 +81,8 @@ def main() -> None:
         "cache": cache,
     }
     print(json.dumps(report, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -45,4 +45,7 @@ def test_gpu_script_runs_every_benchmark_on_cpu(tmp_path):
     assert busy["tasks"] == 4 and busy["failures"] == 0 and busy["gpu"]["available"] is False  # no GPU: says why
     timings = json.loads((out / "suite-timings.json").read_text())
     assert timings["failed"] == {} and timings["phases_s"]["fp32 service"] > 0
+    compiled = json.loads((out / "compiled-encoders.json").read_text())
+    assert [(row["model"], row["mode"], row["compiled"]) for row in compiled["rows"]] == [("tiny", "on", True)]
+    assert "the segmenter's image encoder per image on cpu" in run.stdout
     assert "| fp32 |" in run.stdout  # the summary table for docs/performance-history.md
