@@ -97,7 +97,7 @@ def measure(model: str, precision: str, device: torch.device, images: list[np.nd
 
 
 def main() -> None:
-    from benchmarks.harness import machine
+    from benchmarks.harness import allocate_like_the_replicas, machine
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="vit_t,vit_b", help="comma-separated: tiny, vit_t, vit_b, vit_l, vit_h")
@@ -110,8 +110,6 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true", help="compile in an empty inductor cache directory")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    from benchmarks.harness import allocate_like_the_replicas
-
     # the replicas' malloc tunables: without them eager passes lose much of their time to page faults, which
     # compiled code's reused buffers avoid, and the comparison would flatter compiling
     allocate_like_the_replicas("benchmarks.compiled_encoders", {})
