@@ -96,8 +96,8 @@ def test_a_compiled_graph_that_fails_on_a_request_answers_that_request_eagerly(m
     def flaky_compile(module, mode=None):
         def run(batch):
             calls.append(batch.shape[0])
-            if len(calls) > 2:  # warm-up passes, a later shape does not
-                raise torch.OutOfMemoryError("compiled graph wanted more memory")
+            if len(calls) == 3:  # warm-up passes, a later shape does not
+                raise RuntimeError("inductor: recompilation failed")
             return module(batch) + 1
         return run
 
@@ -110,6 +110,45 @@ def test_a_compiled_graph_that_fails_on_a_request_answers_that_request_eagerly(m
     torch.testing.assert_close(out, torch.ones(3, 2))  # the eager module's answer, not the graph's
     assert not encoder.active and "running the encoder eagerly from now on" in caplog.text
     assert encoder(torch.ones(1, 2)).sum() == 2 and calls == [1, 2, 3]  # the graph is not tried again
+
+
+def test_running_out_of_memory_is_the_batchs_error_not_the_compilers(monkeypatch):
+    def compile_that_runs_out(module, mode=None):
+        def run(batch):
+            if batch.shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return module(batch)
+        return run
+
+    monkeypatch.setattr(compiled.torch, "compile", compile_that_runs_out)
+    encoder = CompiledEncoder(torch.nn.Identity().forward, "default", "test encoder")
+    with pytest.raises(torch.OutOfMemoryError):
+        encoder(torch.zeros(8, 2))
+    assert encoder.active and encoder(torch.ones(2, 2)).sum() == 4  # a smaller batch still runs compiled
+
+
+def test_cuda_graph_outputs_are_copied_before_the_next_replay(monkeypatch):
+    """`cudagraphs` (reduce-overhead) replays write into the same output buffers: what the encoder returns, a
+    tensor or a transformers ModelOutput of tensors, must be the caller's own copy."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    buffer = torch.zeros(1, 3)
+
+    def replaying_compile(module, mode=None):
+        assert mode == "reduce-overhead"
+
+        def run(batch):
+            buffer.copy_(batch)
+            return BaseModelOutput(last_hidden_state=buffer, hidden_states=(buffer, buffer))
+        return run
+
+    monkeypatch.setattr(compiled.torch, "compile", replaying_compile)
+    monkeypatch.setattr(compiled.torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    encoder = CompiledEncoder(lambda batch: batch, "reduce-overhead", "test encoder")
+    first = encoder(torch.ones(1, 3))
+    encoder(torch.full((1, 3), 7.0))
+    assert isinstance(first, BaseModelOutput) and first.last_hidden_state.sum() == 3
+    assert first.hidden_states[1].sum() == 3 and first.last_hidden_state is not buffer
 
 
 def test_off_compiles_nothing(tiny_sam, monkeypatch):

@@ -88,6 +88,8 @@ class CompiledEncoder:
                         torch.compiler.cudagraph_mark_step_begin()
                         return _owned(compiled(batch))
                     return compiled(batch)
+            except torch.OutOfMemoryError:  # the batch's, not the compiler's: eager would need the memory too
+                raise
             except Exception as exc:  # the compiler's failure is not the request's: eager gives the same answer
                 self._give_up(exc)
         return self.module(batch)
