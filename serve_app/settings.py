@@ -73,8 +73,8 @@ class ModelSettings:
     mobilesam_checkpoint_sha256: str = ""  # MOBILESAM_CHECKPOINT_SHA256
     checkpoint_cache_dir: str = ""  # CHECKPOINT_CACHE_DIR: where URL checkpoints are kept (~/.cache/grounded-serve)
     precision: str = "fp32"  # PRECISION: fp32; fp16/bf16 autocast on GPU; bf16 on CPUs with AMX/AVX-512 BF16
-    # COMPILE_ENCODERS: off; on (torch.compile the segmenter's image encoder before serving); cudagraphs (also
-    # CUDA graphs, on a GPU)
+    # COMPILE_ENCODERS: off; on (torch.compile the segmenter's or SAM 3's image encoder before serving); cudagraphs
+    # (also CUDA graphs, on a GPU)
     compile_encoders: str = "off"
     sam_embedding_cache_bytes: int = 1 << 30  # SAM_EMBEDDING_CACHE_BYTES: per segmenter replica (4 MiB/image)
     sam_model_type: str = "auto"  # SAM_MODEL_TYPE: vit_h, vit_l, vit_b, tiny or auto (from the checkpoint)
